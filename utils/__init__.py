@@ -1,0 +1,1 @@
+"""Small pieces shared by the proxy (`mishards`) and the compatible node (`milvus_node`)."""
