@@ -1,0 +1,48 @@
+"""`python -m milvus_node --role single|writable|readonly --port N --meta-uri URI --data-dir DIR`."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from utils.errors import MilvusError
+
+from .config import RuntimeConfig, parse_settings
+from .db import NodeDB
+from .meta import MetaStore, create_meta_engine
+from .server import MilvusNodeServicer, build_server
+from .storage import SegmentStore
+
+log = logging.getLogger("milvus_node")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    settings = parse_settings(argv)
+    config = RuntimeConfig(settings)
+    os.makedirs(os.path.join(settings.data_dir, "db"), exist_ok=True)
+    db = NodeDB(MetaStore(create_meta_engine(settings.meta_uri), settings.version),
+                SegmentStore(settings.data_dir), settings.role, config)
+    try:
+        db.start()
+    except MilvusError as exc:
+        log.error("cannot start: %s", exc.reason)
+        return 2
+    server, port = build_server(MilvusNodeServicer(db, config, settings.version), settings.host, settings.port, settings.workers)
+    server.start()
+    log.info("milvus_node %s serving as %s on %s:%d (data %s)", settings.version, settings.role, settings.host, port, settings.data_dir)
+
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    stopping.wait()
+    log.info("stopping")
+    server.stop(grace=2).wait(5)
+    db.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

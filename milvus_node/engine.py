@@ -1,0 +1,133 @@
+"""Exact (FLAT) search kernels: distances for every Milvus metric and a deterministic top-k.
+
+Pure functions on numpy arrays, no I/O. Distances are what Milvus returns: squared L2, inner
+product, and the binary metrics on bit sets. Float distances are computed in float64 and
+returned as float32, so that ranking does not depend on summation order; ties are broken by
+ascending id, so results are reproducible and a brute-force oracle can compare them exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+L2, IP, HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE = range(1, 8)
+BINARY_METRICS = frozenset({HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE})
+FLT_MAX = float(np.finfo(np.float32).max)
+
+# Elements of the (queries x rows) distance block computed at once; bounds memory per search.
+_BLOCK_ELEMENTS = 1 << 22
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.float64)
+
+
+def is_binary(metric: int) -> bool:
+    return metric in BINARY_METRICS
+
+
+def descending(metric: int) -> bool:
+    """IP ranks larger first; L2 and every binary metric rank smaller first."""
+    return metric == IP
+
+
+def pad_distance(metric: int) -> float:
+    """What faiss leaves beside a -1 id: the worst possible value for the metric."""
+    return -FLT_MAX if descending(metric) else FLT_MAX
+
+
+def distances(metric: int, queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Distance matrix (nq x n) in float64; +inf (or -inf for IP) marks rows that cannot qualify."""
+    if metric == L2:
+        q = queries.astype(np.float64)
+        v = vectors.astype(np.float64)
+        d = (q * q).sum(1)[:, None] + (v * v).sum(1)[None, :] - 2.0 * (q @ v.T)
+        return np.maximum(d, 0.0)
+    if metric == IP:
+        return queries.astype(np.float64) @ vectors.astype(np.float64).T
+    q_bits = np.unpackbits(queries, axis=1).astype(np.float64)
+    v_bits = np.unpackbits(vectors, axis=1).astype(np.float64)
+    both = q_bits @ v_bits.T
+    q_count = _POPCOUNT[queries].sum(1)[:, None]
+    v_count = _POPCOUNT[vectors].sum(1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if metric == HAMMING:
+            return q_count + v_count - 2.0 * both
+        union = q_count + v_count - both
+        similarity = np.where(union > 0, both / np.where(union > 0, union, 1.0), 1.0)
+        if metric == JACCARD:
+            return 1.0 - similarity
+        if metric == TANIMOTO:
+            return -np.log2(similarity)
+        if metric == SUBSTRUCTURE:
+            ratio = np.where(v_count > 0, both / np.where(v_count > 0, v_count, 1.0), 1.0)
+            return np.where(both == q_count, 1.0 - ratio, np.inf)
+        if metric == SUPERSTRUCTURE:
+            ratio = np.where(q_count > 0, both / np.where(q_count > 0, q_count, 1.0), 1.0)
+            return np.where(both == v_count, 1.0 - ratio, np.inf)
+    raise ValueError(f"unknown metric type {metric}")
+
+
+def select_topk(dist: np.ndarray, ids: np.ndarray, topk: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best `topk` per row of `dist` (nq x m) with ids (nq x m or m,), ties by ascending id.
+
+    Entries that cannot qualify (inf for ascending, -inf for IP, id -1) are dropped; rows with fewer
+    hits are padded with id -1 and the metric's worst distance. Returns (ids, float64 distances),
+    both nq x topk; callers cast distances to float32 only for the reply, so merging segments
+    ranks on exact values.
+    """
+    nq, m = dist.shape
+    ids = np.broadcast_to(ids, dist.shape)
+    out_ids = np.full((nq, topk), -1, dtype=np.int64)
+    out_dist = np.full((nq, topk), pad_distance(metric), dtype=np.float64)
+    if nq == 0 or m == 0:
+        return out_ids, out_dist
+    key = -dist if descending(metric) else dist
+    key = np.where(ids < 0, np.inf, key)
+    if m > topk:
+        # Everything strictly better than the k-th key is in; at the k-th key ties are settled by id.
+        kth = np.partition(key, topk - 1, axis=1)[:, topk - 1:topk]
+        rows, cols = np.nonzero(key <= kth)
+    else:
+        rows, cols = np.nonzero(np.ones_like(key, dtype=bool))
+    cand_key = key[rows, cols]
+    cand_ids = ids[rows, cols]
+    finite = np.isfinite(cand_key)
+    rows, cols, cand_key, cand_ids = rows[finite], cols[finite], cand_key[finite], cand_ids[finite]
+    order = np.lexsort((cand_ids, cand_key, rows))
+    rows, cols, cand_ids = rows[order], cols[order], cand_ids[order]
+    row_start = np.searchsorted(rows, np.arange(nq))
+    rank = np.arange(rows.size) - row_start[rows]
+    keep = rank < topk
+    rows, rank, cols, cand_ids = rows[keep], rank[keep], cols[keep], cand_ids[keep]
+    out_ids[rows, rank] = cand_ids
+    out_dist[rows, rank] = dist[rows, cols]
+    return out_ids, out_dist
+
+
+def search_block(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
+                 excluded: np.ndarray | None, topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of `queries` against one segment; `excluded` marks deleted rows."""
+    if excluded is not None and excluded.any():
+        row_ids = np.where(excluded, -1, row_ids)
+    nq = queries.shape[0]
+    n = vectors.shape[0]
+    step = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    parts_ids, parts_dist = [], []
+    for start in range(0, nq, step):
+        block = distances(metric, queries[start:start + step], vectors)
+        i, d = select_topk(block, row_ids, topk, metric)
+        parts_ids.append(i)
+        parts_dist.append(d)
+    if not parts_ids:
+        return select_topk(np.zeros((0, 0)), row_ids, topk, metric)
+    return np.concatenate(parts_ids), np.concatenate(parts_dist)
+
+
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], nq: int, topk: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+    """Combine per-segment top-k lists (ids are unique across segments of one collection)."""
+    if not parts:
+        return select_topk(np.zeros((nq, 0)), np.zeros((nq, 0), dtype=np.int64), topk, metric)
+    if len(parts) == 1:
+        return parts[0]
+    ids = np.concatenate([p[0] for p in parts], axis=1)
+    dist = np.concatenate([p[1] for p in parts], axis=1)
+    dist = np.where(ids < 0, -np.inf if descending(metric) else np.inf, dist)
+    return select_topk(dist, ids, topk, metric)

@@ -1,0 +1,365 @@
+"""The Milvus 0.9.1 meta database (`Environment`, `Tables`, `TableFiles`, `Fields`) via SQLAlchemy.
+
+Every node of a cluster and the Mishards proxy share this database, so the schema, the state and
+file_type values and the units (index_file_size in bytes, times in microseconds) are exactly
+Milvus'. Each call runs in its own short transaction: on MySQL's REPEATABLE READ a long-lived
+connection would read a stale snapshot of what the writable node has flushed since.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from utils.errors import MetaFailed
+
+log = logging.getLogger(__name__)
+
+# Tables.state
+STATE_NORMAL = 0
+STATE_TO_DELETE = 1
+
+# TableFiles.file_type
+NEW, RAW, TO_INDEX, INDEX, TO_DELETE, NEW_MERGE, NEW_INDEX, BACKUP = range(8)
+SEARCHABLE_FILE_TYPES = (RAW, TO_INDEX, INDEX)
+
+# Tables.flag
+FLAG_NO_USERID = 0x1
+FLAG_HAS_USERID = 0x2
+
+_BIGINT_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+metadata = sa.MetaData()
+
+environment_table = sa.Table(
+    "Environment", metadata, sa.Column("global_lsn", sa.BigInteger, nullable=False)
+)
+
+tables_table = sa.Table(
+    "Tables",
+    metadata,
+    sa.Column("id", _BIGINT_ID, primary_key=True, autoincrement=True),
+    sa.Column("table_id", sa.String(255), unique=True, nullable=False),
+    sa.Column("state", sa.Integer, nullable=False),
+    sa.Column("dimension", sa.SmallInteger, nullable=False),
+    sa.Column("created_on", sa.BigInteger, nullable=False),
+    sa.Column("flag", sa.BigInteger, server_default="0"),
+    sa.Column("index_file_size", sa.BigInteger, server_default="1024"),
+    sa.Column("engine_type", sa.Integer, server_default="1"),
+    sa.Column("index_params", sa.String(512), nullable=False),
+    sa.Column("metric_type", sa.Integer, server_default="1"),
+    sa.Column("owner_table", sa.String(255), nullable=False),
+    sa.Column("partition_tag", sa.String(255), nullable=False),
+    sa.Column("version", sa.String(64), server_default="0.9.1"),
+    sa.Column("flush_lsn", sa.BigInteger, server_default="0"),
+    sqlite_autoincrement=True,
+)
+
+table_files_table = sa.Table(
+    "TableFiles",
+    metadata,
+    sa.Column("id", _BIGINT_ID, primary_key=True, autoincrement=True),
+    sa.Column("table_id", sa.String(255), nullable=False),
+    sa.Column("segment_id", sa.String(255), nullable=False),
+    sa.Column("engine_type", sa.Integer, server_default="1"),
+    sa.Column("file_id", sa.String(255), nullable=False),
+    sa.Column("file_type", sa.Integer, server_default="0"),
+    sa.Column("file_size", sa.BigInteger, server_default="0"),
+    sa.Column("row_count", sa.BigInteger, server_default="0"),
+    sa.Column("updated_time", sa.BigInteger, nullable=False),
+    sa.Column("created_on", sa.BigInteger, nullable=False),
+    sa.Column("date", sa.Integer, server_default="-1"),
+    sa.Column("flush_lsn", sa.BigInteger, server_default="0"),
+    sqlite_autoincrement=True,
+)
+
+fields_table = sa.Table(
+    "Fields",
+    metadata,
+    sa.Column("collection_id", sa.String(255)),
+    sa.Column("field_name", sa.String(255)),
+    sa.Column("field_type", sa.Integer, server_default="0"),
+    sa.Column("field_params", sa.String(255)),
+)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def legacy_date_key(moment: float | None = None) -> int:
+    """Milvus' old partition-by-date key: tm_year*10000 + tm_mon*100 + tm_mday (tm_mon 0-based)."""
+    t = time.gmtime(moment)
+    return (t.tm_year - 1900) * 10000 + (t.tm_mon - 1) * 100 + t.tm_mday
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """A `Tables` row: a collection, or a partition when `owner_table` is set."""
+
+    id: int
+    table_id: str
+    state: int
+    dimension: int
+    created_on: int
+    flag: int
+    index_file_size: int  # bytes
+    engine_type: int
+    index_params: str
+    metric_type: int
+    owner_table: str
+    partition_tag: str
+    version: str
+
+    @property
+    def is_partition(self) -> bool:
+        return bool(self.owner_table)
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """A `TableFiles` row; `id` is the file id that SearchInFiles and ReloadSegments carry."""
+
+    id: int
+    table_id: str
+    segment_id: str
+    engine_type: int
+    file_id: str
+    file_type: int
+    file_size: int
+    row_count: int
+    updated_time: int
+    created_on: int
+    date: int
+
+
+def _table_row(row: sa.Row) -> TableRow:
+    return TableRow(
+        id=row.id, table_id=row.table_id, state=row.state, dimension=row.dimension,
+        created_on=row.created_on, flag=row.flag or 0, index_file_size=row.index_file_size,
+        engine_type=row.engine_type, index_params=row.index_params, metric_type=row.metric_type,
+        owner_table=row.owner_table, partition_tag=row.partition_tag, version=row.version or "",
+    )
+
+
+def _file_row(row: sa.Row) -> FileRow:
+    return FileRow(
+        id=row.id, table_id=row.table_id, segment_id=row.segment_id, engine_type=row.engine_type,
+        file_id=row.file_id, file_type=row.file_type, file_size=row.file_size,
+        row_count=row.row_count, updated_time=row.updated_time, created_on=row.created_on,
+        date=row.date,
+    )
+
+
+def create_meta_engine(uri: str, echo: bool = False) -> Engine:
+    """An engine for a Milvus meta URI; SQLite gets WAL mode so several nodes can share it."""
+    if uri.startswith("sqlite"):
+        engine = sa.create_engine(uri, echo=echo, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record) -> None:  # pragma: no cover - trivial
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(uri, echo=echo, pool_pre_ping=True, pool_recycle=3600)
+
+
+class MetaStore:
+    """Reads and writes of the meta DB, one short transaction per call."""
+
+    def __init__(self, engine: Engine, server_version: str = "0.9.1") -> None:
+        self.engine = engine
+        self.server_version = server_version
+
+    # ------------------------------------------------------------------ schema
+    def ensure_schema(self, create: bool) -> None:
+        """Create missing tables (writers only) and refuse a schema that lacks a column, as Milvus does."""
+        try:
+            if create:
+                metadata.create_all(self.engine, checkfirst=True)
+            inspector = sa.inspect(self.engine)
+            existing = set(inspector.get_table_names())
+            for table in (tables_table, table_files_table):
+                if table.name not in existing:
+                    raise MetaFailed(f"meta table {table.name} does not exist yet; start the writable node first")
+                have = {c["name"] for c in inspector.get_columns(table.name)}
+                missing = [c.name for c in table.columns if c.name not in have]
+                if missing:
+                    raise MetaFailed(
+                        f"meta table {table.name} lacks columns {missing}: schema is created by Milvus old version"
+                    )
+        except sa.exc.SQLAlchemyError as exc:
+            raise MetaFailed(f"meta DB unavailable: {exc.__class__.__name__}: {exc}") from exc
+
+    # ------------------------------------------------------------------ Tables
+    def get_table(self, table_id: str, include_deleted: bool = False) -> TableRow | None:
+        query = sa.select(tables_table).where(tables_table.c.table_id == table_id)
+        if not include_deleted:
+            query = query.where(tables_table.c.state != STATE_TO_DELETE)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return _table_row(row) if row else None
+
+    def list_collections(self) -> list[TableRow]:
+        query = (
+            sa.select(tables_table)
+            .where(tables_table.c.state != STATE_TO_DELETE, tables_table.c.owner_table == "")
+            .order_by(tables_table.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [_table_row(r) for r in conn.execute(query)]
+
+    def list_partitions(self, collection: str) -> list[TableRow]:
+        query = (
+            sa.select(tables_table)
+            .where(tables_table.c.state != STATE_TO_DELETE, tables_table.c.owner_table == collection)
+            .order_by(tables_table.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [_table_row(r) for r in conn.execute(query)]
+
+    def insert_table(
+        self, *, table_id: str, dimension: int, index_file_size: int, metric_type: int,
+        engine_type: int, index_params: str, owner_table: str = "", partition_tag: str = "",
+        flag: int = 0,
+    ) -> None:
+        """Insert a collection or partition row, replacing a soft-deleted row of the same id."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.delete(tables_table).where(
+                    tables_table.c.table_id == table_id, tables_table.c.state == STATE_TO_DELETE
+                )
+            )
+            conn.execute(
+                sa.insert(tables_table).values(
+                    table_id=table_id, state=STATE_NORMAL, dimension=dimension, created_on=now_us(),
+                    flag=flag, index_file_size=index_file_size, engine_type=engine_type,
+                    index_params=index_params, metric_type=metric_type, owner_table=owner_table,
+                    partition_tag=partition_tag, version=self.server_version, flush_lsn=0,
+                )
+            )
+
+    def set_flag(self, table_id: str, flag: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(tables_table).where(tables_table.c.table_id == table_id).values(flag=flag))
+
+    def set_index(self, collection: str, engine_type: int, index_params: str) -> None:
+        """Record the index of a collection and all its partitions."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(tables_table)
+                .where(sa.or_(tables_table.c.table_id == collection, tables_table.c.owner_table == collection))
+                .values(engine_type=engine_type, index_params=index_params)
+            )
+
+    def soft_delete_tables(self, table_ids: Sequence[str]) -> None:
+        """Milvus' soft delete: rows get state TO_DELETE and their files TO_DELETE; the cleaner purges them."""
+        if not table_ids:
+            return
+        stamp = now_us()
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(tables_table).where(tables_table.c.table_id.in_(table_ids)).values(state=STATE_TO_DELETE)
+            )
+            conn.execute(
+                sa.update(table_files_table)
+                .where(table_files_table.c.table_id.in_(table_ids), table_files_table.c.file_type != TO_DELETE)
+                .values(file_type=TO_DELETE, updated_time=stamp)
+            )
+
+    # ------------------------------------------------------------------ TableFiles
+    def add_file(
+        self, *, table_id: str, segment_id: str, file_id: str, file_type: int, engine_type: int,
+        file_size: int, row_count: int,
+    ) -> FileRow:
+        stamp = now_us()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                sa.insert(table_files_table).values(
+                    table_id=table_id, segment_id=segment_id, engine_type=engine_type, file_id=file_id,
+                    file_type=file_type, file_size=file_size, row_count=row_count, updated_time=stamp,
+                    created_on=stamp, date=legacy_date_key(), flush_lsn=0,
+                )
+            )
+            new_id = result.inserted_primary_key[0]
+        return FileRow(new_id, table_id, segment_id, engine_type, file_id, file_type, file_size,
+                       row_count, stamp, stamp, legacy_date_key())
+
+    def files_of_tables(self, table_ids: Iterable[str], file_types: Sequence[int] = SEARCHABLE_FILE_TYPES) -> list[FileRow]:
+        table_ids = list(table_ids)
+        if not table_ids:
+            return []
+        query = (
+            sa.select(table_files_table)
+            .where(table_files_table.c.table_id.in_(table_ids), table_files_table.c.file_type.in_(file_types))
+            .order_by(table_files_table.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [_file_row(r) for r in conn.execute(query)]
+
+    def files_by_ids(self, ids: Sequence[int]) -> list[FileRow]:
+        if not ids:
+            return []
+        query = sa.select(table_files_table).where(table_files_table.c.id.in_(list(ids))).order_by(table_files_table.c.id)
+        with self.engine.connect() as conn:
+            return [_file_row(r) for r in conn.execute(query)]
+
+    def files_to_purge(self, older_than_us: int) -> list[FileRow]:
+        query = sa.select(table_files_table).where(
+            table_files_table.c.file_type == TO_DELETE, table_files_table.c.updated_time < older_than_us
+        )
+        with self.engine.connect() as conn:
+            return [_file_row(r) for r in conn.execute(query)]
+
+    def update_file_rows(self, file_id: int, row_count: int, file_size: int) -> int:
+        """After deletions were applied: new live row count, and a new `updated_time` readers can see."""
+        stamp = now_us()
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(table_files_table)
+                .where(table_files_table.c.id == file_id)
+                .values(row_count=row_count, file_size=file_size, updated_time=stamp)
+            )
+        return stamp
+
+    def replace_files(self, new_ids: Sequence[int], old_ids: Sequence[int], new_type: int) -> None:
+        """Publish rewritten files and retire the originals in one transaction, so no reader sees both."""
+        stamp = now_us()
+        with self.engine.begin() as conn:
+            if new_ids:
+                conn.execute(sa.update(table_files_table).where(table_files_table.c.id.in_(list(new_ids)))
+                             .values(file_type=new_type, updated_time=stamp))
+            if old_ids:
+                conn.execute(sa.update(table_files_table).where(table_files_table.c.id.in_(list(old_ids)))
+                             .values(file_type=TO_DELETE, updated_time=stamp))
+
+    def delete_file_rows(self, file_ids: Sequence[int]) -> None:
+        if not file_ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(table_files_table).where(table_files_table.c.id.in_(list(file_ids))))
+
+    def delete_shadow_files(self) -> list[FileRow]:
+        """At start-up a writer drops rows of files that were being written (NEW, NEW_MERGE, NEW_INDEX)."""
+        shadow = (NEW, NEW_MERGE, NEW_INDEX)
+        with self.engine.begin() as conn:
+            rows = [_file_row(r) for r in conn.execute(
+                sa.select(table_files_table).where(table_files_table.c.file_type.in_(shadow)))]
+            conn.execute(sa.delete(table_files_table).where(table_files_table.c.file_type.in_(shadow)))
+        return rows
+
+    def purge_deleted_tables(self) -> int:
+        """Remove soft-deleted `Tables` rows that no longer own any file row."""
+        with self.engine.begin() as conn:
+            owned = sa.select(table_files_table.c.id).where(table_files_table.c.table_id == tables_table.c.table_id)
+            result = conn.execute(
+                sa.delete(tables_table).where(tables_table.c.state == STATE_TO_DELETE, ~sa.exists(owned))
+            )
+            return result.rowcount or 0
