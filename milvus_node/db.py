@@ -22,7 +22,9 @@ from utils.errors import (
     collection_missing,
 )
 
-from . import engine, meta, validation
+from utils import validation
+
+from . import engine, meta
 from .cache import SegmentCache
 from .config import RuntimeConfig
 from .meta import FileRow, MetaStore, TableRow
@@ -252,23 +254,9 @@ class NodeDB:
             self._buffer.pop(partition.table_id, None)
         self.meta.soft_delete_tables([partition.table_id])
 
-    def _select_tables(self, collection: TableRow, tags: Sequence[str]) -> list[TableRow]:
-        """Milvus' tag semantics: `_default` is the collection itself; others match exactly or as a full regex."""
-        if not tags:
-            return self._tables(collection)
-        partitions = self.meta.list_partitions(collection.table_id)
-        chosen: dict[str, TableRow] = {}
-        for raw_tag in tags:
-            tag = raw_tag.strip()
-            if tag == validation.DEFAULT_PARTITION_TAG:
-                chosen[collection.table_id] = collection
-                continue
-            for partition in partitions:
-                if validation.tag_selects(tag, partition.partition_tag):
-                    chosen[partition.table_id] = partition
-        if not chosen:
-            raise PartitionError(f"The specified partition does not exist: {', '.join(tags)}")
-        return list(chosen.values())
+    def _select_tables(self, collection: TableRow, tags: Sequence[str]) -> list[str]:
+        partitions = [(p.table_id, p.partition_tag) for p in self.meta.list_partitions(collection.table_id)]
+        return validation.select_tables(collection.table_id, partitions, list(tags))
 
     # ------------------------------------------------------------------ writes
     def insert(self, name: str, tag: str, vectors: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
@@ -466,7 +454,7 @@ class NodeDB:
 
     def search(self, name: str, tags: Sequence[str], queries: np.ndarray, topk: int, params: dict) -> SearchResult:
         row = self._search_checks(name, queries, topk)
-        files = self.meta.files_of_tables(t.table_id for t in self._select_tables(row, tags))
+        files = self.meta.files_of_tables(self._select_tables(row, tags))
         return self._search_files(row, files, queries, topk)
 
     def search_in_files(self, name: str, file_ids: Sequence[str], queries: np.ndarray, topk: int, params: dict) -> SearchResult:

@@ -19,7 +19,9 @@ from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import milvus_pb2_grpc
 from utils.errors import IllegalArgument, IllegalRowRecord, MilvusError, status_of
 
-from . import engine, validation
+from utils import validation
+
+from . import engine
 from .config import RuntimeConfig
 from .db import NodeDB
 

@@ -1,4 +1,8 @@
-"""Milvus 0.9.1 validation rules, as pure functions that raise the matching `MilvusError`."""
+"""Milvus 0.9.1 validation rules, as pure functions that raise the matching `MilvusError`.
+
+Shared by the node, which enforces them like a Milvus server, and the proxy, which must answer
+bad input with the code a single Milvus server would send before it routes anything.
+"""
 from __future__ import annotations
 
 import json
@@ -9,7 +13,6 @@ from utils.errors import (
     IllegalTopK, PartitionError,
 )
 
-from .engine import BINARY_METRICS
 
 MAX_NAME_LENGTH = 255
 MAX_DIMENSION = 32768
@@ -18,6 +21,7 @@ MAX_TOPK = 2048
 MAX_PARTITIONS = 4096
 MAX_INSERT_BYTES = 256 * 1024 * 1024
 DEFAULT_PARTITION_TAG = "_default"
+BINARY_METRICS = frozenset({3, 4, 5, 6, 7})  # HAMMING .. SUPERSTRUCTURE
 
 # IndexType values a client can send (pymilvus IndexType); 7..10 are server-internal engine types.
 INDEX_TYPE_NAMES = {1: "FLAT", 2: "IVF_FLAT", 3: "IVF_SQ8", 4: "RNSG", 5: "IVF_SQ8H", 6: "IVF_PQ",
@@ -97,3 +101,26 @@ def tag_selects(pattern: str, tag: str) -> bool:
         return re.fullmatch(pattern, tag) is not None
     except re.error:
         return False
+
+
+def select_tables(collection_table_id: str, partitions: list[tuple[str, str]], tags: list[str]) -> list[str]:
+    """The table ids a search with `tags` covers, by the server's rules.
+
+    No tags: the collection and every partition. `_default` (trimmed) is the collection itself;
+    any other tag selects partitions whose tag equals it or fully matches it as a regex. Tags that
+    select nothing fail with a partition error, as on the server. `partitions` is (table_id, tag).
+    """
+    if not tags:
+        return [collection_table_id] + [table_id for table_id, _ in partitions]
+    chosen: dict[str, None] = {}
+    for raw_tag in tags:
+        tag = raw_tag.strip()
+        if tag == DEFAULT_PARTITION_TAG:
+            chosen[collection_table_id] = None
+            continue
+        for table_id, partition_tag in partitions:
+            if tag_selects(tag, partition_tag):
+                chosen[table_id] = None
+    if not chosen:
+        raise PartitionError(f"The specified partition does not exist: {', '.join(tags)}")
+    return list(chosen)

@@ -1,0 +1,55 @@
+"""A brute-force search oracle: every distance in float64 the direct way, ties by ascending id."""
+from __future__ import annotations
+
+import numpy as np
+
+L2, IP, HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE = range(1, 8)
+BINARY_METRICS = (HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE)
+
+
+def _distances(metric: int, q: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """Distances from one query to every row; NaN where the row cannot qualify."""
+    if metric == L2:
+        return ((data.astype(np.float64) - q.astype(np.float64)) ** 2).sum(1)
+    if metric == IP:
+        return (data.astype(np.float64) * q.astype(np.float64)).sum(1)
+    qb = np.unpackbits(q).astype(bool)
+    db = np.unpackbits(data, axis=1).astype(bool)
+    both = (db & qb).sum(1).astype(np.float64)
+    union = (db | qb).sum(1).astype(np.float64)
+    nq, nd = float(qb.sum()), db.sum(1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sim = np.where(union > 0, both / union, 1.0)
+        if metric == HAMMING:
+            return (db ^ qb).sum(1).astype(np.float64)
+        if metric == JACCARD:
+            return 1.0 - sim
+        if metric == TANIMOTO:
+            return np.where(sim > 0, -np.log2(sim), np.nan)
+        if metric == SUBSTRUCTURE:
+            return np.where(both == nq, 1.0 - np.where(nd > 0, both / nd, 1.0), np.nan)
+        if metric == SUPERSTRUCTURE:
+            return np.where(both == nd, 1.0 - (both / nq if nq else 1.0), np.nan)
+    raise ValueError(metric)
+
+
+def brute_force(metric: int, queries, data, ids, topk: int) -> list[list[tuple[int, float]]]:
+    """Per query the best `topk` (id, distance) pairs; fewer when fewer rows qualify."""
+    data = np.asarray(data)
+    ids = np.asarray(ids, dtype=np.int64)
+    out = []
+    for q in np.asarray(queries):
+        dist = _distances(metric, q, data) if len(data) else np.zeros(0)
+        ok = ~np.isnan(dist)
+        key = -dist[ok] if metric == IP else dist[ok]
+        order = np.lexsort((ids[ok], key))[:topk]
+        out.append([(int(ids[ok][i]), float(dist[ok][i])) for i in order])
+    return out
+
+
+def assert_same_result(got_ids, got_distances, expected, atol: float = 1e-4) -> None:
+    """Ids equal row by row; distances within `atol` (relative for large values)."""
+    assert len(got_ids) == len(expected), (len(got_ids), len(expected))
+    for row, (ids, dists, want) in enumerate(zip(got_ids, got_distances, expected)):
+        assert list(ids) == [i for i, _ in want], f"row {row}: ids {list(ids)} != {[i for i, _ in want]}"
+        np.testing.assert_allclose(dists, [d for _, d in want], rtol=1e-5, atol=atol, err_msg=f"row {row}")
