@@ -1,0 +1,6 @@
+"""`python -m mishards`."""
+import sys
+
+from mishards.main import main
+
+sys.exit(main())

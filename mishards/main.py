@@ -1,0 +1,107 @@
+"""Start Mishards: `python mishards/main.py` or `python -m mishards`.
+
+Reads the configuration, checks the writable node's version, starts discovery of the read-only
+nodes and serves the Milvus API until SIGINT or SIGTERM, then shuts down in order.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from discovery import discovery_factory  # noqa: E402
+from discovery.plugins.static import DiscoveryConfigError  # noqa: E402
+from mishards.meta import MetaReader, SchemaCache, create_engine  # noqa: E402
+from mishards.nodes import HandshakeError, Membership, NodeClient  # noqa: E402
+from mishards.router import router_factory  # noqa: E402
+from mishards.service import MishardsService, build_server  # noqa: E402
+from mishards.settings import Settings, SettingsError, load_settings  # noqa: E402
+from tracer import create_tracer  # noqa: E402
+from utils import logger  # noqa: E402
+from utils.plugins import PluginError  # noqa: E402
+
+log = logging.getLogger("mishards")
+
+
+class Mishards:
+    """The assembled proxy; `start` returns the bound port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.host = settings.server_host
+        self.tracer = create_tracer(settings.tracer_class_name, settings.tracer_plugin_path, settings.tracing_config)
+        engine = create_engine(settings.sqlalchemy_database_uri, echo=settings.sql_echo, pool_size=settings.pool_size,
+                               pool_recycle=settings.pool_recycle, pool_timeout=settings.pool_timeout,
+                               pool_pre_ping=settings.pool_pre_ping, max_overflow=settings.max_overflow)
+        self.meta = MetaReader(engine)
+        self.writable = NodeClient("writable", settings.woserver)
+        self.membership = Membership()
+        router = router_factory(settings.router_plugin_path).create(settings.router_class_name)
+        self.discovery = discovery_factory(settings.discovery_plugin_path).create(
+            settings.discovery_class_name, config=settings.discovery_config, membership=self.membership)
+        self.service = MishardsService(
+            writable=self.writable, membership=self.membership, meta=self.meta,
+            schemas=SchemaCache(self.meta, settings.schema_cache_ttl), router=router, tracer=self.tracer,
+            timeout=settings.timeout, max_retry=settings.max_retry)
+        self.server = None
+
+    def start(self, port: int | None = None) -> int:
+        try:
+            self.service.backend_version = self.writable.handshake()
+            log.info("writable node %s runs Milvus %s", self.writable.address, self.service.backend_version)
+        except HandshakeError as exc:
+            if "runs Milvus" in str(exc):
+                raise  # an unsupported version is a configuration error, not an outage
+            self.writable.set_health(False, str(exc))
+            log.warning("writable node not reachable at start (searches still work): %s", exc)
+        self.discovery.start()
+        self.membership.start()
+        if not self.service.backend_version:
+            for client in self.membership.all().values():
+                self.service.backend_version = client.stats.version
+                break
+        self.server, bound = build_server(self.service, self.host, self.settings.server_port if port is None else port,
+                                          self.settings.max_workers, self.tracer.server_interceptors())
+        self.server.start()
+        log.info("Mishards serving on %s:%d; writable %s; read-only %s", self.host, bound, self.settings.woserver,
+                 ", ".join(self.membership.names()) or "none yet")
+        return bound
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=3).wait(5)
+        self.discovery.stop()
+        self.membership.stop()
+        self.writable.close()
+        self.tracer.close()
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"mishards: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logger.configure(settings.log_level, settings.log_path, settings.log_name)
+    try:
+        app = Mishards(settings)
+        app.start()
+    except (PluginError, DiscoveryConfigError, HandshakeError, OSError) as exc:
+        print(f"mishards: cannot start: {exc}", file=sys.stderr)
+        return 2
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    stopping.wait()
+    log.info("stopping")
+    app.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Scatter a search over the read-only nodes, survive the ones that fail, gather and merge.
+
+Each node gets one `SearchInFiles` built around the client's own `SearchParam` bytes. A node
+that errs at the transport level, hangs past its share of the deadline, or answers garbage is
+marked unhealthy and its files go to the next distinct node on the ring, then to the writable
+node as a last resort; the client still gets a complete result, or a status that names what
+failed. A node's Milvus status (bad dimension, ...) is an answer, returned as is.
+
+On backends that implement `ReloadSegments` (0.10, and our node), files whose `updated_time`
+is newer than what a node last reloaded are reloaded there first, and recorded only after the
+reload succeeded, so deletes are visible on read-only nodes.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+import grpc
+import numpy as np
+
+from milvus_grpc import milvus_pb2 as pb
+from milvus_grpc import status_pb2
+from tracer import Tracer
+from utils.errors import ConnectFailed, MilvusError, NoAvailableNode, UnexpectedError
+
+from .core import wire
+from .core.merge import merge_topk
+from .meta import FileSet
+from .nodes import Membership, NodeClient
+
+log = logging.getLogger(__name__)
+
+WRITABLE = "<writable>"
+
+
+class ReloadTracker:
+    """Per node, the `updated_time` of each file as last successfully reloaded there (vectorised)."""
+
+    MAX_FILES_PER_NODE = 200_000
+
+    def __init__(self) -> None:
+        self._state: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def stale(self, node: str, ids: np.ndarray, updated: np.ndarray) -> np.ndarray:
+        """Mask of files the node must reload before searching them."""
+        with self._lock:
+            known_ids, known_times = self._state.get(node, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        if known_ids.size == 0:
+            return np.ones(ids.size, dtype=bool)
+        pos = np.minimum(np.searchsorted(known_ids, ids), known_ids.size - 1)
+        return (known_ids[pos] != ids) | (known_times[pos] < updated)
+
+    def record(self, node: str, ids: np.ndarray, updated: np.ndarray) -> None:
+        with self._lock:
+            known_ids, known_times = self._state.get(node, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+            all_ids = np.concatenate([ids, known_ids])  # new entries first, so unique keeps them
+            all_times = np.concatenate([updated, known_times])
+            merged_ids, first = np.unique(all_ids, return_index=True)
+            if merged_ids.size > self.MAX_FILES_PER_NODE:  # forget everything: the cost is one reload
+                merged_ids, first = np.unique(ids, return_index=True)
+                all_times = updated
+            self._state[node] = (merged_ids, all_times[first])
+
+    def forget(self, node: str) -> None:
+        with self._lock:
+            self._state.pop(node, None)
+
+
+def _never_raises(callback, events: queue.Queue, job: "_Job"):
+    """A gRPC done-callback that reports its own bugs as a failed job instead of losing the event."""
+
+    def run(future: grpc.Future) -> None:
+        try:
+            callback(future)
+        except Exception as exc:  # noqa: BLE001 - the waiting search must hear about it
+            log.exception("search callback failed")
+            events.put(("failed", job, f"proxy error: {exc}"))
+
+    return run
+
+
+@dataclass
+class _Job:
+    node: str
+    file_ids: list[str]
+    attempt: int
+    started: float = field(default_factory=time.monotonic)
+
+
+class Scatter:
+    """One search over many nodes; `run` returns the merged reply bytes."""
+
+    def __init__(self, *, membership: Membership, writable: NodeClient, router, tracer: Tracer,
+                 reloads: ReloadTracker, max_retry: int) -> None:
+        self.membership = membership
+        self.writable = writable
+        self.router = router
+        self.tracer = tracer
+        self.reloads = reloads
+        self.max_retry = max_retry
+
+    def run(self, collection: str, files: FileSet, search_param: bytes, nq: int, topk: int,
+            descending: bool, deadline: float, span=None) -> bytes:
+        nodes = self.membership.all()
+        unhealthy = {name for name, client in nodes.items() if not client.stats.healthy}
+        with self.tracer.span("get_routing", span):
+            groups = self._assign(files.ids, nodes, unhealthy)
+        updated = dict(zip(files.ids, files.updated.tolist())) if self.reloads is not None else {}
+        events: queue.Queue = queue.Queue()
+        replies: list[tuple[np.ndarray, np.ndarray]] = []
+        tried: dict[str, set[str]] = {}
+        outstanding = 0
+        with self.tracer.span("do_search", span):
+            for node, file_ids in groups.items():
+                self._launch(_Job(node, file_ids, 0), collection, search_param, updated, deadline, events)
+                outstanding += 1
+            while outstanding:
+                remaining = deadline - time.monotonic()
+                try:
+                    kind, job, payload = events.get(timeout=max(remaining, 0.0) + 0.5)
+                except queue.Empty:
+                    raise ConnectFailed(f"search on {collection} did not complete within its deadline") from None
+                if kind == "reloaded":
+                    self._search(job, search_param, deadline, events)
+                    continue
+                outstanding -= 1
+                if kind == "ok":
+                    replies.append(self._decode(job, payload, nq))
+                    continue
+                # the node failed: re-route its files, never to a node already tried for them
+                self._failed(job, payload)
+                for file_id in job.file_ids:
+                    tried.setdefault(file_id, set()).add(job.node)
+                for retry in self._reassign(job, nodes, tried):
+                    self._launch(retry, collection, search_param, updated, deadline, events)
+                    outstanding += 1
+        with self.tracer.span("do_merge", span):
+            ids, distances = merge_topk(replies, nq, topk, descending)
+        return wire.encode_topk_result(ids, distances)
+
+    # ------------------------------------------------------------------ routing
+    def _assign(self, file_ids: list[str], nodes: dict[str, NodeClient], excluded: set[str]) -> dict[str, list[str]]:
+        try:
+            return self.router.assign(file_ids, list(nodes), excluded)
+        except NoAvailableNode:
+            log.warning("no healthy read-only node: searching %d file(s) on the writable node", len(file_ids))
+            return {WRITABLE: list(file_ids)}
+
+    def _reassign(self, job: _Job, nodes: dict[str, NodeClient], tried: dict[str, set[str]]) -> list[_Job]:
+        excluded = {name for name, client in nodes.items() if not client.stats.healthy}
+        excluded |= set().union(*(tried.get(f, set()) for f in job.file_ids))
+        if job.node == WRITABLE:
+            raise ConnectFailed(
+                f"no node could search {len(job.file_ids)} file(s): every read-only node failed, "
+                f"and the writable node {self.writable.address} too ({self.writable.stats.last_error})")
+        try:
+            groups = self.router.assign(job.file_ids, list(nodes), excluded)
+        except NoAvailableNode:
+            groups = {WRITABLE: job.file_ids}
+        jobs = []
+        for node, file_ids in groups.items():
+            client = self.writable if node == WRITABLE else nodes[node]
+            client.stats.failovers += 1
+            jobs.append(_Job(node, file_ids, job.attempt + 1))
+        log.warning("re-routed %d file(s) from %s to %s", len(job.file_ids), job.node, ", ".join(groups))
+        return jobs
+
+    def _client(self, node: str) -> NodeClient:
+        if node == WRITABLE:
+            return self.writable
+        client = self.membership.get(node)
+        if client is None:
+            raise NoAvailableNode(f"read-only node {node} left during the search")
+        return client
+
+    def _timeout(self, job: _Job, deadline: float) -> float:
+        """This attempt's share of what is left, so later attempts still have time."""
+        remaining = max(deadline - time.monotonic(), 0.001)
+        return remaining / max(1, self.max_retry - job.attempt)
+
+    # ------------------------------------------------------------------ calls
+    def _launch(self, job: _Job, collection: str, search_param: bytes, updated: dict[str, int],
+                deadline: float, events: queue.Queue) -> None:
+        try:
+            client = self._client(job.node)
+        except NoAvailableNode as exc:
+            events.put(("failed", job, str(exc)))
+            return
+        client.stats.files_routed += len(job.file_ids)
+        if client.supports_reload and job.node != WRITABLE:
+            ids = np.array(job.file_ids, dtype=np.int64)
+            times = np.array([updated[f] for f in job.file_ids], dtype=np.int64)
+            stale = self.reloads.stale(job.node, ids, times)
+            if stale.any():
+                self._reload(job, client, collection, ids[stale], times[stale], deadline, events)
+                return
+        self._search(job, search_param, deadline, events)
+
+    def _reload(self, job: _Job, client: NodeClient, collection: str, ids: np.ndarray, times: np.ndarray,
+                deadline: float, events: queue.Queue) -> None:
+        request = pb.ReLoadSegmentsParam(collection_name=collection, segment_id_array=[str(i) for i in ids.tolist()])
+        future = client.rpc("ReloadSegments").future(request.SerializeToString(), timeout=self._timeout(job, deadline))
+
+        def done(fut: grpc.Future) -> None:
+            try:
+                raw = fut.result()
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a 0.9 backend: nothing to reload
+                    client.supports_reload = False
+                    events.put(("reloaded", job, None))
+                else:
+                    events.put(("failed", job, f"ReloadSegments: {exc.code().name} {exc.details() or ''}".strip()))
+                return
+            status = status_pb2.Status.FromString(raw)
+            if status.error_code != 0:
+                events.put(("failed", job, f"ReloadSegments answered {status.error_code}: {status.reason}"))
+                return
+            self.reloads.record(job.node, ids, times)
+            events.put(("reloaded", job, None))
+
+        future.add_done_callback(_never_raises(done, events, job))
+
+    def _search(self, job: _Job, search_param: bytes, deadline: float, events: queue.Queue) -> None:
+        try:
+            client = self._client(job.node)
+        except NoAvailableNode as exc:
+            events.put(("failed", job, str(exc)))
+            return
+        request = wire.search_in_files_request(job.file_ids, search_param)
+        job.started = time.monotonic()
+        future = client.rpc("SearchInFiles").future(request, timeout=self._timeout(job, deadline))
+
+        def done(fut: grpc.Future) -> None:
+            try:
+                events.put(("ok", job, fut.result()))
+            except grpc.RpcError as exc:
+                events.put(("failed", job, f"{exc.code().name} {exc.details() or ''}".strip()))
+
+        future.add_done_callback(_never_raises(done, events, job))
+
+    def _decode(self, job: _Job, payload: bytes, nq: int) -> tuple[np.ndarray, np.ndarray]:
+        client = self._client(job.node)
+        client.record(True, time.monotonic() - job.started)
+        code, reason, row_num, ids, distances = wire.decode_topk_result(payload)
+        if code != 0:
+            raise MilvusError(reason, code)  # the node's own answer, e.g. a dimension mismatch
+        if row_num == 0:
+            return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
+        if row_num != nq or ids.size % nq or ids.size != distances.size:
+            raise UnexpectedError(f"read-only node {job.node} returned {row_num} rows and {ids.size} ids for {nq} queries")
+        return ids.reshape(nq, -1), distances.reshape(nq, -1)
+
+    def _failed(self, job: _Job, error: str) -> None:
+        client = self.writable if job.node == WRITABLE else self.membership.get(job.node)
+        if client is not None:
+            client.record(False, time.monotonic() - job.started, error)
+        if job.node == WRITABLE:
+            log.warning("writable node failed a search: %s", error)
+        else:
+            self.membership.mark_failed(job.node, error)
+            self.reloads.forget(job.node)

@@ -1,0 +1,254 @@
+"""The Milvus API on the proxy: every RPC is handled as raw bytes.
+
+Calls that are not searches go to the writable node as the bytes the client sent, with the
+caller's deadline, and its reply comes back byte for byte. Searches are routed over the
+read-only nodes (see `search`). Every failure the proxy can foresee becomes a Milvus `Status`
+in a reply of the method's own type; the hybrid RPCs are not registered, so gRPC answers
+UNIMPLEMENTED for them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent import futures
+from typing import Callable
+
+import grpc
+import numpy as np
+from google.protobuf import message_factory
+
+from milvus_grpc import milvus_pb2 as pb
+from milvus_grpc import status_pb2
+from tracer import Tracer
+from utils import validation
+from utils.errors import ConnectFailed, IllegalVectorId, MilvusError, collection_missing, status_of
+
+from .core import wire
+from .core.merge import is_descending
+from .meta import FileSet, MetaReader, SchemaCache
+from .nodes import SERVICE, Membership, NodeClient
+from .search import ReloadTracker, Scatter
+
+log = logging.getLogger(__name__)
+
+_SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["MilvusService"]
+VECTOR_METHODS = [m.name for m in _SERVICE_DESCRIPTOR.methods if m.index < 26]  # 1..25 + ReloadSegments
+REPLY_TYPES = {m.name: message_factory.GetMessageClass(m.output_type) for m in _SERVICE_DESCRIPTOR.methods}
+INVALIDATES_SCHEMA = {"CreateCollection": pb.CollectionSchema, "DropCollection": pb.CollectionName,
+                      "CreatePartition": pb.PartitionParam, "DropPartition": pb.PartitionParam}
+
+
+def error_reply(method: str, error: BaseException) -> bytes:
+    """The method's reply type carrying the error's Status (a bare Status for Status replies)."""
+    status = status_of(error)
+    reply_type = REPLY_TYPES[method]
+    if reply_type is status_pb2.Status:
+        return status.SerializeToString()
+    return reply_type(status=status).SerializeToString()
+
+
+class MishardsService:
+    def __init__(self, *, writable: NodeClient, membership: Membership, meta: MetaReader, schemas: SchemaCache,
+                 router, tracer: Tracer, timeout: float, max_retry: int) -> None:
+        self.writable = writable
+        self.membership = membership
+        self.meta = meta
+        self.schemas = schemas
+        self.tracer = tracer
+        self.timeout = timeout
+        self.reloads = ReloadTracker()
+        self.scatter = Scatter(membership=membership, writable=writable, router=router, tracer=tracer,
+                               reloads=self.reloads, max_retry=max_retry)
+        self.backend_version = ""
+        self._special: dict[str, Callable[[bytes, grpc.ServicerContext], bytes]] = {
+            "Search": self.search,
+            "SearchInFiles": self.search_in_files,
+            "SearchByID": self.search_by_id,
+            "Cmd": self.cmd,
+            "PreloadCollection": self.preload,
+            "ReloadSegments": self.reload_segments,
+        }
+
+    # ------------------------------------------------------------------ plumbing
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        handlers = {name: grpc.unary_unary_rpc_method_handler(self._handler(name)) for name in VECTOR_METHODS}
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    def _handler(self, method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        special = self._special.get(method)
+        invalidates = INVALIDATES_SCHEMA.get(method)
+
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                if special is not None:
+                    return special(request, context)
+                reply = self.forward(method, request, context)
+                if invalidates is not None:
+                    self.schemas.invalidate(invalidates.FromString(request).collection_name)
+                return reply
+            except MilvusError as exc:
+                return error_reply(method, exc)
+            except Exception as exc:  # noqa: BLE001 - a bug must still answer with a Status
+                log.exception("%s failed", method)
+                return error_reply(method, exc)
+
+        return handle
+
+    def budget(self, context: grpc.ServicerContext) -> float:
+        """Seconds this request may still take: the caller's deadline, capped by TIMEOUT."""
+        remaining = context.time_remaining()
+        return self.timeout if remaining is None else max(min(remaining, self.timeout), 0.001)
+
+    def forward(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Send the request bytes to the writable node and return its reply bytes unchanged."""
+        start = time.monotonic()
+        try:
+            reply = self.writable.rpc(method)(request, timeout=self.budget(context))
+        except grpc.RpcError as exc:
+            error = f"{exc.code().name}: {exc.details() or ''}".strip()
+            self.writable.record(False, time.monotonic() - start, error)
+            raise ConnectFailed(f"writable node {self.writable.address} failed {method}: {error}") from None
+        self.writable.record(True, time.monotonic() - start)
+        return reply
+
+    # ------------------------------------------------------------------ search
+    def search(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        param = pb.SearchParam.FromString(request)
+        return self._search(param.collection_name, list(param.partition_tag_array), param.topk,
+                            len(param.query_record_array), request, context, None)
+
+    def _search(self, name: str, tags: list[str], topk: int, nq: int, search_param: bytes,
+                context: grpc.ServicerContext, file_ids: list[str] | None) -> bytes:
+        validation.collection_name(name)
+        validation.topk(topk)
+        collection = self.schemas.get(name)
+        if collection is None:
+            raise collection_missing(name)
+        if file_ids is None:
+            files = self.meta.searchable_files(validation.select_tables(name, list(collection.partitions), tags))
+        else:
+            files = self._given_files(collection.table_ids(), file_ids)
+        deadline = time.monotonic() + self.budget(context)
+        if not files:  # nothing flushed yet: a plain search on the writable node, as the original did
+            if file_ids is not None:
+                return wire.encode_topk_result(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
+            return self.forward("Search", search_param, context)
+        return self.scatter.run(name, files, search_param, nq, topk, is_descending(collection.metric_type), deadline)
+
+    def _given_files(self, table_ids: list[str], file_ids: list[str]) -> FileSet:
+        """SearchInFiles through the proxy: the named files that are searchable files of the collection."""
+        numbers = []
+        for raw in file_ids:
+            if not raw.strip().isdigit():
+                raise MilvusError(f"Invalid file id: {raw!r} is not a number")
+            numbers.append(int(raw))
+        rows = self.meta.files_by_ids(numbers)
+        if not rows:
+            raise MilvusError("Invalid file id")
+        own = set(table_ids)
+        usable = sorted((r.id, r.updated_time) for r in rows if r.table_id in own and r.file_type in (1, 2, 3))
+        return FileSet([str(i) for i, _ in usable], np.array([t for _, t in usable], dtype=np.int64))
+
+    def search_in_files(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        param = pb.SearchInFilesParam.FromString(request)
+        inner = param.search_param
+        return self._search(inner.collection_name, [], inner.topk, len(inner.query_record_array),
+                            inner.SerializeToString(), context, list(param.file_id_array))
+
+    def search_by_id(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Vectors of the ids from the writable node, then an ordinary fan-out search with them."""
+        param = pb.SearchByIDParam.FromString(request)
+        validation.collection_name(param.collection_name)
+        validation.topk(param.topk)
+        if not param.id_array:
+            raise IllegalVectorId("The id array is empty")
+        identity = pb.VectorsIdentity(collection_name=param.collection_name, id_array=param.id_array)
+        vectors = pb.VectorsData.FromString(self.forward("GetVectorsByID", identity.SerializeToString(), context))
+        if vectors.status.error_code != 0:
+            raise MilvusError(vectors.status.reason, vectors.status.error_code)
+        found = [i for i, record in enumerate(vectors.vectors_data) if record.float_data or record.binary_data]
+        nq, topk = len(param.id_array), param.topk
+        out_ids = np.full((nq, topk), -1, dtype=np.int64)
+        collection = self.schemas.get(param.collection_name)
+        if collection is None:
+            raise collection_missing(param.collection_name)
+        descending = is_descending(collection.metric_type)
+        out_dist = np.full((nq, topk), -3.4028235e38 if descending else 3.4028235e38, dtype=np.float32)
+        if found:
+            query = pb.SearchParam(collection_name=param.collection_name, partition_tag_array=param.partition_tag_array,
+                                   query_record_array=[vectors.vectors_data[i] for i in found], topk=topk,
+                                   extra_params=param.extra_params)
+            reply = self._search(param.collection_name, list(param.partition_tag_array), topk, len(found),
+                                 query.SerializeToString(), context, None)
+            code, reason, row_num, ids, distances = wire.decode_topk_result(reply)
+            if code != 0:
+                raise MilvusError(reason, code)
+            if row_num:
+                width = ids.size // row_num
+                out_ids[found, :width] = ids.reshape(row_num, width)
+                out_dist[found, :width] = distances.reshape(row_num, width)
+        return wire.encode_topk_result(out_ids, out_dist)
+
+    # ------------------------------------------------------------------ cluster-wide calls
+    def _everywhere(self, method: str, request: bytes, context: grpc.ServicerContext, include_writable: bool) -> bytes:
+        """Send one request to the writable and/or every healthy read-only node in parallel; first error wins."""
+        targets: dict[str, NodeClient] = dict(self.membership.healthy())
+        if include_writable:
+            targets["writable node"] = self.writable
+        timeout = self.budget(context)
+        calls = {name: client.rpc(method).future(request, timeout=timeout) for name, client in targets.items()}
+        for name, future in calls.items():
+            try:
+                status = status_pb2.Status.FromString(future.result())
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method == "ReloadSegments":
+                    continue  # a 0.9 read-only node has nothing to reload
+                raise ConnectFailed(f"{method} on {name} ({targets[name].address}) failed: {exc.code().name}") from None
+            if status.error_code != 0:
+                raise MilvusError(f"{method} on {name}: {status.reason}", status.error_code)
+        return status_of(None).SerializeToString()
+
+    def preload(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._everywhere("PreloadCollection", request, context, include_writable=True)
+
+    def reload_segments(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._everywhere("ReloadSegments", request, context, include_writable=False)
+
+    # ------------------------------------------------------------------ Cmd
+    def cmd(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        command = pb.Command.FromString(request).cmd.strip()
+        if command == "conn_stats":
+            return pb.StringReply(status=status_of(None), string_reply=json.dumps(self.conn_stats())).SerializeToString()
+        if command == "version" and self.backend_version:
+            # answered here so clients can connect (and search) while the writable node is down
+            return pb.StringReply(status=status_of(None), string_reply=self.backend_version).SerializeToString()
+        return self.forward("Cmd", request, context)
+
+    def conn_stats(self) -> dict:
+        def describe(client: NodeClient) -> dict:
+            s = client.stats
+            return {"address": client.address, "healthy": s.healthy, "version": s.version,
+                    "last_error": s.last_error, "last_change": round(s.last_change, 3), "calls": s.calls,
+                    "failures": s.failures, "failovers": s.failovers, "files_routed": s.files_routed,
+                    "latency_ms": round(s.latency_ms_ewma, 3)}
+
+        return {
+            "writable": describe(self.writable),
+            "readonly": {name: describe(client) for name, client in sorted(self.membership.all().items())},
+            "waiting": self.membership.waiting(),
+        }
+
+
+def build_server(service: MishardsService, host: str, port: int, max_workers: int, interceptors=()) -> tuple[grpc.Server, int]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mishards"),
+        handlers=[service.generic_handler()],
+        interceptors=list(interceptors),
+        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                 ("grpc.so_reuseport", 0)],
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    return server, bound
