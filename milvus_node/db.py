@@ -151,6 +151,17 @@ class NodeDB:
             raise IllegalCollectionName(collection_missing(name).reason)
         return row
 
+    def family(self, name: str) -> list[TableRow]:
+        """[collection, *its partitions] in one meta query; the search path's only table lookup."""
+        validation.collection_name(name)
+        rows = self.meta.family(name)
+        own = [r for r in rows if r.table_id == name]
+        if not own:
+            raise collection_missing(name)
+        if own[0].is_partition:
+            raise IllegalCollectionName(collection_missing(name).reason)
+        return own + [r for r in rows if r.owner_table == name]
+
     def create_collection(self, name: str, dimension: int, index_file_size_mb: int, metric: int) -> None:
         self._require_writer("CreateCollection")
         validation.collection_name(name)
@@ -253,10 +264,6 @@ class NodeDB:
         with self._buffer_lock:
             self._buffer.pop(partition.table_id, None)
         self.meta.soft_delete_tables([partition.table_id])
-
-    def _select_tables(self, collection: TableRow, tags: Sequence[str]) -> list[str]:
-        partitions = [(p.table_id, p.partition_tag) for p in self.meta.list_partitions(collection.table_id)]
-        return validation.select_tables(collection.table_id, partitions, list(tags))
 
     # ------------------------------------------------------------------ writes
     def insert(self, name: str, tag: str, vectors: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
@@ -452,13 +459,15 @@ class NodeDB:
                 return segment.ids[~segment.deleted]
         raise UnexpectedError(f"Segment {segment_name} of collection {name} does not exist")
 
-    def search(self, name: str, tags: Sequence[str], queries: np.ndarray, topk: int, params: dict) -> SearchResult:
-        row = self._search_checks(name, queries, topk)
-        files = self.meta.files_of_tables(self._select_tables(row, tags))
+    def search(self, family: list[TableRow], tags: Sequence[str], queries: np.ndarray, topk: int, params: dict) -> SearchResult:
+        row = self._search_checks(family, queries, topk)
+        partitions = [(p.table_id, p.partition_tag) for p in family[1:]]
+        files = self.meta.files_of_tables(validation.select_tables(row.table_id, partitions, list(tags)))
         return self._search_files(row, files, queries, topk)
 
-    def search_in_files(self, name: str, file_ids: Sequence[str], queries: np.ndarray, topk: int, params: dict) -> SearchResult:
-        row = self._search_checks(name, queries, topk)
+    def search_in_files(self, family: list[TableRow], file_ids: Sequence[str], queries: np.ndarray, topk: int,
+                        params: dict) -> SearchResult:
+        row = self._search_checks(family, queries, topk)
         numbers = []
         for raw in file_ids:
             if not raw.strip().isdigit():
@@ -467,11 +476,11 @@ class NodeDB:
         rows = self.meta.files_by_ids(numbers)
         if not rows:
             raise UnexpectedError("Invalid file id")
-        own = {t.table_id for t in self._tables(row)}
+        own = {t.table_id for t in family}
         usable = [f for f in rows if f.table_id in own and f.file_type in meta.SEARCHABLE_FILE_TYPES]
         if len(usable) != len(rows):
             log.warning("SearchInFiles on %s skipped files %s (not searchable or not in the collection)",
-                        name, sorted({f.id for f in rows} - {f.id for f in usable}))
+                        row.table_id, sorted({f.id for f in rows} - {f.id for f in usable}))
         return self._search_files(row, usable, queries, topk)
 
     def search_by_ids(self, name: str, tags: Sequence[str], ids: np.ndarray, topk: int, params: dict) -> SearchResult:
@@ -481,7 +490,7 @@ class NodeDB:
         dtype = np.uint8 if binary else np.float32
         known = [i for i, v in enumerate(vectors) if v is not None]
         queries = np.stack([vectors[i] for i in known]) if known else np.zeros((0, width), dtype=dtype)
-        result = self.search(name, tags, queries, topk, params) if known else None
+        result = self.search(self.family(name), tags, queries, topk, params) if known else None
         out_ids = np.full((ids.size, topk), -1, dtype=np.int64)
         out_dist = np.full((ids.size, topk), engine.pad_distance(row.metric_type), dtype=np.float32)
         if result is not None and result.ids.size:
@@ -502,8 +511,8 @@ class NodeDB:
             if cached is not None:
                 self.cache.set_deleted(file.id, self.store.load_deleted(file.table_id, file.segment_id, cached.ids.size))
 
-    def _search_checks(self, name: str, queries: np.ndarray, topk: int) -> TableRow:
-        row = self.collection(name)
+    def _search_checks(self, family: list[TableRow], queries: np.ndarray, topk: int) -> TableRow:
+        row = family[0]
         validation.topk(topk)
         self._check_vectors(row, queries)
         return row
@@ -515,6 +524,6 @@ class NodeDB:
         for file in files:
             segment = self._segment(file, row)
             parts.append(engine.search_block(row.metric_type, queries, segment.vectors, segment.ids,
-                                             segment.deleted, topk))
+                                             segment.deleted, topk, segment.norms))
         ids, dist = engine.merge_topk(parts, queries.shape[0], topk, row.metric_type)
         return SearchResult(ids, dist.astype(np.float32))

@@ -103,22 +103,69 @@ def select_topk(dist: np.ndarray, ids: np.ndarray, topk: int, metric: int) -> tu
 
 
 def search_block(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
-                 excluded: np.ndarray | None, topk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of `queries` against one segment; `excluded` marks deleted rows."""
+                 excluded: np.ndarray | None, topk: int, norms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of `queries` against one segment; `excluded` marks deleted rows.
+
+    Float metrics on large segments pre-select candidates with one float32 BLAS product and rank
+    only those exactly in float64; everything else is ranked exactly over the whole segment.
+    """
     if excluded is not None and excluded.any():
         row_ids = np.where(excluded, -1, row_ids)
-    nq = queries.shape[0]
-    n = vectors.shape[0]
+    nq, n = queries.shape[0], vectors.shape[0]
     step = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    preselect = metric in (L2, IP) and n > _PRESELECT_FACTOR * topk + _PRESELECT_EXTRA
+    if preselect:
+        step = min(step, 64)  # bounds the (queries x candidates x dim) float64 block
     parts_ids, parts_dist = [], []
     for start in range(0, nq, step):
-        block = distances(metric, queries[start:start + step], vectors)
-        i, d = select_topk(block, row_ids, topk, metric)
+        block = queries[start:start + step]
+        if preselect:
+            i, d = _search_preselected(metric, block, vectors, row_ids, topk, norms)
+        else:
+            i, d = select_topk(distances(metric, block, vectors), row_ids, topk, metric)
         parts_ids.append(i)
         parts_dist.append(d)
     if not parts_ids:
         return select_topk(np.zeros((0, 0)), row_ids, topk, metric)
     return np.concatenate(parts_ids), np.concatenate(parts_dist)
+
+
+_PRESELECT_FACTOR = 4
+_PRESELECT_EXTRA = 64
+
+
+def _search_preselected(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
+                        topk: int, norms: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates by float32 score (topk + 16 of them), then exact float64 ranking among them.
+
+    float32 rounding (~1e-5 relative) can only reorder rows whose distances nearly tie, and the
+    candidate margin keeps all of those. A row whose candidate boundary is an exact tie shared
+    with more rows than were kept (duplicate vectors) is ranked exactly over the whole segment.
+    """
+    scores = queries.astype(np.float32, copy=False) @ vectors.T
+    if metric == L2:
+        if norms is None:
+            norms = np.einsum("ij,ij->i", vectors, vectors)
+        approx = norms[None, :] - 2.0 * scores
+    else:
+        approx = -scores
+    approx[:, row_ids < 0] = np.inf
+    keep = min(vectors.shape[0], topk + 16)
+    candidates = np.argpartition(approx, keep - 1, axis=1)[:, :keep]
+    boundary = np.take_along_axis(approx, candidates, axis=1).max(axis=1)
+    tied = (approx <= boundary[:, None]).sum(axis=1) > keep
+    chosen = vectors[candidates].astype(np.float64)  # (nq, keep, dim)
+    q = queries.astype(np.float64)[:, None, :]
+    if metric == L2:
+        chosen -= q
+        exact = np.einsum("ijk,ijk->ij", chosen, chosen)
+    else:
+        exact = np.einsum("ijk,ijk->ij", chosen, np.broadcast_to(q, chosen.shape))
+    ids, dist = select_topk(exact, row_ids[candidates], topk, metric)
+    if tied.any():
+        rows = np.flatnonzero(tied)
+        ids[rows], dist[rows] = select_topk(distances(metric, queries[rows], vectors), row_ids, topk, metric)
+    return ids, dist
 
 
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], nq: int, topk: int, metric: int) -> tuple[np.ndarray, np.ndarray]:

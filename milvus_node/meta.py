@@ -207,6 +207,17 @@ class MetaStore:
             row = conn.execute(query).first()
         return _table_row(row) if row else None
 
+    def family(self, name: str) -> list[TableRow]:
+        """The live rows of a name and of the partitions it owns, in one query."""
+        query = (
+            sa.select(tables_table)
+            .where(sa.or_(tables_table.c.table_id == name, tables_table.c.owner_table == name),
+                   tables_table.c.state != STATE_TO_DELETE)
+            .order_by(tables_table.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [_table_row(r) for r in conn.execute(query)]
+
     def list_collections(self) -> list[TableRow]:
         query = (
             sa.select(tables_table)

@@ -216,12 +216,12 @@ class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
         return _OK
 
     # ------------------------------------------------------------------ search
-    def _query(self, param: pb.SearchParam) -> tuple[np.ndarray, int, dict]:
-        validation.collection_name(param.collection_name)
-        binary = self._binary(param.collection_name)
+    def _query(self, param: pb.SearchParam) -> tuple[list, np.ndarray, int, dict]:
+        family = self.db.family(param.collection_name)
         validation.topk(param.topk)
         params = validation.json_params(param.extra_params, "search")
-        return records_to_array(param.query_record_array, binary), param.topk, params
+        queries = records_to_array(param.query_record_array, engine.is_binary(family[0].metric_type))
+        return family, queries, param.topk, params
 
     @staticmethod
     def _result(result) -> pb.TopKQueryResult:
@@ -231,16 +231,14 @@ class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
 
     @_reply_on_error(pb.TopKQueryResult)
     def Search(self, request, context):
-        queries, topk, params = self._query(request)
-        return self._result(self.db.search(request.collection_name, list(request.partition_tag_array),
-                                           queries, topk, params))
+        family, queries, topk, params = self._query(request)
+        return self._result(self.db.search(family, list(request.partition_tag_array), queries, topk, params))
 
     @_reply_on_error(pb.TopKQueryResult)
     def SearchInFiles(self, request, context):
         param = request.search_param
-        queries, topk, params = self._query(param)
-        return self._result(self.db.search_in_files(param.collection_name, list(request.file_id_array),
-                                                    queries, topk, params))
+        family, queries, topk, params = self._query(param)
+        return self._result(self.db.search_in_files(family, list(request.file_id_array), queries, topk, params))
 
     @_reply_on_error(pb.TopKQueryResult)
     def SearchByID(self, request, context):

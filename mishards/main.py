@@ -5,11 +5,14 @@ nodes and serves the Milvus API until SIGINT or SIGTERM, then shuts down in orde
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,9 +51,10 @@ class Mishards:
             writable=self.writable, membership=self.membership, meta=self.meta,
             schemas=SchemaCache(self.meta, settings.schema_cache_ttl), router=router, tracer=self.tracer,
             timeout=settings.timeout, max_retry=settings.max_retry)
-        self.server = None
+        self.server: grpc.aio.Server | None = None
 
-    def start(self, port: int | None = None) -> int:
+    def connect(self) -> None:
+        """Check the writable node's version, then find the read-only nodes (blocking, before serving)."""
         try:
             self.service.backend_version = self.writable.handshake()
             log.info("writable node %s runs Milvus %s", self.writable.address, self.service.backend_version)
@@ -65,16 +69,19 @@ class Mishards:
             for client in self.membership.all().values():
                 self.service.backend_version = client.stats.version
                 break
+
+    async def serve(self, stopping: asyncio.Event, port: int | None = None) -> None:
+        """Serve until `stopping` is set, then shut down in order."""
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(self.settings.max_workers, thread_name_prefix="mishards-db"))
         self.server, bound = build_server(self.service, self.host, self.settings.server_port if port is None else port,
-                                          self.settings.max_workers, self.tracer.server_interceptors())
-        self.server.start()
+                                          self.tracer.server_interceptors())
+        await self.server.start()
         log.info("Mishards serving on %s:%d; writable %s; read-only %s", self.host, bound, self.settings.woserver,
                  ", ".join(self.membership.names()) or "none yet")
-        return bound
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop(grace=3).wait(5)
+        await stopping.wait()
+        log.info("stopping")
+        await self.server.stop(grace=3)
         self.discovery.stop()
         self.membership.stop()
         self.writable.close()
@@ -90,16 +97,23 @@ def main() -> int:
     logger.configure(settings.log_level, settings.log_path, settings.log_name)
     try:
         app = Mishards(settings)
-        app.start()
-    except (PluginError, DiscoveryConfigError, HandshakeError, OSError) as exc:
+        app.connect()
+    except (PluginError, DiscoveryConfigError, HandshakeError) as exc:
         print(f"mishards: cannot start: {exc}", file=sys.stderr)
         return 2
-    stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopping.set())
-    stopping.wait()
-    log.info("stopping")
-    app.stop()
+
+    async def run() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        await app.serve(stopping)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"mishards: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

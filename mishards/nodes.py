@@ -1,13 +1,16 @@
 """Backend Milvus nodes as the proxy sees them: raw-bytes gRPC clients, handshake, health.
 
 The transport boundary: everything here moves serialized bytes, so forwarding never decodes and
-re-encodes a request. A node joins the read-only membership only after it answered the version
-handshake with a supported version; a node whose calls fail is marked unhealthy, left out of
-routing, and probed in the background until it answers again. Nothing here ever leaves an empty
-entry behind.
+re-encodes a request. Request traffic uses an asyncio channel owned by the server's event loop
+(no thread per call); the handshake and health probes, which run on discovery and probe threads,
+use a small blocking channel of their own. A node joins the read-only membership only after it
+answered the version handshake with a supported version; a node whose calls fail is marked
+unhealthy, left out of routing, and probed in the background until it answers again. Nothing
+here ever leaves an empty entry behind.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -58,28 +61,35 @@ class NodeStats:
 
 
 class NodeClient:
-    """One backend node: a channel and raw (bytes in, bytes out) callables per RPC."""
+    """One backend node: raw (bytes in, bytes out) callables per RPC, and its health record."""
 
     def __init__(self, name: str, address: str) -> None:
         self.name = name
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._callables: dict[str, grpc.UnaryUnaryMultiCallable] = {}
+        self._probe_channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel: grpc.aio.Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._callables: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self.stats = NodeStats()
         self.supports_reload = True  # until the node answers UNIMPLEMENTED
         self._lock = threading.Lock()
 
-    def rpc(self, method: str) -> grpc.UnaryUnaryMultiCallable:
+    def rpc(self, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        """The asyncio callable for `method`; call only from the server's event loop."""
         callable_ = self._callables.get(method)
         if callable_ is None:
-            callable_ = self.channel.unary_unary(f"/{SERVICE}/{method}")
+            if self._channel is None:
+                self._loop = asyncio.get_running_loop()
+                self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            callable_ = self._channel.unary_unary(f"/{SERVICE}/{method}")
             self._callables[method] = callable_
         return callable_
 
     def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> str:
-        """Ask `Cmd version`; the version string if supported, else HandshakeError."""
+        """Ask `Cmd version` (blocking); the version string if supported, else HandshakeError."""
         try:
-            raw = self.rpc("Cmd")(pb.Command(cmd="version").SerializeToString(), timeout=timeout)
+            raw = self._probe_channel.unary_unary(f"/{SERVICE}/Cmd")(
+                pb.Command(cmd="version").SerializeToString(), timeout=timeout)
         except grpc.RpcError as exc:
             raise HandshakeError(f"{self.name} ({self.address}) did not answer Cmd version: {exc.code().name}") from None
         reply = pb.StringReply.FromString(raw)
@@ -112,7 +122,15 @@ class NodeClient:
             return True
 
     def close(self) -> None:
-        self.channel.close()
+        """Close both channels; safe from any thread."""
+        self._probe_channel.close()
+        channel, loop, self._channel = self._channel, self._loop, None
+        self._callables = {}
+        if channel is not None and loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(channel.close()))
+            except RuntimeError:  # the loop stopped meanwhile; the process is going away
+                pass
 
 
 class Membership:

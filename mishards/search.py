@@ -12,11 +12,12 @@ reload succeeded, so deletes are visible on read-only nodes.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
 import grpc
 import numpy as np
 
@@ -69,25 +70,11 @@ class ReloadTracker:
             self._state.pop(node, None)
 
 
-def _never_raises(callback, events: queue.Queue, job: "_Job"):
-    """A gRPC done-callback that reports its own bugs as a failed job instead of losing the event."""
-
-    def run(future: grpc.Future) -> None:
-        try:
-            callback(future)
-        except Exception as exc:  # noqa: BLE001 - the waiting search must hear about it
-            log.exception("search callback failed")
-            events.put(("failed", job, f"proxy error: {exc}"))
-
-    return run
-
-
 @dataclass
 class _Job:
     node: str
     file_ids: list[str]
     attempt: int
-    started: float = field(default_factory=time.monotonic)
 
 
 class Scatter:
@@ -102,41 +89,40 @@ class Scatter:
         self.reloads = reloads
         self.max_retry = max_retry
 
-    def run(self, collection: str, files: FileSet, search_param: bytes, nq: int, topk: int,
-            descending: bool, deadline: float, span=None) -> bytes:
+    async def run(self, collection: str, files: FileSet, search_param: bytes, nq: int, topk: int,
+                  descending: bool, deadline: float, span=None) -> bytes:
         nodes = self.membership.all()
         unhealthy = {name for name, client in nodes.items() if not client.stats.healthy}
         with self.tracer.span("get_routing", span):
             groups = self._assign(files.ids, nodes, unhealthy)
-        updated = dict(zip(files.ids, files.updated.tolist())) if self.reloads is not None else {}
-        events: queue.Queue = queue.Queue()
+        updated = dict(zip(files.ids, files.updated.tolist()))
         replies: list[tuple[np.ndarray, np.ndarray]] = []
         tried: dict[str, set[str]] = {}
-        outstanding = 0
         with self.tracer.span("do_search", span):
-            for node, file_ids in groups.items():
-                self._launch(_Job(node, file_ids, 0), collection, search_param, updated, deadline, events)
-                outstanding += 1
-            while outstanding:
-                remaining = deadline - time.monotonic()
-                try:
-                    kind, job, payload = events.get(timeout=max(remaining, 0.0) + 0.5)
-                except queue.Empty:
-                    raise ConnectFailed(f"search on {collection} did not complete within its deadline") from None
-                if kind == "reloaded":
-                    self._search(job, search_param, deadline, events)
-                    continue
-                outstanding -= 1
-                if kind == "ok":
-                    replies.append(self._decode(job, payload, nq))
-                    continue
-                # the node failed: re-route its files, never to a node already tried for them
-                self._failed(job, payload)
-                for file_id in job.file_ids:
-                    tried.setdefault(file_id, set()).add(job.node)
-                for retry in self._reassign(job, nodes, tried):
-                    self._launch(retry, collection, search_param, updated, deadline, events)
-                    outstanding += 1
+            running = {asyncio.ensure_future(self._attempt(job, collection, search_param, updated, deadline)): job
+                       for job in (_Job(node, file_ids, 0) for node, file_ids in groups.items())}
+            try:
+                while running:
+                    done, _ = await asyncio.wait(running, timeout=max(deadline - time.monotonic(), 0.0) + 0.5,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if not done:
+                        raise ConnectFailed(f"search on {collection} did not complete within its deadline")
+                    for task in done:
+                        job = running.pop(task)
+                        ok, payload = task.result()
+                        if ok:
+                            replies.append(self._decode(job, payload, nq))
+                            continue
+                        # the node failed: re-route its files, never to a node already tried for them
+                        self._failed(job, payload)
+                        for file_id in job.file_ids:
+                            tried.setdefault(file_id, set()).add(job.node)
+                        for retry in self._reassign(job, nodes, tried):
+                            task = asyncio.ensure_future(self._attempt(retry, collection, search_param, updated, deadline))
+                            running[task] = retry
+            finally:
+                for task in running:
+                    task.cancel()
         with self.tracer.span("do_merge", span):
             ids, distances = merge_topk(replies, nq, topk, descending)
         return wire.encode_topk_result(ids, distances)
@@ -168,13 +154,8 @@ class Scatter:
         log.warning("re-routed %d file(s) from %s to %s", len(job.file_ids), job.node, ", ".join(groups))
         return jobs
 
-    def _client(self, node: str) -> NodeClient:
-        if node == WRITABLE:
-            return self.writable
-        client = self.membership.get(node)
-        if client is None:
-            raise NoAvailableNode(f"read-only node {node} left during the search")
-        return client
+    def _client(self, node: str) -> NodeClient | None:
+        return self.writable if node == WRITABLE else self.membership.get(node)
 
     def _timeout(self, job: _Job, deadline: float) -> float:
         """This attempt's share of what is left, so later attempts still have time."""
@@ -182,81 +163,62 @@ class Scatter:
         return remaining / max(1, self.max_retry - job.attempt)
 
     # ------------------------------------------------------------------ calls
-    def _launch(self, job: _Job, collection: str, search_param: bytes, updated: dict[str, int],
-                deadline: float, events: queue.Queue) -> None:
-        try:
-            client = self._client(job.node)
-        except NoAvailableNode as exc:
-            events.put(("failed", job, str(exc)))
-            return
+    async def _attempt(self, job: _Job, collection: str, search_param: bytes, updated: dict[str, int],
+                       deadline: float) -> tuple[bool, bytes | str]:
+        """(True, reply bytes) or (False, why the node failed); never raises for a node's failure."""
+        client = self._client(job.node)
+        if client is None:
+            return False, f"read-only node {job.node} left during the search"
         client.stats.files_routed += len(job.file_ids)
-        if client.supports_reload and job.node != WRITABLE:
-            ids = np.array(job.file_ids, dtype=np.int64)
-            times = np.array([updated[f] for f in job.file_ids], dtype=np.int64)
-            stale = self.reloads.stale(job.node, ids, times)
-            if stale.any():
-                self._reload(job, client, collection, ids[stale], times[stale], deadline, events)
-                return
-        self._search(job, search_param, deadline, events)
-
-    def _reload(self, job: _Job, client: NodeClient, collection: str, ids: np.ndarray, times: np.ndarray,
-                deadline: float, events: queue.Queue) -> None:
-        request = pb.ReLoadSegmentsParam(collection_name=collection, segment_id_array=[str(i) for i in ids.tolist()])
-        future = client.rpc("ReloadSegments").future(request.SerializeToString(), timeout=self._timeout(job, deadline))
-
-        def done(fut: grpc.Future) -> None:
-            try:
-                raw = fut.result()
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a 0.9 backend: nothing to reload
-                    client.supports_reload = False
-                    events.put(("reloaded", job, None))
-                else:
-                    events.put(("failed", job, f"ReloadSegments: {exc.code().name} {exc.details() or ''}".strip()))
-                return
-            status = status_pb2.Status.FromString(raw)
-            if status.error_code != 0:
-                events.put(("failed", job, f"ReloadSegments answered {status.error_code}: {status.reason}"))
-                return
-            self.reloads.record(job.node, ids, times)
-            events.put(("reloaded", job, None))
-
-        future.add_done_callback(_never_raises(done, events, job))
-
-    def _search(self, job: _Job, search_param: bytes, deadline: float, events: queue.Queue) -> None:
+        started = time.monotonic()
         try:
-            client = self._client(job.node)
-        except NoAvailableNode as exc:
-            events.put(("failed", job, str(exc)))
-            return
-        request = wire.search_in_files_request(job.file_ids, search_param)
-        job.started = time.monotonic()
-        future = client.rpc("SearchInFiles").future(request, timeout=self._timeout(job, deadline))
+            if client.supports_reload and job.node != WRITABLE:
+                error = await self._reload_stale(job, client, collection, updated, deadline)
+                if error:
+                    return False, error
+            request = wire.search_in_files_request(job.file_ids, search_param)
+            reply = await client.rpc("SearchInFiles")(request, timeout=self._timeout(job, deadline))
+        except grpc.RpcError as exc:
+            error = f"{exc.code().name} {exc.details() or ''}".strip()
+            client.record(False, time.monotonic() - started, error)
+            return False, error
+        client.record(True, time.monotonic() - started)
+        return True, reply
 
-        def done(fut: grpc.Future) -> None:
-            try:
-                events.put(("ok", job, fut.result()))
-            except grpc.RpcError as exc:
-                events.put(("failed", job, f"{exc.code().name} {exc.details() or ''}".strip()))
-
-        future.add_done_callback(_never_raises(done, events, job))
+    async def _reload_stale(self, job: _Job, client: NodeClient, collection: str, updated: dict[str, int],
+                            deadline: float) -> str:
+        """Reload files changed since this node last reloaded them; an error text, or "" when fine."""
+        ids = np.array(job.file_ids, dtype=np.int64)
+        times = np.array([updated[f] for f in job.file_ids], dtype=np.int64)
+        stale = self.reloads.stale(job.node, ids, times)
+        if not stale.any():
+            return ""
+        request = pb.ReLoadSegmentsParam(collection_name=collection,
+                                         segment_id_array=[str(i) for i in ids[stale].tolist()])
+        try:
+            raw = await client.rpc("ReloadSegments")(request.SerializeToString(), timeout=self._timeout(job, deadline))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a 0.9 backend: nothing to reload
+                client.supports_reload = False
+                return ""
+            raise
+        status = status_pb2.Status.FromString(raw)
+        if status.error_code != 0:
+            return f"ReloadSegments answered {status.error_code}: {status.reason}"
+        self.reloads.record(job.node, ids[stale], times[stale])
+        return ""
 
     def _decode(self, job: _Job, payload: bytes, nq: int) -> tuple[np.ndarray, np.ndarray]:
-        client = self._client(job.node)
-        client.record(True, time.monotonic() - job.started)
         code, reason, row_num, ids, distances = wire.decode_topk_result(payload)
         if code != 0:
             raise MilvusError(reason, code)  # the node's own answer, e.g. a dimension mismatch
         if row_num == 0:
             return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
-        if row_num != nq or ids.size % nq or ids.size != distances.size:
-            raise UnexpectedError(f"read-only node {job.node} returned {row_num} rows and {ids.size} ids for {nq} queries")
-        return ids.reshape(nq, -1), distances.reshape(nq, -1)
+        if row_num != nq:
+            raise UnexpectedError(f"read-only node {job.node} returned {row_num} rows for {nq} queries")
+        return ids, distances
 
     def _failed(self, job: _Job, error: str) -> None:
-        client = self.writable if job.node == WRITABLE else self.membership.get(job.node)
-        if client is not None:
-            client.record(False, time.monotonic() - job.started, error)
         if job.node == WRITABLE:
             log.warning("writable node failed a search: %s", error)
         else:

@@ -1,4 +1,4 @@
-"""The Milvus API on the proxy: every RPC is handled as raw bytes.
+"""The Milvus API on the proxy: every RPC is handled as raw bytes, on one asyncio event loop.
 
 Calls that are not searches go to the writable node as the bytes the client sent, with the
 caller's deadline, and its reply comes back byte for byte. Searches are routed over the
@@ -8,21 +8,24 @@ UNIMPLEMENTED for them.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from concurrent import futures
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import status_pb2
 from tracer import Tracer
 from utils import validation
-from utils.errors import ConnectFailed, IllegalVectorId, MilvusError, collection_missing, status_of
+from utils.errors import (
+    ConnectFailed, IllegalArgument, IllegalVectorId, MilvusError, collection_missing, status_of,
+)
 
 from .core import wire
 from .core.merge import is_descending
@@ -31,10 +34,12 @@ from .nodes import SERVICE, Membership, NodeClient
 from .search import ReloadTracker, Scatter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["MilvusService"]
 VECTOR_METHODS = [m.name for m in _SERVICE_DESCRIPTOR.methods if m.index < 26]  # 1..25 + ReloadSegments
 REPLY_TYPES = {m.name: message_factory.GetMessageClass(m.output_type) for m in _SERVICE_DESCRIPTOR.methods}
+REQUEST_TYPES = {m.name: m.input_type.name for m in _SERVICE_DESCRIPTOR.methods}
 INVALIDATES_SCHEMA = {"CreateCollection": pb.CollectionSchema, "DropCollection": pb.CollectionName,
                       "CreatePartition": pb.PartitionParam, "DropPartition": pb.PartitionParam}
 
@@ -61,7 +66,8 @@ class MishardsService:
         self.scatter = Scatter(membership=membership, writable=writable, router=router, tracer=tracer,
                                reloads=self.reloads, max_retry=max_retry)
         self.backend_version = ""
-        self._special: dict[str, Callable[[bytes, grpc.ServicerContext], bytes]] = {
+        self._meta_inline = meta.engine.dialect.name == "sqlite"  # sub-millisecond: no thread hop
+        self._special: dict[str, Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]] = {
             "Search": self.search,
             "SearchInFiles": self.search_in_files,
             "SearchByID": self.search_by_id,
@@ -75,66 +81,78 @@ class MishardsService:
         handlers = {name: grpc.unary_unary_rpc_method_handler(self._handler(name)) for name in VECTOR_METHODS}
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
-    def _handler(self, method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+    async def _db(self, call: Callable[..., T], *args) -> T:
+        """A meta DB read: inline on SQLite, on a worker thread for servers (which block for a round trip)."""
+        if self._meta_inline:
+            return call(*args)
+        return await asyncio.to_thread(call, *args)
+
+    def _handler(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
         special = self._special.get(method)
         invalidates = INVALIDATES_SCHEMA.get(method)
 
-        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             try:
                 if special is not None:
-                    return special(request, context)
-                reply = self.forward(method, request, context)
+                    return await special(request, context)
+                reply = await self.forward(method, request, context)
                 if invalidates is not None:
                     self.schemas.invalidate(invalidates.FromString(request).collection_name)
                 return reply
             except MilvusError as exc:
                 return error_reply(method, exc)
+            except DecodeError:
+                return error_reply(method, IllegalArgument(f"{method}: the request is not a valid {REQUEST_TYPES[method]} message"))
             except Exception as exc:  # noqa: BLE001 - a bug must still answer with a Status
                 log.exception("%s failed", method)
                 return error_reply(method, exc)
 
         return handle
 
-    def budget(self, context: grpc.ServicerContext) -> float:
+    def budget(self, context: grpc.aio.ServicerContext) -> float:
         """Seconds this request may still take: the caller's deadline, capped by TIMEOUT."""
         remaining = context.time_remaining()
         return self.timeout if remaining is None else max(min(remaining, self.timeout), 0.001)
 
-    def forward(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+    async def forward(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Send the request bytes to the writable node and return its reply bytes unchanged."""
         start = time.monotonic()
         try:
-            reply = self.writable.rpc(method)(request, timeout=self.budget(context))
+            reply = await self.writable.rpc(method)(request, timeout=self.budget(context))
         except grpc.RpcError as exc:
             error = f"{exc.code().name}: {exc.details() or ''}".strip()
+            if exc.code() == grpc.StatusCode.INTERNAL and "deserializ" in (exc.details() or ""):
+                # the node could not parse what the client sent: bad input, not an outage
+                raise IllegalArgument(f"{method}: the request is not a valid {REQUEST_TYPES[method]} message") from None
             self.writable.record(False, time.monotonic() - start, error)
             raise ConnectFailed(f"writable node {self.writable.address} failed {method}: {error}") from None
         self.writable.record(True, time.monotonic() - start)
         return reply
 
     # ------------------------------------------------------------------ search
-    def search(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    async def search(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         param = pb.SearchParam.FromString(request)
-        return self._search(param.collection_name, list(param.partition_tag_array), param.topk,
+        return await self._search(param.collection_name, list(param.partition_tag_array), param.topk,
                             len(param.query_record_array), request, context, None)
 
-    def _search(self, name: str, tags: list[str], topk: int, nq: int, search_param: bytes,
-                context: grpc.ServicerContext, file_ids: list[str] | None) -> bytes:
+    async def _search(self, name: str, tags: list[str], topk: int, nq: int, search_param: bytes,
+                      context: grpc.aio.ServicerContext, file_ids: list[str] | None) -> bytes:
         validation.collection_name(name)
         validation.topk(topk)
-        collection = self.schemas.get(name)
+        collection = await self._db(self.schemas.get, name)
         if collection is None:
             raise collection_missing(name)
         if file_ids is None:
-            files = self.meta.searchable_files(validation.select_tables(name, list(collection.partitions), tags))
+            tables = validation.select_tables(name, list(collection.partitions), tags)
+            files = await self._db(self.meta.searchable_files, tables)
         else:
-            files = self._given_files(collection.table_ids(), file_ids)
+            files = await self._db(self._given_files, collection.table_ids(), file_ids)
         deadline = time.monotonic() + self.budget(context)
         if not files:  # nothing flushed yet: a plain search on the writable node, as the original did
             if file_ids is not None:
                 return wire.encode_topk_result(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
-            return self.forward("Search", search_param, context)
-        return self.scatter.run(name, files, search_param, nq, topk, is_descending(collection.metric_type), deadline)
+            return await self.forward("Search", search_param, context)
+        return await self.scatter.run(name, files, search_param, nq, topk, is_descending(collection.metric_type), deadline)
 
     def _given_files(self, table_ids: list[str], file_ids: list[str]) -> FileSet:
         """SearchInFiles through the proxy: the named files that are searchable files of the collection."""
@@ -150,13 +168,13 @@ class MishardsService:
         usable = sorted((r.id, r.updated_time) for r in rows if r.table_id in own and r.file_type in (1, 2, 3))
         return FileSet([str(i) for i, _ in usable], np.array([t for _, t in usable], dtype=np.int64))
 
-    def search_in_files(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    async def search_in_files(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         param = pb.SearchInFilesParam.FromString(request)
         inner = param.search_param
-        return self._search(inner.collection_name, [], inner.topk, len(inner.query_record_array),
+        return await self._search(inner.collection_name, [], inner.topk, len(inner.query_record_array),
                             inner.SerializeToString(), context, list(param.file_id_array))
 
-    def search_by_id(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    async def search_by_id(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Vectors of the ids from the writable node, then an ordinary fan-out search with them."""
         param = pb.SearchByIDParam.FromString(request)
         validation.collection_name(param.collection_name)
@@ -164,13 +182,13 @@ class MishardsService:
         if not param.id_array:
             raise IllegalVectorId("The id array is empty")
         identity = pb.VectorsIdentity(collection_name=param.collection_name, id_array=param.id_array)
-        vectors = pb.VectorsData.FromString(self.forward("GetVectorsByID", identity.SerializeToString(), context))
+        vectors = pb.VectorsData.FromString(await self.forward("GetVectorsByID", identity.SerializeToString(), context))
         if vectors.status.error_code != 0:
             raise MilvusError(vectors.status.reason, vectors.status.error_code)
         found = [i for i, record in enumerate(vectors.vectors_data) if record.float_data or record.binary_data]
         nq, topk = len(param.id_array), param.topk
         out_ids = np.full((nq, topk), -1, dtype=np.int64)
-        collection = self.schemas.get(param.collection_name)
+        collection = await self._db(self.schemas.get, param.collection_name)
         if collection is None:
             raise collection_missing(param.collection_name)
         descending = is_descending(collection.metric_type)
@@ -179,7 +197,7 @@ class MishardsService:
             query = pb.SearchParam(collection_name=param.collection_name, partition_tag_array=param.partition_tag_array,
                                    query_record_array=[vectors.vectors_data[i] for i in found], topk=topk,
                                    extra_params=param.extra_params)
-            reply = self._search(param.collection_name, list(param.partition_tag_array), topk, len(found),
+            reply = await self._search(param.collection_name, list(param.partition_tag_array), topk, len(found),
                                  query.SerializeToString(), context, None)
             code, reason, row_num, ids, distances = wire.decode_topk_result(reply)
             if code != 0:
@@ -191,39 +209,45 @@ class MishardsService:
         return wire.encode_topk_result(out_ids, out_dist)
 
     # ------------------------------------------------------------------ cluster-wide calls
-    def _everywhere(self, method: str, request: bytes, context: grpc.ServicerContext, include_writable: bool) -> bytes:
+    async def _everywhere(self, method: str, request: bytes, context: grpc.aio.ServicerContext,
+                          include_writable: bool) -> bytes:
         """Send one request to the writable and/or every healthy read-only node in parallel; first error wins."""
         targets: dict[str, NodeClient] = dict(self.membership.healthy())
         if include_writable:
             targets["writable node"] = self.writable
         timeout = self.budget(context)
-        calls = {name: client.rpc(method).future(request, timeout=timeout) for name, client in targets.items()}
-        for name, future in calls.items():
-            try:
-                status = status_pb2.Status.FromString(future.result())
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method == "ReloadSegments":
+        names = list(targets)
+        replies = await asyncio.gather(*(targets[n].rpc(method)(request, timeout=timeout) for n in names),
+                                       return_exceptions=True)
+        for name, reply in zip(names, replies):
+            if isinstance(reply, grpc.RpcError):
+                if reply.code() == grpc.StatusCode.UNIMPLEMENTED and method == "ReloadSegments":
                     continue  # a 0.9 read-only node has nothing to reload
-                raise ConnectFailed(f"{method} on {name} ({targets[name].address}) failed: {exc.code().name}") from None
+                raise ConnectFailed(f"{method} on {name} ({targets[name].address}) failed: {reply.code().name}")
+            if isinstance(reply, BaseException):
+                raise reply
+            status = status_pb2.Status.FromString(reply)
             if status.error_code != 0:
                 raise MilvusError(f"{method} on {name}: {status.reason}", status.error_code)
         return status_of(None).SerializeToString()
 
-    def preload(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._everywhere("PreloadCollection", request, context, include_writable=True)
+    async def preload(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        pb.CollectionName.FromString(request)  # malformed input is the client's error, not a node's
+        return await self._everywhere("PreloadCollection", request, context, include_writable=True)
 
-    def reload_segments(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._everywhere("ReloadSegments", request, context, include_writable=False)
+    async def reload_segments(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        pb.ReLoadSegmentsParam.FromString(request)
+        return await self._everywhere("ReloadSegments", request, context, include_writable=False)
 
     # ------------------------------------------------------------------ Cmd
-    def cmd(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    async def cmd(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         command = pb.Command.FromString(request).cmd.strip()
         if command == "conn_stats":
             return pb.StringReply(status=status_of(None), string_reply=json.dumps(self.conn_stats())).SerializeToString()
         if command == "version" and self.backend_version:
             # answered here so clients can connect (and search) while the writable node is down
             return pb.StringReply(status=status_of(None), string_reply=self.backend_version).SerializeToString()
-        return self.forward("Cmd", request, context)
+        return await self.forward("Cmd", request, context)
 
     def conn_stats(self) -> dict:
         def describe(client: NodeClient) -> dict:
@@ -240,9 +264,9 @@ class MishardsService:
         }
 
 
-def build_server(service: MishardsService, host: str, port: int, max_workers: int, interceptors=()) -> tuple[grpc.Server, int]:
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mishards"),
+def build_server(service: MishardsService, host: str, port: int, interceptors=()) -> tuple[grpc.aio.Server, int]:
+    """The asyncio server; call from inside the running event loop."""
+    server = grpc.aio.server(
         handlers=[service.generic_handler()],
         interceptors=list(interceptors),
         options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),

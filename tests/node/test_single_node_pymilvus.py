@@ -90,8 +90,10 @@ def test_collection_lifecycle(client, collection):
 
 
 @pytest.mark.parametrize("metric", [oracle.L2, oracle.IP])
-def test_float_search_matches_oracle_with_partitions_deletes_and_user_ids(client, collection, metric):
+def test_float_search_matches_oracle_with_partitions_deletes_and_user_ids(client, collection, metric, request):
     dim = 24
+    assert client.set_config("db_config", "auto_flush_interval", "0")[0].OK()  # only explicit flushes here
+    request.addfinalizer(lambda: client.set_config("db_config", "auto_flush_interval", "1"))
     assert client.create_collection({"collection_name": collection, "dimension": dim, "metric_type": metric}).OK()
     assert client.create_partition(collection, "red").OK()
     assert client.create_partition(collection, "blue").OK()

@@ -1,5 +1,12 @@
-"""Every validation rule of the core node answers with Milvus' error code (milvus-semantics.md §8)."""
+"""Every validation rule answers with Milvus' error code (milvus-semantics.md §8).
+
+The same cases run against a `single` node and through Mishards in front of a writable and a
+read-only node: the proxy must answer bad input exactly as one Milvus server would.
+"""
 from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +19,25 @@ from tests.support.stubs import milvus_stub, records, search_param
 E = status_pb2.ErrorCode
 
 
-@pytest.fixture(scope="module")
-def stub(tmp_path_factory):
-    data = tmp_path_factory.mktemp("validation")
-    with NodeProcess("single", f"sqlite:///{data}/meta.sqlite", data) as node, milvus_stub(node.address) as s:
+@contextmanager
+def _target(kind: str, data: Path):
+    meta = f"sqlite:///{data}/meta.sqlite"
+    if kind == "node":
+        with NodeProcess("single", meta, data, log_dir=data) as node:
+            yield node.address
+        return
+    from tests.proxy.conftest import MishardsProcess
+
+    with NodeProcess("writable", meta, data, log_dir=data) as writable, \
+         NodeProcess("readonly", meta, data, log_dir=data) as ro, \
+         MishardsProcess(woserver=writable.address, meta_uri=meta, ro_addresses=[ro.address], log_dir=data) as proxy:
+        yield proxy.address
+
+
+@pytest.fixture(scope="module", params=["node", "proxy"])
+def stub(request, tmp_path_factory):
+    data = tmp_path_factory.mktemp(f"validation-{request.param}")
+    with _target(request.param, data) as address, milvus_stub(address) as s:
         assert s.CreateCollection(schema("floats", 8)).error_code == E.SUCCESS
         assert s.CreateCollection(schema("bits", 16, metric=3)).error_code == E.SUCCESS
         assert s.CreatePartition(pb.PartitionParam(collection_name="floats", tag="p")).error_code == E.SUCCESS

@@ -94,6 +94,24 @@ def test_binary_metrics_match_oracle(metric, data):
     check(metric, queries, vectors, ids, deleted, topk)
 
 
+@pytest.mark.parametrize("metric", [engine.L2, engine.IP])
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_large_segments_take_the_preselection_path_and_stay_exact(metric, duplicates):
+    rng = np.random.default_rng(11)
+    vectors = rng.random((3000, 32)).astype(np.float32)
+    if duplicates:  # exact ties at the candidate boundary must still be settled by id
+        vectors[1000:1400] = vectors[5]
+    ids = rng.permutation(100_000)[:3000].astype(np.int64)
+    deleted = rng.random(3000) < 0.1
+    queries = np.vstack([rng.random((4, 32)).astype(np.float32), vectors[5:6]])
+    for topk in (1, 10, 50):
+        got_ids, got_dist = engine.search_block(metric, queries, vectors, ids, deleted, topk)
+        want = oracle_search(metric, queries, vectors.astype(np.float64), ids, deleted, topk)
+        for row, expected in enumerate(want):
+            assert got_ids[row].tolist() == [i for i, _ in expected]
+            np.testing.assert_allclose(got_dist[row], [d for _, d in expected], rtol=1e-9, atol=1e-9)
+
+
 def test_merge_of_segments_equals_one_search():
     rng = np.random.default_rng(3)
     vectors = rng.random((300, 8)).astype(np.float32)
