@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
-    stopping.wait()
+    while not stopping.wait(0.5):  # a timed wait: after SIGSTOP/SIGCONT a signal may land on another thread
+        pass
     log.info("stopping")
     server.stop(grace=2).wait(5)
     db.stop()

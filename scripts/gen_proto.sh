@@ -11,3 +11,4 @@ OUT="${1:-milvus_grpc}"
 sed -i -E 's/^import (status_pb2|milvus_pb2) as /from . import \1 as /' \
   "$OUT/milvus_pb2.py" "$OUT/milvus_pb2_grpc.py"
 sed -i -E 's/^import status_pb2 as /from . import status_pb2 as /' "$OUT/milvus_pb2.pyi"
+rm -f "$OUT/status_pb2_grpc.py"  # status.proto has no service

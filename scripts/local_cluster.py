@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""A local cluster in the foreground: Mishards on :19530 over one writable and two read-only nodes.
+
+All nodes share one SQLite meta file and one data directory, as the nodes of a Mishards cluster
+share a meta DB and storage; the proxy reads the same meta file. Ctrl-C or SIGTERM stops every
+child (SIGTERM, bounded wait, SIGKILL); if any child dies, the rest are stopped and the exit code
+is 1.
+
+Environment: MILVUS_RUN_PROXY_PORT (19530), MILVUS_RUN_WO_PORT (19540), MILVUS_RUN_RO_PORTS
+("19541,19542"), MILVUS_RUN_DATA_DIR (.run/cluster), MILVUS_RUN_START_TIMEOUT_S (30).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.processes import (  # noqa: E402 - needs ROOT on sys.path
+    LOCALHOST,
+    ManagedProcess,
+    ProcessStartError,
+    cmd_version_probe,
+    log_tail,
+    port_is_free,
+)
+
+
+@dataclass(frozen=True)
+class Service:
+    """One process of the cluster: what to run and the Milvus port that proves it is ready."""
+
+    name: str
+    role: str
+    port: int
+    argv: list[str]
+    env: dict[str, str] | None = None
+
+
+class Shutdown(Exception):
+    """Raised from the signal handler to leave any wait at once."""
+
+
+def node(name: str, role: str, port: int, data_dir: Path, meta_uri: str) -> Service:
+    argv = [
+        sys.executable, "-m", "milvus_node", "--role", role, "--port", str(port),
+        "--meta-uri", meta_uri, "--data-dir", str(data_dir), "--host", LOCALHOST,
+    ]
+    return Service(name, role, port, argv)
+
+
+def proxy(port: int, wo_port: int, ro_ports: list[int], data_dir: Path, meta_uri: str) -> Service:
+    env = dict(
+        os.environ, WOSERVER=f"tcp://{LOCALHOST}:{wo_port}", SQLALCHEMY_DATABASE_URI=meta_uri,
+        DISCOVERY_CLASS_NAME="static", DISCOVERY_STATIC_HOSTS=",".join(f"{LOCALHOST}:{p}" for p in ro_ports),
+        SERVER_HOST=LOCALHOST, SERVER_PORT=str(port), LOG_PATH=str(data_dir / "logs"), LOG_NAME="mishards",
+    )
+    env.setdefault("LOG_LEVEL", "INFO")
+    return Service("mishards", "proxy", port, [sys.executable, "-m", "mishards"], env)
+
+
+def services(data_dir: Path, proxy_port: int, wo_port: int, ro_ports: list[int]) -> list[Service]:
+    """Started in this order (the writable node first: it creates the meta tables; the proxy last)."""
+    meta_uri = f"sqlite:///{data_dir / 'db' / 'meta.sqlite'}"
+    return [
+        node("writable", "writable", wo_port, data_dir, meta_uri),
+        *(node(f"readonly-{i}", "readonly", port, data_dir, meta_uri)
+          for i, port in enumerate(ro_ports, start=1)),
+        proxy(proxy_port, wo_port, ro_ports, data_dir, meta_uri),
+    ]
+
+
+def print_table(running: list[tuple[Service, ManagedProcess]]) -> None:
+    rows = [("NAME", "ROLE", "ADDRESS", "PID", "LOG")]
+    rows += [(s.name, s.role, f"{LOCALHOST}:{s.port}", str(p.pid), str(p.log_path))
+             for s, p in running]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print("Ctrl-C stops the cluster.", flush=True)
+
+
+def main() -> int:
+    data_dir = Path(os.environ.get("MILVUS_RUN_DATA_DIR", ROOT / ".run" / "cluster")).resolve()
+    proxy_port = int(os.environ.get("MILVUS_RUN_PROXY_PORT", "19530"))
+    wo_port = int(os.environ.get("MILVUS_RUN_WO_PORT", "19540"))
+    ro_ports = [int(p) for p in os.environ.get("MILVUS_RUN_RO_PORTS", "19541,19542").split(",") if p]
+    start_timeout_s = float(os.environ.get("MILVUS_RUN_START_TIMEOUT_S", "30"))
+    plan = services(data_dir, proxy_port, wo_port, ro_ports)
+
+    busy = [s for s in plan if not port_is_free(s.port)]
+    if busy:
+        print("ports already in use: " + ", ".join(f"{s.name}:{s.port}" for s in busy), file=sys.stderr)
+        return 1
+    try:
+        (data_dir / "db").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"cannot create the data directory: {exc}", file=sys.stderr)
+        return 1
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise Shutdown(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    running: list[tuple[Service, ManagedProcess]] = []
+    try:
+        for service in plan:
+            proc = ManagedProcess(
+                service.name, service.argv, cmd_version_probe(f"{LOCALHOST}:{service.port}"),
+                log_path=data_dir / "logs" / f"{service.name}.log", env=service.env,
+                start_timeout_s=start_timeout_s,
+            )
+            running.append((service, proc))
+            proc.start()
+        print_table(running)
+        while True:
+            for service, proc in running:
+                if not proc.alive():
+                    print(f"{service.name} exited with code {proc.returncode}; stopping the cluster\n"
+                          f"--- last lines of {proc.log_path} ---\n{log_tail(proc.log_path)}",
+                          file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except ProcessStartError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except Shutdown as exc:
+        print(f"{exc}: stopping the cluster", file=sys.stderr)
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the cleanup even on a second Ctrl-C
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for service, proc in reversed(running):
+            code = proc.stop(timeout_s=10)
+            print(f"stopped {service.name} (pid {proc.pid}, exit code {code})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

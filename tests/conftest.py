@@ -1,0 +1,52 @@
+"""Shared fixtures: MySQL from `scripts/test.sh` (or skip), a fresh database per test, data dirs."""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `import milvus_grpc`, `tests.support` from any cwd
+
+MYSQL_URL_ENV = "MISHARDS_TEST_MYSQL_URL"
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> str:
+    """The test MariaDB's URL (database `milvus`), set by scripts/test.sh; skip without it."""
+    url = os.environ.get(MYSQL_URL_ENV)
+    if not url:
+        pytest.skip(f"{MYSQL_URL_ENV} is not set (run `make test`, which starts MariaDB)")
+    return url
+
+
+@pytest.fixture
+def mysql_db_url(mysql_url: str) -> Iterator[str]:
+    """The URL of a new, empty database `test_<random>` that is dropped after the test."""
+    import sqlalchemy as sa
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    server = sa.create_engine(mysql_url, pool_pre_ping=True)
+    try:
+        with server.begin() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+        yield sa.make_url(mysql_url).set(database=name).render_as_string(hide_password=False)
+        with server.begin() as conn:
+            # Bounded: a leftover session of a killed node must not hang the teardown.
+            conn.execute(sa.text("SET SESSION lock_wait_timeout = 30"))
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+    finally:
+        server.dispose()
+
+
+@pytest.fixture
+def tmp_data_dir(tmp_path: Path) -> Path:
+    """An empty data directory for one node or cluster (meta SQLite, segments, WAL)."""
+    path = tmp_path / "data"
+    path.mkdir()
+    return path

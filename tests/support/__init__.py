@@ -1,0 +1,1 @@
+"""Test helpers: child processes, the real pymilvus client, reference wheels."""
