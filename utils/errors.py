@@ -89,6 +89,15 @@ class PartitionError(MilvusError):
     code = Code.UNEXPECTED_ERROR
 
 
+class NoAvailableNode(MilvusError):
+    """No read-only node can take a search's files: none is registered, or every one was excluded.
+
+    UNEXPECTED_ERROR, the code the original sent for its "Conn Group is Empty" failure.
+    """
+
+    code = Code.UNEXPECTED_ERROR
+
+
 class ConnectFailed(MilvusError):
     """A backend node could not be reached or did not answer in time."""
 

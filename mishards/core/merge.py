@@ -1,0 +1,287 @@
+"""Merge of per-node top-k results into the reply one Milvus server would have sent.
+
+Each read-only node answers for its share of the files: per query row, its best `k_i` hits,
+padded with id -1. The proxy keeps, per row, the best `topk` distinct ids over all nodes.
+
+Rules (each fixes a defect of the original merge, original-mishards.md section 8.2):
+
+* Direction: ascending distance for L2 and the binary metrics, descending for IP.
+* Entries with id -1 are padding and never compete, whatever their distance.
+* An id returned more than once (by several nodes, or twice by one) is kept once, with its best
+  distance.
+* Ties are broken by ascending id, so the reply does not depend on node order or timing.
+  Distances compare as floats (``-0.0 == 0.0``); NaN ranks after every number.
+* Width: ``K = min(topk, sum of the nodes' widths k_i)``. A 0.9.1 server merges its files'
+  results the same way (``min(topk, src_k + tar_k)`` per file, each file giving
+  ``min(topk, its rows)``), so the reply has the width one server searching the same files would
+  send, and pymilvus -- which cuts each row at its first -1 -- sees the same hits and the same
+  ``shape``. Rows with fewer than K hits are padded with id -1 and the worst distance
+  (+FLT_MAX ascending, -FLT_MAX descending), as faiss pads. Narrowing K to the most hits found in
+  any row would save bytes but turns "nq rows with no hits" into "no rows" on the client.
+
+How it is fast: distances become uint32 keys whose unsigned order is the rank order (padding and
+NaN get the top codes), packed with the candidate's column into one uint64, so a plain SIMD value
+sort (not an argsort) orders a row. That order breaks ties by column, not by id, and does not
+remove duplicates; both only matter when the selected head of a row contains an equal key or a
+repeated id, which is checked per row. Only those rows take the exact path, which argsorts by id
+just the candidates that can still make the cut. Inputs of at most SMALL_MERGE_CANDIDATES
+candidates take a pure-Python path, which beats numpy's fixed per-call costs there.
+faiss.merge_knn_results is faster still but neither drops repeated ids nor breaks ties by id.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from utils.errors import IllegalTopK, UnexpectedError
+
+PADDING_ID = -1
+METRIC_IP = 2
+FLT_MAX = float(np.finfo(np.float32).max)
+
+SMALL_MERGE_CANDIDATES = 64
+"""Up to this many candidates (nq x sum of widths) the pure-Python merge is faster: measured
+~12-20 us against the numpy path's ~31 us floor at 20-50 candidates, even at 60-80."""
+
+_PADDING_KEY = np.uint32(0xFFFF_FFFF)
+_NAN_KEY = np.uint32(0xFFFF_FFFE)  # after +inf (0xFF80_0000), before padding
+_KEY_HALF = 1 if sys.byteorder == "little" else 0  # the high 32 bits of a uint64 seen as 2 x uint32
+_COLUMN_HALF = 1 - _KEY_HALF
+
+NodeResult = tuple[np.ndarray, np.ndarray]
+"""One node's answer: ids (int64) and distances (float32), both shaped (nq, k_i); k_i may be 0."""
+
+
+def is_descending(metric_type: int) -> bool:
+    """True when larger distances are better: only inner product (IP, 2)."""
+    return metric_type == METRIC_IP
+
+
+def padding_distance(descending: bool) -> float:
+    """The distance faiss writes next to a -1 id: the worst possible value for the direction."""
+    return -FLT_MAX if descending else FLT_MAX
+
+
+def merge_topk(
+    node_results: Sequence[NodeResult], nq: int, topk: int, descending: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best `topk` distinct ids per query row over all nodes, shaped (nq, K) (module docstring)."""
+    if topk < 1:
+        raise IllegalTopK(f"topk must be at least 1, got {topk}")
+    blocks = _answering_nodes(node_results, nq)
+    candidates_per_row = sum(ids.shape[1] for ids, _ in blocks)
+    width = min(topk, candidates_per_row)
+    if width == 0:
+        return np.empty((nq, 0), np.int64), np.empty((nq, 0), np.float32)
+    if nq * candidates_per_row <= SMALL_MERGE_CANDIDATES:
+        return _merge_small(blocks, nq, width, descending)
+    ids = np.concatenate([ids for ids, _ in blocks], axis=1)
+    distances = np.concatenate([distances for _, distances in blocks], axis=1)
+    return _merge_vectorised(ids, distances, width, descending)
+
+
+def _answering_nodes(node_results: Sequence[NodeResult], nq: int) -> list[NodeResult]:
+    """The node results that hold candidates, as int64/float32 (nq, k_i) arrays; malformed ones raise."""
+    blocks = []
+    for ids, distances in node_results:
+        ids = np.asarray(ids, dtype=np.int64)
+        distances = np.asarray(distances, dtype=np.float32)
+        if ids.ndim != 2 or ids.shape != distances.shape:
+            raise UnexpectedError(
+                f"malformed node result: ids {ids.shape} and distances {distances.shape} must be "
+                "two equal (rows, k) shapes"
+            )
+        if ids.size == 0:
+            continue
+        if ids.shape[0] != nq:
+            raise UnexpectedError(f"a node answered {ids.shape[0]} query rows, the search has {nq}")
+        blocks.append((ids, distances))
+    return blocks
+
+
+def _merge_small(blocks: list[NodeResult], nq: int, width: int, descending: bool) -> NodeResult:
+    """Per row, sort the candidates as Python tuples and keep each id's first (best) copy."""
+    sign = -1.0 if descending else 1.0
+    node_rows = [(ids.tolist(), distances.tolist()) for ids, distances in blocks]
+    merged_ids: list[int] = []
+    merged_distances: list[float] = []
+    for row in range(nq):
+        ranked = sorted(
+            (distance != distance, 0.0 if distance != distance else sign * distance, vector_id, distance)
+            for ids, distances in node_rows
+            for vector_id, distance in zip(ids[row], distances[row])
+            if vector_id != PADDING_ID
+        )
+        seen: set[int] = set()
+        for _, _, vector_id, distance in ranked:
+            if vector_id not in seen:
+                seen.add(vector_id)
+                merged_ids.append(vector_id)
+                merged_distances.append(distance)
+                if len(seen) == width:
+                    break
+        missing = width - len(seen)
+        merged_ids += [PADDING_ID] * missing
+        merged_distances += [padding_distance(descending)] * missing
+    return (
+        np.array(merged_ids, dtype=np.int64).reshape(nq, width),
+        np.array(merged_distances, dtype=np.float32).reshape(nq, width),
+    )
+
+
+def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descending: bool) -> NodeResult:
+    """Sort rows by (key, column); redo exactly only the rows whose head has a tie or a repeated id."""
+    keys = _rank_keys(ids, distances, descending)
+    head = _sorted_head(_pack(keys), min(width + 1, ids.shape[1]))
+    head_keys = _halves(head)[..., _KEY_HALF]
+    columns = _halves(head)[:, :width, _COLUMN_HALF].astype(np.intp)
+    merged_ids = _take_per_row(ids, columns)
+    merged_distances = _take_per_row(distances, columns)
+    is_padding = head_keys[:, :width] == _PADDING_KEY
+
+    # The head (one entry past the width, to see a tie across the cut) is exact unless two real
+    # candidates share a key (the id must decide) or an id appears twice (a copy must go).
+    tied = (head_keys[:, 1:] == head_keys[:, :-1]) & (head_keys[:, 1:] != _PADDING_KEY)
+    sorted_head_ids = np.sort(merged_ids, axis=1)
+    repeated = (sorted_head_ids[:, 1:] == sorted_head_ids[:, :-1]) & (sorted_head_ids[:, 1:] != PADDING_ID)
+    inexact = np.flatnonzero(tied.any(axis=1) | repeated.any(axis=1))
+    if inexact.size:
+        merged_ids[inexact], merged_distances[inexact], is_padding[inexact] = _merge_contenders_exactly(
+            ids[inexact], keys[inexact], distances[inexact], width
+        )
+
+    merged_ids[is_padding] = PADDING_ID
+    merged_distances[is_padding] = padding_distance(descending)
+    return merged_ids, merged_distances
+
+
+def _merge_contenders_exactly(
+    ids: np.ndarray, keys: np.ndarray, distances: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact merge of rows, ordering by id only the candidates that can still make the cut.
+
+    Those are the real candidates whose key is at most the row's width-th smallest key; the rest
+    rank strictly after `width` of them. Only when repeated ids among them were dropped can the
+    answer need a candidate from beyond, so such rows are redone whole. With many ties (binary
+    metrics) this sorts a little more than `width` ids per row instead of all candidates.
+    """
+    cut = np.partition(keys, width - 1, axis=1)[:, width - 1 : width]
+    contenders = (keys <= cut) & (keys != _PADDING_KEY)
+    contender_count = contenders.sum(axis=1)
+    if contender_count.max() >= ids.shape[1]:
+        merged_ids, merged_distances, is_padding, _ = _merge_rows_exactly(ids, keys, distances, width)
+        return merged_ids, merged_distances, is_padding
+    merged_ids, merged_distances, is_padding, had_repeats = _merge_rows_exactly(
+        *_compact_rows(contenders, contender_count, width, ids, keys, distances), width
+    )
+    redo = np.flatnonzero(had_repeats)
+    if redo.size:
+        merged_ids[redo], merged_distances[redo], is_padding[redo], _ = _merge_rows_exactly(
+            ids[redo], keys[redo], distances[redo], width
+        )
+    return merged_ids, merged_distances, is_padding
+
+
+def _compact_rows(
+    selected: np.ndarray, counts: np.ndarray, width: int, ids: np.ndarray, keys: np.ndarray, distances: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The selected candidates of each row moved to the left of (rows, >= width) arrays, padded.
+
+    Uses flat indices: 2-D fancy indexing costs several times more.
+    """
+    rows, columns = ids.shape
+    compact_width = max(int(counts.max()), width)
+    sources = np.flatnonzero(selected)
+    source_rows = sources // columns
+    first_of_row = np.cumsum(counts) - counts
+    targets = np.arange(sources.size) + (source_rows * compact_width - first_of_row[source_rows])
+    compacted = []
+    for values, filler in ((ids, PADDING_ID), (keys, _PADDING_KEY), (distances, 0.0)):
+        compact = np.full(rows * compact_width, filler, dtype=values.dtype)
+        compact[targets] = values.reshape(-1)[sources]
+        compacted.append(compact.reshape(rows, compact_width))
+    return compacted[0], compacted[1], compacted[2]
+
+
+def _merge_rows_exactly(
+    ids: np.ndarray, keys: np.ndarray, distances: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Order each row by id, drop the worse copies of repeated ids, then sort by (key, id rank).
+
+    In the id-ordered layout a candidate's column is its id rank, so the packed sort breaks ties
+    by ascending id. Returns the (rows, width) ids, distances and padding mask, and which rows
+    had repeated ids.
+    """
+    by_id = np.argsort(ids, axis=1)
+    ids_by_id = _take_per_row(ids, by_id)
+    packed = _pack(_take_per_row(keys, by_id))
+    had_repeats = _demote_repeated_ids(ids_by_id, packed)
+    head = _sorted_head(packed, width)
+    columns = _halves(head)[..., _COLUMN_HALF].astype(np.intp)
+    is_padding = _halves(head)[..., _KEY_HALF] == _PADDING_KEY
+    merged_distances = _take_per_row(distances, _take_per_row(by_id, columns))
+    return _take_per_row(ids_by_id, columns), merged_distances, is_padding, had_repeats
+
+
+def _demote_repeated_ids(ids_by_id: np.ndarray, packed: np.ndarray) -> np.ndarray:
+    """In rows ordered by id, give every copy of an id but its best one the padding key (in place).
+
+    Returns, per row, whether it had a repeated id.
+    """
+    continues_run = (ids_by_id[:, 1:] == ids_by_id[:, :-1]) & (ids_by_id[:, 1:] != PADDING_ID)
+    had_repeats = continues_run.any(axis=1)
+    if not had_repeats.any():
+        return had_repeats
+    run_starts = np.ones(ids_by_id.shape, dtype=bool)
+    run_starts[:, 1:] = ~continues_run
+    best_of_run = np.minimum.reduceat(packed.reshape(-1), np.flatnonzero(run_starts))
+    run_of_entry = np.cumsum(run_starts.reshape(-1)) - 1
+    worse_copies = packed != best_of_run[run_of_entry].reshape(packed.shape)
+    _halves(packed)[..., _KEY_HALF][worse_copies] = _PADDING_KEY
+    return had_repeats
+
+
+def _rank_keys(ids: np.ndarray, distances: np.ndarray, descending: bool) -> np.ndarray:
+    """uint32 keys whose unsigned order is the rank order: best first, then NaN, then padding."""
+    oriented = np.negative(distances) if descending else distances.copy()
+    oriented += np.float32(0.0)  # -0.0 + 0.0 is 0.0: equal distances get equal keys
+    bits = oriented.view(np.int32)
+    flips = bits >> 31  # all ones for negative floats, zero otherwise
+    flips |= np.int32(-(2**31))  # and always the sign bit
+    bits ^= flips  # IEEE float order -> unsigned integer order
+    keys = bits.view(np.uint32)
+    keys[np.isnan(distances)] = _NAN_KEY
+    keys[ids == PADDING_ID] = _PADDING_KEY
+    return keys
+
+
+def _pack(keys: np.ndarray) -> np.ndarray:
+    """One uint64 per candidate, ``key << 32 | column``: a value sort orders a row by key, then column.
+
+    Written through a uint32 view (no 64-bit shifts or temporaries: at these sizes each one costs).
+    """
+    packed = np.empty(keys.shape, dtype=np.uint64)
+    halves = _halves(packed)
+    halves[..., _KEY_HALF] = keys
+    halves[..., _COLUMN_HALF] = np.arange(keys.shape[1], dtype=np.uint32)
+    return packed
+
+
+def _halves(packed: np.ndarray) -> np.ndarray:
+    """A (..., 2) uint32 view of a uint64 array: index _KEY_HALF is the high half."""
+    return packed.view(np.uint32).reshape(*packed.shape, 2)
+
+
+def _sorted_head(packed: np.ndarray, count: int) -> np.ndarray:
+    """The `count` smallest values of each row, sorted; partitions `packed` in place first."""
+    if count < packed.shape[1]:
+        packed.partition(count - 1, axis=1)
+    return np.sort(packed[:, :count], axis=1)
+
+
+def _take_per_row(values: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """``values[r, columns[r, j]]`` through one flat gather (several times faster than take_along_axis)."""
+    row_starts = np.arange(values.shape[0], dtype=np.intp)[:, None] * values.shape[1]
+    return np.ascontiguousarray(values).reshape(-1)[columns + row_starts]

@@ -1,0 +1,213 @@
+"""The top-k merge against a concatenate-sort-dedupe oracle, on every internal path.
+
+The oracle is pure Python and written the other way round from the small path (sort everything,
+then keep each id's first appearance), so a shared mistake is unlikely.
+"""
+from __future__ import annotations
+
+import math
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mishards.core import merge
+from mishards.core.merge import FLT_MAX, is_descending, merge_topk
+from utils.errors import IllegalTopK, UnexpectedError
+
+
+def oracle(node_results, nq: int, topk: int, descending: bool):
+    """Best `topk` distinct ids per row, ties by ascending id, width min(topk, sum of widths)."""
+    nonempty = [(np.asarray(ids), np.asarray(dists)) for ids, dists in node_results if np.asarray(ids).size]
+    width = min(topk, sum(ids.shape[1] for ids, _ in nonempty))
+    padding = (-1, -FLT_MAX if descending else FLT_MAX)
+    rows = []
+    for row in range(nq):
+        candidates = [
+            (int(vector_id), float(distance))
+            for ids, dists in nonempty
+            for vector_id, distance in zip(ids[row], dists[row])
+            if vector_id != -1
+        ]
+
+        def rank(candidate):
+            vector_id, distance = candidate
+            if math.isnan(distance):
+                return (1, 0.0, vector_id)
+            return (0, -distance if descending else distance, vector_id)
+
+        kept, seen = [], set()
+        for vector_id, distance in sorted(candidates, key=rank):
+            if vector_id not in seen:
+                seen.add(vector_id)
+                kept.append((vector_id, distance))
+        rows.append((kept + [padding] * width)[:width])
+    ids = np.array([[vector_id for vector_id, _ in row] for row in rows], dtype=np.int64).reshape(nq, width)
+    dists = np.array([[distance for _, distance in row] for row in rows], dtype=np.float32).reshape(nq, width)
+    return ids, dists
+
+
+def assert_same(actual, expected):
+    (ids, dists), (expected_ids, expected_dists) = actual, expected
+    assert ids.dtype == np.int64 and dists.dtype == np.float32
+    assert ids.shape == expected_ids.shape and dists.shape == expected_dists.shape
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(dists, expected_dists)  # NaN == NaN here; -0.0 == 0.0
+
+
+@st.composite
+def merge_inputs(draw, max_rows=4, max_width=12):
+    """Random nodes (0..8) of random widths, with padding, repeated ids, ties, NaN and +-0.0."""
+    nq = draw(st.integers(1, max_rows))
+    few_ids = draw(st.booleans())  # few distinct ids -> many duplicates across nodes
+    id_values = st.integers(-1, 12) if few_ids else st.one_of(st.just(-1), st.integers(0, 2**63 - 1))
+    few_distances = draw(st.booleans())  # few distinct distances -> many ties
+    distance_values = (
+        st.sampled_from([0.0, -0.0, 0.5, 1.0, 2.0, -1.0, float("inf")])
+        if few_distances
+        else st.floats(width=32, allow_nan=draw(st.booleans()))
+    )
+    node_results = []
+    for _ in range(draw(st.integers(0, 8))):
+        if draw(st.integers(0, 9)) == 0:  # a node that answered row_num = 0
+            node_results.append((np.empty((0, 0), np.int64), np.empty((0, 0), np.float32)))
+            continue
+        width = draw(st.integers(0, max_width))
+        ids = np.array(draw(st.lists(id_values, min_size=nq * width, max_size=nq * width)), np.int64)
+        dists = np.array(draw(st.lists(distance_values, min_size=nq * width, max_size=nq * width)), np.float32)
+        node_results.append((ids.reshape(nq, width), dists.reshape(nq, width)))
+    return node_results, nq, draw(st.integers(1, 16)), draw(st.booleans())
+
+
+PATHS = {
+    "dispatch": merge.SMALL_MERGE_CANDIDATES,
+    "small": 10**9,  # every input takes the pure-Python path
+    "vectorised": -1,  # every input takes the numpy path (fast head + exact rows)
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=150, deadline=None)
+@given(case=merge_inputs())
+def test_merge_equals_the_oracle(path, case):
+    node_results, nq, topk, descending = case
+    with mock.patch.object(merge, "SMALL_MERGE_CANDIDATES", PATHS[path]):
+        actual = merge_topk(node_results, nq, topk, descending)
+    assert_same(actual, oracle(node_results, nq, topk, descending))
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=merge_inputs(max_rows=3), data=st.data())
+def test_node_order_does_not_change_the_reply(case, data):
+    node_results, nq, topk, descending = case
+    shuffled = data.draw(st.permutations(node_results))
+    assert_same(merge_topk(shuffled, nq, topk, descending), merge_topk(node_results, nq, topk, descending))
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("ties", [False, True])
+def test_large_merges_equal_the_oracle(descending, ties):
+    """Sizes where the vectorised path partitions rows; realistic sorted node rows."""
+    rng = np.random.default_rng(7 + ties + 2 * descending)
+    nq, topk, node_results = 30, 50, []
+    for width in (50, 50, 37, 0, 12):
+        ids = rng.integers(0, 400, (nq, width))  # overlapping id ranges: duplicates across nodes
+        dists = rng.integers(0, 30, (nq, width)) if ties else rng.standard_normal((nq, width))
+        dists = np.sort(dists.astype(np.float32), axis=1)
+        if descending:
+            dists = dists[:, ::-1]
+        ids[:, width - width // 5 :] = -1  # padded tails
+        node_results.append((ids, dists))
+
+    assert_same(merge_topk(node_results, nq, topk, descending), oracle(node_results, nq, topk, descending))
+
+
+def test_inner_product_keeps_the_largest_distances():
+    """Defect: v0.9.1 merged IP results ascending and returned the worst hits."""
+    node_a = (np.array([[1, 2]]), np.array([[0.9, 0.1]], np.float32))
+    node_b = (np.array([[3, 4]]), np.array([[0.95, 0.5]], np.float32))
+
+    ids, dists = merge_topk([node_a, node_b], nq=1, topk=3, descending=is_descending(2))
+
+    assert ids.tolist() == [[3, 1, 4]]
+    np.testing.assert_allclose(dists, [[0.95, 0.9, 0.5]])
+
+
+def test_nodes_with_different_widths_fill_topk():
+    """Defect: the original took k from the newer batch and raised IndexError or truncated rows."""
+    short = (np.array([[10], [20]]), np.array([[5.0], [1.0]], np.float32))
+    long = (np.array([[1, 2, 3], [4, 5, 6]]), np.array([[1.0, 2.0, 3.0], [2.0, 3.0, 4.0]], np.float32))
+
+    ids, _ = merge_topk([short, long], nq=2, topk=4, descending=False)
+
+    assert ids.tolist() == [[1, 2, 3, 10], [20, 4, 5, 6]]
+
+
+def test_padding_from_several_nodes_never_displaces_hits():
+    """Defect: -1 sentinels took part in the sort; duplicated ones could fill the tail."""
+    node_a = (np.array([[7, -1, -1]]), np.array([[2.0, -5.0, -5.0]], np.float32))
+    node_b = (np.array([[8, -1, -1]]), np.array([[3.0, -9.0, FLT_MAX]], np.float32))
+
+    ids, dists = merge_topk([node_a, node_b], nq=1, topk=3, descending=False)
+
+    assert ids.tolist() == [[7, 8, -1]]
+    assert dists[0, 2] == np.float32(FLT_MAX)
+
+
+def test_an_id_from_two_nodes_is_kept_once_with_its_best_distance():
+    node_a = (np.array([[5, 6]]), np.array([[0.3, 0.4]], np.float32))
+    node_b = (np.array([[6, 5]]), np.array([[0.1, 0.35]], np.float32))
+
+    ids, dists = merge_topk([node_a, node_b], nq=1, topk=4, descending=False)
+
+    assert ids.tolist() == [[6, 5, -1, -1]]
+    np.testing.assert_allclose(dists[0, :2], [0.1, 0.3])
+
+
+def test_ties_go_to_the_smaller_id_across_the_cut():
+    node_a = (np.array([[30, 10]]), np.array([[1.0, 1.0]], np.float32))
+    node_b = (np.array([[20, 5]]), np.array([[1.0, 2.0]], np.float32))
+
+    ids, _ = merge_topk([node_a, node_b], nq=1, topk=2, descending=False)
+
+    assert ids.tolist() == [[10, 20]]
+
+
+def test_width_is_the_one_a_single_server_would_send():
+    """min(topk, sum of node widths); rows with no hit at all stay as -1 rows, not absent rows."""
+    no_hits = (np.full((3, 2), -1), np.full((3, 2), FLT_MAX, np.float32))
+
+    ids, dists = merge_topk([no_hits, no_hits], nq=3, topk=10, descending=False)
+
+    assert ids.shape == dists.shape == (3, 4)
+    assert (ids == -1).all()
+
+
+def test_no_answers_give_nq_empty_rows():
+    ids, dists = merge_topk([], nq=2, topk=5, descending=True)
+    assert ids.shape == dists.shape == (2, 0)
+
+    empty = (np.empty((0, 0), np.int64), np.empty((0, 0), np.float32))
+    assert merge_topk([empty, empty], nq=2, topk=5, descending=False)[0].shape == (2, 0)
+
+
+def test_a_node_answering_for_other_query_rows_is_an_error():
+    """Different row counts would misalign rows; refuse instead."""
+    good = (np.zeros((2, 3), np.int64), np.zeros((2, 3), np.float32))
+    bad = (np.zeros((3, 3), np.int64), np.zeros((3, 3), np.float32))
+
+    with pytest.raises(UnexpectedError):
+        merge_topk([good, bad], nq=2, topk=3, descending=False)
+    with pytest.raises(UnexpectedError):
+        merge_topk([(np.zeros((2, 3), np.int64), np.zeros((2, 2), np.float32))], nq=2, topk=3, descending=False)
+
+
+def test_topk_below_one_is_refused():
+    with pytest.raises(IllegalTopK):
+        merge_topk([], nq=1, topk=0, descending=False)
+
+
+def test_descending_only_for_inner_product():
+    assert [is_descending(metric) for metric in range(1, 8)] == [False, True, False, False, False, False, False]

@@ -1,0 +1,180 @@
+"""Wire helpers against the generated milvus_pb2 code: byte-identical output, lossless round trips."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from milvus_grpc import milvus_pb2, status_pb2
+from mishards.core import wire
+from utils.errors import UnexpectedError
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+int64_values = st.one_of(st.just(-1), st.integers(0, 2**63 - 1), INT64, st.integers(0, 300))
+
+
+@st.composite
+def search_params(draw) -> milvus_pb2.SearchParam:
+    binary = draw(st.booleans())
+    nq = draw(st.integers(0, 4))
+    if binary:
+        records = [milvus_pb2.RowRecord(binary_data=draw(st.binary(max_size=16))) for _ in range(nq)]
+    else:
+        vector = st.lists(st.floats(width=32, allow_nan=False), max_size=8)
+        records = [milvus_pb2.RowRecord(float_data=draw(vector)) for _ in range(nq)]
+    return milvus_pb2.SearchParam(
+        collection_name=draw(st.text(max_size=20)),
+        partition_tag_array=draw(st.lists(st.text(max_size=10), max_size=3)),
+        query_record_array=records,
+        topk=draw(st.integers(0, 2048)),
+        extra_params=[
+            milvus_pb2.KeyValuePair(key=key, value=value)
+            for key, value in draw(st.lists(st.tuples(st.text(max_size=8), st.text(max_size=20)), max_size=2))
+        ],
+    )
+
+
+@st.composite
+def result_arrays(draw, finite=True):
+    nq, k = draw(st.integers(0, 6)), draw(st.integers(0, 6))
+    if nq == 0:
+        k = 0
+    ids = np.array(draw(st.lists(int64_values, min_size=nq * k, max_size=nq * k)), np.int64).reshape(nq, k)
+    distances = draw(st.lists(st.floats(width=32, allow_nan=not finite), min_size=nq * k, max_size=nq * k))
+    return ids, np.array(distances, np.float32).reshape(nq, k)
+
+
+file_id_lists = st.lists(st.one_of(st.integers(0, 10**15).map(str), st.text(max_size=6)), max_size=20)
+
+
+@settings(max_examples=100, deadline=None)
+@given(param=search_params(), file_ids=file_id_lists)
+def test_search_in_files_is_byte_identical_to_the_generated_code(param, file_ids):
+    param_bytes = param.SerializeToString()
+
+    request = wire.search_in_files_request(file_ids, param_bytes)
+
+    expected = milvus_pb2.SearchInFilesParam(file_id_array=file_ids, search_param=param)
+    assert request == expected.SerializeToString()
+    assert milvus_pb2.SearchInFilesParam.FromString(request) == expected
+
+
+def test_search_in_files_forwards_the_search_param_bytes_verbatim():
+    """Non-canonical client bytes (fields in reverse order) are carried as they are, not re-encoded."""
+    topk_field, name_field = b"\x20\x0a", b"\x0a\x03abc"
+    client_bytes = topk_field + name_field
+
+    request = wire.search_in_files_request(["12", "7"], client_bytes)
+
+    assert request.endswith(b"\x12" + bytes([len(client_bytes)]) + client_bytes)
+    parsed = milvus_pb2.SearchInFilesParam.FromString(request)
+    assert list(parsed.file_id_array) == ["12", "7"]
+    assert parsed.search_param == milvus_pb2.SearchParam(collection_name="abc", topk=10)
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrays=result_arrays(), with_status=st.booleans())
+def test_topk_result_is_byte_identical_to_the_generated_code(arrays, with_status):
+    ids, distances = arrays
+    status = status_pb2.Status() if with_status else None
+
+    encoded = wire.encode_topk_result(ids, distances, status)
+
+    expected = milvus_pb2.TopKQueryResult(row_num=ids.shape[0], ids=ids.ravel().tolist(), distances=distances.ravel().tolist())
+    if with_status:
+        expected.status.CopyFrom(status_pb2.Status())
+        assert encoded.startswith(b"\x0a\x00")
+    assert encoded == expected.SerializeToString()
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays=result_arrays(finite=False))
+def test_topk_result_round_trips_through_decode(arrays):
+    ids, distances = arrays
+
+    reply = wire.decode_topk_result(wire.encode_topk_result(ids, distances))
+
+    assert (reply.status_code, reply.reason, reply.row_num) == (0, "", ids.shape[0])
+    expected_shape = ids.shape if ids.size else (ids.shape[0], 0) if ids.shape[0] else (0, 0)
+    assert reply.ids.shape == reply.distances.shape == expected_shape
+    np.testing.assert_array_equal(reply.ids.reshape(-1), ids.reshape(-1))
+    assert reply.distances.tobytes() == distances.tobytes()  # bit-exact, NaN payloads included
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, 1, 127, 128, 255, 16383, 16384, 2**35 - 1, 2**35, 2**56 - 1, 2**56, 2**62, 2**63 - 1, -1, -2, -(2**63)],
+)
+def test_varints_at_every_width_boundary_match_protobuf(value):
+    encoded = wire.varints(np.array([value, 5, value]))
+    reference = milvus_pb2.TopKQueryResult(ids=[value, 5, value]).SerializeToString()
+
+    assert reference == b"\x1a" + wire.varint(len(encoded)) + encoded
+    if value < 0:
+        assert len(encoded) == 10 + 1 + 10
+
+
+def test_results_larger_than_one_encoding_chunk():
+    rng = np.random.default_rng(3)
+    ids = rng.integers(-1, 2**62, (300, 300))
+    distances = rng.standard_normal((300, 300)).astype(np.float32)
+
+    expected = milvus_pb2.TopKQueryResult(row_num=300, ids=ids.ravel().tolist(), distances=distances.ravel().tolist())
+    assert wire.encode_topk_result(ids, distances) == expected.SerializeToString()
+
+
+def test_an_error_reply_carries_the_status_and_nothing_else():
+    status = status_pb2.Status(error_code=status_pb2.COLLECTION_NOT_EXISTS, reason="Collection x does not exist.")
+
+    encoded = wire.encode_topk_result(np.empty((0, 0), np.int64), np.empty((0, 0), np.float32), status)
+
+    assert encoded == milvus_pb2.TopKQueryResult(status=status).SerializeToString()
+    reply = wire.decode_topk_result(encoded)
+    assert (reply.status_code, reply.reason, reply.row_num) == (4, "Collection x does not exist.", 0)
+    assert reply.ids.shape == reply.distances.shape == (0, 0)
+
+
+def test_an_empty_success_decodes_to_no_rows():
+    reply = wire.decode_topk_result(b"")
+    assert (reply.status_code, reply.row_num, reply.ids.shape) == (0, 0, (0, 0))
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        milvus_pb2.TopKQueryResult(row_num=1, ids=[1, 2], distances=[0.5]),
+        milvus_pb2.TopKQueryResult(row_num=2, ids=[1, 2, 3], distances=[0.1, 0.2, 0.3]),
+        milvus_pb2.TopKQueryResult(row_num=0, ids=[1], distances=[0.1]),
+        milvus_pb2.TopKQueryResult(row_num=-1, ids=[1], distances=[0.1]),
+    ],
+    ids=["lengths differ", "rows uneven", "hits without rows", "negative rows"],
+)
+def test_malformed_node_replies_are_refused(reply):
+    with pytest.raises(UnexpectedError):
+        wire.decode_topk_result(reply.SerializeToString())
+
+
+@settings(max_examples=60, deadline=None)
+@given(param=search_params())
+def test_search_summary_reads_the_routing_fields(param):
+    summary = wire.summarize_search_param(param.SerializeToString())
+
+    assert summary.collection_name == param.collection_name
+    assert summary.partition_tags == tuple(param.partition_tag_array)
+    assert summary.topk == param.topk
+    assert summary.nq == len(param.query_record_array)
+    assert summary.extra_params == tuple((pair.key, pair.value) for pair in param.extra_params)
+
+
+def test_scalar_varint_matches_protobuf():
+    assert wire.varint(0) == b"\x00"
+    for value in (1, 127, 128, 300, 2**32, 2**63 - 1):  # proto3 leaves a zero row_num out
+        assert milvus_pb2.TopKQueryResult(row_num=value).SerializeToString() == b"\x10" + wire.varint(value)
+
+
+def test_encoding_refuses_arrays_that_are_not_one_nq_by_k_block():
+    with pytest.raises(ValueError):
+        wire.encode_topk_result(np.zeros((2, 3), np.int64), np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError):
+        wire.encode_topk_result(np.zeros(6, np.int64), np.zeros(6, np.float32))
