@@ -19,36 +19,13 @@ from utils.errors import MetaFailed
 SEARCHABLE_FILE_TYPES = (1, 2, 3)  # RAW, TO_INDEX, INDEX
 STATE_TO_DELETE = 1
 
-_meta = sa.MetaData()
-_tables = sa.Table(
-    "Tables", _meta,
-    sa.Column("id", sa.BigInteger), sa.Column("table_id", sa.String(255)), sa.Column("state", sa.Integer),
-    sa.Column("dimension", sa.Integer), sa.Column("metric_type", sa.Integer),
-    sa.Column("owner_table", sa.String(255)), sa.Column("partition_tag", sa.String(255)),
-)
-_files = sa.Table(
-    "TableFiles", _meta,
-    sa.Column("id", sa.BigInteger), sa.Column("table_id", sa.String(255)), sa.Column("file_type", sa.Integer),
-    sa.Column("updated_time", sa.BigInteger), sa.Column("row_count", sa.BigInteger),
-)
-
-_COLLECTION_QUERY = (
-    sa.select(_tables.c.table_id, _tables.c.owner_table, _tables.c.partition_tag, _tables.c.metric_type,
-              _tables.c.dimension)
-    .where(sa.or_(_tables.c.table_id == sa.bindparam("name"), _tables.c.owner_table == sa.bindparam("name")),
-           _tables.c.state != STATE_TO_DELETE)
-    .order_by(_tables.c.id)
-)
-_FILES_QUERY = (
-    sa.select(_files.c.id, _files.c.table_id, _files.c.updated_time)
-    .where(_files.c.table_id.in_(sa.bindparam("tables", expanding=True)),
-           _files.c.file_type.in_(SEARCHABLE_FILE_TYPES))
-    .order_by(_files.c.id)
-)
-_FILES_BY_ID_QUERY = (
-    sa.select(_files.c.id, _files.c.table_id, _files.c.file_type, _files.c.updated_time)
-    .where(_files.c.id.in_(sa.bindparam("ids", expanding=True)))
-)
+# Plain SQL on a raw DB-API cursor: the search path runs one of these per request, and going
+# through SQLAlchemy's statement compilation costs ~10x the SQLite query itself.
+_COLLECTION_SQL = ("SELECT table_id, owner_table, partition_tag, metric_type, dimension FROM Tables "
+                   "WHERE (table_id = {p} OR owner_table = {p}) AND state <> 1 ORDER BY id")
+_FILES_SQL = ("SELECT id, updated_time FROM TableFiles WHERE file_type IN (1, 2, 3) AND table_id IN ({ps}) "
+              "ORDER BY id")
+_FILES_BY_ID_SQL = "SELECT id, table_id, file_type, updated_time FROM TableFiles WHERE id IN ({ps})"
 
 
 @dataclass(frozen=True)
@@ -86,32 +63,48 @@ def create_engine(uri: str, *, echo: bool, pool_size: int, pool_recycle: int, po
 class MetaReader:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._placeholder = "?" if engine.dialect.paramstyle == "qmark" else "%s"
 
-    def _rows(self, query: sa.Select, **params) -> list[sa.Row]:
+    def _rows(self, sql: str, params: Sequence) -> list[tuple]:
+        """One statement on a pooled connection, rolled back on return, so no snapshot outlives it."""
         try:
-            with self.engine.connect() as conn:
-                return conn.execute(query, params).all()
-        except sa.exc.SQLAlchemyError as exc:
-            raise MetaFailed(f"meta DB query failed: {exc.__class__.__name__}: {exc.orig if hasattr(exc, 'orig') else exc}") from None
+            connection = self.engine.raw_connection()
+            try:
+                cursor = connection.cursor()
+                cursor.execute(sql, tuple(params))
+                rows = cursor.fetchall()
+                cursor.close()
+                return rows
+            finally:
+                connection.close()
+        except Exception as exc:  # DB-API errors differ per driver
+            raise MetaFailed(f"meta DB query failed: {exc.__class__.__name__}: {exc}") from None
+
+    def _in(self, count: int) -> str:
+        return ", ".join([self._placeholder] * count)
 
     def collection(self, name: str) -> CollectionTables | None:
         own = None
         partitions = []
-        for row in self._rows(_COLLECTION_QUERY, name=name):
-            if row.table_id == name and not row.owner_table:
-                own = row
-            elif row.owner_table == name:
-                partitions.append((row.table_id, row.partition_tag))
+        sql = _COLLECTION_SQL.format(p=self._placeholder)
+        for table_id, owner_table, partition_tag, metric_type, dimension in self._rows(sql, (name, name)):
+            if table_id == name and not owner_table:
+                own = (metric_type, dimension)
+            elif owner_table == name:
+                partitions.append((table_id, partition_tag))
         if own is None:
             return None
-        return CollectionTables(name, own.metric_type, own.dimension, tuple(partitions))
+        return CollectionTables(name, own[0], own[1], tuple(partitions))
 
     def searchable_files(self, table_ids: Sequence[str]) -> FileSet:
-        rows = self._rows(_FILES_QUERY, tables=list(table_ids))
-        return FileSet([str(r[0]) for r in rows], np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows)))
+        if not table_ids:
+            return FileSet([], np.zeros(0, np.int64))
+        rows = self._rows(_FILES_SQL.format(ps=self._in(len(table_ids))), table_ids)
+        return FileSet([str(r[0]) for r in rows], np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows)))
 
-    def files_by_ids(self, ids: Sequence[int]) -> list[sa.Row]:
-        return self._rows(_FILES_BY_ID_QUERY, ids=list(ids)) if ids else []
+    def files_by_ids(self, ids: Sequence[int]) -> list[tuple]:
+        """(id, table_id, file_type, updated_time) of the given file ids that exist."""
+        return self._rows(_FILES_BY_ID_SQL.format(ps=self._in(len(ids))), ids) if ids else []
 
 
 class SchemaCache:

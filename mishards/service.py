@@ -165,7 +165,8 @@ class MishardsService:
         if not rows:
             raise MilvusError("Invalid file id")
         own = set(table_ids)
-        usable = sorted((r.id, r.updated_time) for r in rows if r.table_id in own and r.file_type in (1, 2, 3))
+        usable = sorted((file_id, updated) for file_id, table_id, file_type, updated in rows
+                        if table_id in own and file_type in (1, 2, 3))
         return FileSet([str(i) for i, _ in usable], np.array([t for _, t in usable], dtype=np.int64))
 
     async def search_in_files(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
