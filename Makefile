@@ -5,7 +5,7 @@ PYMILVUS_VERSIONS := 0.2.12 0.2.14
 WHEELS := $(foreach v,$(PYMILVUS_VERSIONS),.venv/wheels/$(v)/pymilvus-$(v)-py3-none-any.whl)
 PYTEST_ARGS ?=
 
-.PHONY: venv test run proto coverage
+.PHONY: venv test run proto coverage bench
 
 venv: .venv/.stamp $(WHEELS)
 
@@ -30,3 +30,8 @@ proto:
 
 coverage: venv
 	PYTEST_ARGS="--cov=milvus_node --cov=mishards --cov=utils --cov-report=term-missing $(PYTEST_ARGS)" scripts/test.sh
+
+# Benchmarks print tables; BENCH_ARGS passes options to the search benchmark (e.g. --rows 20000).
+bench: venv
+	$(PY) bench/merge_bench.py
+	$(PY) bench/search_bench.py $(BENCH_ARGS)

@@ -77,6 +77,18 @@ class _Job:
     attempt: int
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What every attempt of one search shares."""
+
+    collection: str
+    search_param: bytes
+    nq: int
+    updated: dict[str, int]  # file id -> updated_time
+    deadline: float
+    nodes: dict[str, NodeClient]
+
+
 class Scatter:
     """One search over many nodes; `run` returns the merged reply bytes."""
 
@@ -95,37 +107,31 @@ class Scatter:
         unhealthy = {name for name, client in nodes.items() if not client.stats.healthy}
         with self.tracer.span("get_routing", span):
             groups = self._assign(files.ids, nodes, unhealthy)
-        updated = dict(zip(files.ids, files.updated.tolist()))
-        replies: list[tuple[np.ndarray, np.ndarray]] = []
-        tried: dict[str, set[str]] = {}
+        request = _Request(collection, search_param, nq, dict(zip(files.ids, files.updated.tolist())), deadline, nodes)
         with self.tracer.span("do_search", span):
-            running = {asyncio.ensure_future(self._attempt(job, collection, search_param, updated, deadline)): job
-                       for job in (_Job(node, file_ids, 0) for node, file_ids in groups.items())}
-            try:
-                while running:
-                    done, _ = await asyncio.wait(running, timeout=max(deadline - time.monotonic(), 0.0) + 0.5,
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if not done:
-                        raise ConnectFailed(f"search on {collection} did not complete within its deadline")
-                    for task in done:
-                        job = running.pop(task)
-                        ok, payload = task.result()
-                        if ok:
-                            replies.append(self._decode(job, payload, nq))
-                            continue
-                        # the node failed: re-route its files, never to a node already tried for them
-                        self._failed(job, payload)
-                        for file_id in job.file_ids:
-                            tried.setdefault(file_id, set()).add(job.node)
-                        for retry in self._reassign(job, nodes, tried):
-                            task = asyncio.ensure_future(self._attempt(retry, collection, search_param, updated, deadline))
-                            running[task] = retry
-            finally:
-                for task in running:
-                    task.cancel()
+            replies = await self._serve_all([_Job(node, file_ids, 0) for node, file_ids in groups.items()],
+                                            frozenset(), request)
         with self.tracer.span("do_merge", span):
             ids, distances = merge_topk(replies, nq, topk, descending)
         return wire.encode_topk_result(ids, distances)
+
+    async def _serve_all(self, jobs: list[_Job], tried: frozenset[str], request: "_Request") -> list:
+        if len(jobs) == 1:
+            return await self._serve(jobs[0], tried, request)
+        outcomes = await asyncio.gather(*(self._serve(job, tried, request) for job in jobs), return_exceptions=True)
+        for outcome in outcomes:  # every group has ended (each is bounded by the deadline); now report
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [reply for outcome in outcomes for reply in outcome]
+
+    async def _serve(self, job: _Job, tried: frozenset[str], request: "_Request") -> list:
+        """One group's replies: from its node, or, if that node fails, from the next nodes on the ring."""
+        ok, payload = await self._attempt(job, request)
+        if ok:
+            return [self._decode(job, payload, request.nq)]
+        self._failed(job, payload)
+        tried = tried | {job.node}
+        return await self._serve_all(self._reassign(job, request.nodes, tried), tried, request)
 
     # ------------------------------------------------------------------ routing
     def _assign(self, file_ids: list[str], nodes: dict[str, NodeClient], excluded: set[str]) -> dict[str, list[str]]:
@@ -135,9 +141,10 @@ class Scatter:
             log.warning("no healthy read-only node: searching %d file(s) on the writable node", len(file_ids))
             return {WRITABLE: list(file_ids)}
 
-    def _reassign(self, job: _Job, nodes: dict[str, NodeClient], tried: dict[str, set[str]]) -> list[_Job]:
-        excluded = {name for name, client in nodes.items() if not client.stats.healthy}
-        excluded |= set().union(*(tried.get(f, set()) for f in job.file_ids))
+    def _reassign(self, job: _Job, nodes: dict[str, NodeClient], tried: frozenset[str]) -> list[_Job]:
+        """Where a failed group's files go: the next distinct healthy node of each file on the ring,
+        never one already tried for them; the writable node when none is left."""
+        excluded = {name for name, client in nodes.items() if not client.stats.healthy} | tried
         if job.node == WRITABLE:
             raise ConnectFailed(
                 f"no node could search {len(job.file_ids)} file(s): every read-only node failed, "
@@ -163,9 +170,9 @@ class Scatter:
         return remaining / max(1, self.max_retry - job.attempt)
 
     # ------------------------------------------------------------------ calls
-    async def _attempt(self, job: _Job, collection: str, search_param: bytes, updated: dict[str, int],
-                       deadline: float) -> tuple[bool, bytes | str]:
+    async def _attempt(self, job: _Job, request: "_Request") -> tuple[bool, bytes | str]:
         """(True, reply bytes) or (False, why the node failed); never raises for a node's failure."""
+        deadline = request.deadline
         client = self._client(job.node)
         if client is None:
             return False, f"read-only node {job.node} left during the search"
@@ -173,11 +180,11 @@ class Scatter:
         started = time.monotonic()
         try:
             if client.supports_reload and job.node != WRITABLE:
-                error = await self._reload_stale(job, client, collection, updated, deadline)
+                error = await self._reload_stale(job, client, request.collection, request.updated, deadline)
                 if error:
                     return False, error
-            request = wire.search_in_files_request(job.file_ids, search_param)
-            reply = await client.rpc("SearchInFiles")(request, timeout=self._timeout(job, deadline))
+            message = wire.search_in_files_request(job.file_ids, request.search_param)
+            reply = await client.rpc("SearchInFiles")(message, timeout=self._timeout(job, deadline))
         except grpc.RpcError as exc:
             error = f"{exc.code().name} {exc.details() or ''}".strip()
             client.record(False, time.monotonic() - started, error)
