@@ -148,3 +148,21 @@ def test_the_cache_rebuilds_only_when_the_membership_changes():
     assert second is not first
     assert second.nodes == {"a:1", "b:2", "c:3"}
     assert cache.ring_for(["a:1", "b:2", "c:3"]) is second
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nodes=st.sets(st.from_regex(r"10\.0\.[0-9]{1,2}\.[0-9]{1,2}:19530", fullmatch=True), min_size=1, max_size=8),
+    files=st.lists(st.integers(1, 10**9).map(str), min_size=1, max_size=48),
+)
+def test_small_assignment_path_equals_the_vectorised_one(nodes, files):
+    from mishards.core import ring as ring_module
+
+    ring = ring_module.ConsistentHashRing(nodes)
+    small = ring.assign(files)
+    saved = ring_module.SMALL_ASSIGN
+    ring_module.SMALL_ASSIGN = 0
+    try:
+        assert ring.assign(files) == small
+    finally:
+        ring_module.SMALL_ASSIGN = saved
