@@ -28,7 +28,7 @@ from utils.errors import (
 )
 
 from .core import wire
-from .core.merge import is_descending
+from .core.merge import is_descending, padding_distance
 from .meta import FileSet, MetaReader, SchemaCache
 from .nodes import SERVICE, Membership, NodeClient
 from .search import ReloadTracker, Scatter
@@ -173,7 +173,7 @@ class MishardsService:
         param = pb.SearchInFilesParam.FromString(request)
         inner = param.search_param
         return await self._search(inner.collection_name, [], inner.topk, len(inner.query_record_array),
-                            inner.SerializeToString(), context, list(param.file_id_array))
+                                  inner.SerializeToString(), context, list(param.file_id_array))
 
     async def search_by_id(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Vectors of the ids from the writable node, then an ordinary fan-out search with them."""
@@ -188,18 +188,18 @@ class MishardsService:
             raise MilvusError(vectors.status.reason, vectors.status.error_code)
         found = [i for i, record in enumerate(vectors.vectors_data) if record.float_data or record.binary_data]
         nq, topk = len(param.id_array), param.topk
-        out_ids = np.full((nq, topk), -1, dtype=np.int64)
         collection = await self._db(self.schemas.get, param.collection_name)
         if collection is None:
             raise collection_missing(param.collection_name)
-        descending = is_descending(collection.metric_type)
-        out_dist = np.full((nq, topk), -3.4028235e38 if descending else 3.4028235e38, dtype=np.float32)
+        # ids that are not (or no longer) stored get a row of padding, like the node's own SearchByID
+        out_ids = np.full((nq, topk), -1, dtype=np.int64)
+        out_dist = np.full((nq, topk), padding_distance(is_descending(collection.metric_type)), dtype=np.float32)
         if found:
             query = pb.SearchParam(collection_name=param.collection_name, partition_tag_array=param.partition_tag_array,
                                    query_record_array=[vectors.vectors_data[i] for i in found], topk=topk,
                                    extra_params=param.extra_params)
             reply = await self._search(param.collection_name, list(param.partition_tag_array), topk, len(found),
-                                 query.SerializeToString(), context, None)
+                                       query.SerializeToString(), context, None)
             code, reason, row_num, ids, distances = wire.decode_topk_result(reply)
             if code != 0:
                 raise MilvusError(reason, code)
