@@ -1,0 +1,180 @@
+"""Prometheus metrics, cheap enough for the search path.
+
+Series are plain counters and fixed-bucket histograms updated only on the server's event loop
+thread (no locks: an update is a few attribute increments), and rendered by a prometheus_client
+collector when `/metrics` is scraped; a `list(...)` snapshot of each dict keeps the scrape thread
+safe against series added meanwhile. Membership size and health are read from the membership at
+scrape time, so they cost nothing per request.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from mishards.nodes import Membership, NodeClient
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FANOUT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Histogram:
+    """Fixed buckets (upper bounds, `le`); `observe` is a bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> tuple[list[tuple[str, int]], float]:
+        counts, total = list(self.counts), self.total
+        buckets, running = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), counts):
+            running += count
+            buckets.append((bound, running))
+        return buckets, total
+
+
+class RpcSeries:
+    """One RPC method: requests, replies with a non-zero Milvus status, latency."""
+
+    __slots__ = ("requests", "errors", "latency")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.latency = Histogram()
+
+    def observe(self, seconds: float, status_code: int) -> None:
+        self.requests += 1
+        if status_code:
+            self.errors += 1
+        self.latency.observe(seconds)
+
+
+class NodeSeries:
+    """One backend node: its calls' latency, failed calls, retried groups it served, failovers away from it."""
+
+    __slots__ = ("latency", "errors", "retries", "failovers")
+
+    def __init__(self) -> None:
+        self.latency = Histogram()
+        self.errors = 0
+        self.retries = 0
+        self.failovers = 0
+
+
+class Metrics:
+    """The proxy's series, on a registry of its own (several proxies may share a process in tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._rpcs: dict[str, RpcSeries] = {}
+        self._nodes: dict[str, NodeSeries] = {}
+        self.fanout = Histogram(FANOUT_BUCKETS)
+        self.merge = Histogram()
+        self._meta: dict[str, Histogram] = {}
+        self._membership: Callable[[], Iterable[Metric]] = lambda: ()
+        self.registry.register(_Collector(self))
+
+    def rpc(self, method: str) -> RpcSeries:
+        """The series of `method`; bound once per handler."""
+        return self._rpcs.setdefault(method, RpcSeries())
+
+    def node(self, name: str) -> NodeSeries:
+        series = self._nodes.get(name)
+        if series is None:
+            series = self._nodes[name] = NodeSeries()
+        return series
+
+    def meta_query(self, query: str) -> Histogram:
+        series = self._meta.get(query)
+        if series is None:
+            series = self._meta[query] = Histogram()
+        return series
+
+    def watch(self, membership: "Membership", writable: "NodeClient") -> None:
+        """Report membership size and node health, read at scrape time."""
+        self._membership = lambda: _membership_metrics(membership, writable)
+
+    # ------------------------------------------------------------------ rendering
+    def collect(self) -> Iterator[Metric]:
+        rpcs, nodes, meta = list(self._rpcs.items()), list(self._nodes.items()), list(self._meta.items())
+        requests = CounterMetricFamily("mishards_requests", "RPCs answered, by method", labels=["method"])
+        errors = CounterMetricFamily("mishards_request_errors",
+                                     "RPCs answered with a non-zero Milvus status, by method", labels=["method"])
+        latency = HistogramMetricFamily("mishards_request_duration_seconds", "RPC latency in the proxy, by method",
+                                        labels=["method"])
+        for method, series in rpcs:
+            requests.add_metric([method], series.requests)
+            errors.add_metric([method], series.errors)
+            buckets, total = series.latency.cumulative()
+            latency.add_metric([method], buckets, total)
+        yield from (requests, errors, latency)
+
+        node_latency = HistogramMetricFamily("mishards_node_call_duration_seconds",
+                                             "Search calls to a backend node (reloads included), by node",
+                                             labels=["node"])
+        node_errors = CounterMetricFamily("mishards_node_errors", "Failed calls to a backend node", labels=["node"])
+        node_retries = CounterMetricFamily("mishards_node_retries",
+                                           "File groups a node searched after another node failed them",
+                                           labels=["node"])
+        node_failovers = CounterMetricFamily("mishards_node_failovers",
+                                             "File groups moved away from a node after it failed them",
+                                             labels=["node"])
+        for name, series in nodes:
+            buckets, total = series.latency.cumulative()
+            node_latency.add_metric([name], buckets, total)
+            node_errors.add_metric([name], series.errors)
+            node_retries.add_metric([name], series.retries)
+            node_failovers.add_metric([name], series.failovers)
+        yield from (node_latency, node_errors, node_retries, node_failovers)
+
+        fanout = HistogramMetricFamily("mishards_search_fanout_nodes", "Nodes one search was first sent to")
+        buckets, total = self.fanout.cumulative()
+        fanout.add_metric([], buckets, total)
+        merge = HistogramMetricFamily("mishards_merge_duration_seconds", "Time to merge the nodes' top-k lists")
+        buckets, total = self.merge.cumulative()
+        merge.add_metric([], buckets, total)
+        meta_latency = HistogramMetricFamily("mishards_meta_query_duration_seconds",
+                                             "Meta DB reads on the search path (cache hits included), by query",
+                                             labels=["query"])
+        for query, series in meta:
+            buckets, total = series.cumulative()
+            meta_latency.add_metric([query], buckets, total)
+        yield from (fanout, merge, meta_latency)
+        yield from self._membership()
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self._metrics.collect()
+
+
+def _membership_metrics(membership: "Membership", writable: "NodeClient") -> Iterator[Metric]:
+    nodes, waiting = membership.all(), membership.waiting()
+    healthy = sum(1 for client in nodes.values() if client.stats.healthy)
+    size = GaugeMetricFamily("mishards_readonly_nodes", "Read-only nodes by state", labels=["state"])
+    size.add_metric(["healthy"], healthy)
+    size.add_metric(["unhealthy"], len(nodes) - healthy)
+    size.add_metric(["waiting"], len(waiting))
+    up = GaugeMetricFamily("mishards_node_healthy", "1 when a backend node is healthy", labels=["node", "role"])
+    up.add_metric([writable.name, "writable"], 1 if writable.stats.healthy else 0)
+    for name, client in sorted(nodes.items()):
+        up.add_metric([name, "readonly"], 1 if client.stats.healthy else 0)
+    for name in sorted(waiting):
+        up.add_metric([name, "readonly"], 0)
+    yield from (size, up)

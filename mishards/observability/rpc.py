@@ -1,0 +1,94 @@
+"""The per-RPC wrapper: a server span and metrics around a handler, only when either is on.
+
+Every handler answers with bytes of the method's reply type, whose Milvus `Status` says whether
+the call failed (gRPC itself says OK), so the wrapper reads that status from the reply bytes:
+the whole message for `Status` replies, else field 1 found by skipping over the other fields
+(a top-k reply is not decoded).
+"""
+from __future__ import annotations
+
+import time
+from typing import Awaitable, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from milvus_grpc import milvus_pb2 as pb
+from milvus_grpc import status_pb2
+from tracer import Tracer
+
+from .metrics import Metrics
+
+Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
+SERVICE = "milvus.grpc.MilvusService"
+_STATUS_REPLIES = {m.name for m in pb.DESCRIPTOR.services_by_name["MilvusService"].methods
+                   if m.output_type.full_name == status_pb2.Status.DESCRIPTOR.full_name}
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def status_field(reply: bytes) -> bytes | None:
+    """The bytes of field 1 (`status`) of a reply message, or None when absent (SUCCESS)."""
+    pos, end = 0, len(reply)
+    while pos < end:
+        key, pos = _varint(reply, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _varint(reply, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, pos = _varint(reply, pos)
+            if field == 1:
+                return reply[pos:pos + length]
+            pos += length
+        else:
+            raise DecodeError(f"unexpected wire type {wire_type}")
+    return None
+
+
+def reply_status(method: str, reply: bytes) -> tuple[int, str]:
+    """(error_code, reason) of a reply; an unreadable reply counts as UNEXPECTED_ERROR (1)."""
+    try:
+        raw = reply if method in _STATUS_REPLIES else status_field(reply)
+        if raw is None:
+            return 0, ""
+        status = status_pb2.Status.FromString(raw)
+    except (DecodeError, IndexError):
+        return 1, "the reply is not a valid message"
+    return status.error_code, status.reason
+
+
+def instrument(method: str, handle: Handler, tracer: Tracer, metrics: Metrics | None) -> Handler:
+    """`handle` inside the RPC's server span and metrics; `handle` itself when neither is on."""
+    if not tracer.enabled and metrics is None:
+        return handle
+    path = f"/{SERVICE}/{method}"
+    series = metrics.rpc(method) if metrics is not None else None
+
+    async def observed(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        if tracer.enabled:
+            with tracer.rpc_span(path, context.invocation_metadata(), context.peer()) as span:
+                reply = await handle(request, context)
+                code, reason = reply_status(method, reply)
+                tracer.rpc_finished(span, code, reason, request, reply)
+        else:
+            reply = await handle(request, context)
+            code = reply_status(method, reply)[0]
+        if series is not None:
+            series.observe(time.perf_counter() - started, code)
+        return reply
+
+    return observed
