@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from discovery import discovery_factory  # noqa: E402
 from discovery.plugins.static import DiscoveryConfigError  # noqa: E402
 from mishards.meta import MetaReader, SchemaCache, create_engine  # noqa: E402
-from mishards.nodes import HandshakeError, Membership, NodeClient  # noqa: E402
+from mishards.nodes import HandshakeError, HealthPolicy, Membership, NodeClient  # noqa: E402
 from mishards.router import router_factory  # noqa: E402
 from mishards.service import MishardsService, build_server  # noqa: E402
 from mishards.settings import Settings, SettingsError, load_settings  # noqa: E402
@@ -43,7 +43,10 @@ class Mishards:
                                pool_pre_ping=settings.pool_pre_ping, max_overflow=settings.max_overflow)
         self.meta = MetaReader(engine)
         self.writable = NodeClient("writable", settings.woserver)
-        self.membership = Membership()
+        self.membership = Membership(health=HealthPolicy(
+            interval_s=settings.health_check_interval, timeout_s=settings.health_check_timeout,
+            failures_to_remove=settings.health_check_failures_to_remove,
+            successes_to_restore=settings.health_check_successes_to_restore), writable=self.writable)
         router = router_factory(settings.router_plugin_path).create(settings.router_class_name)
         self.discovery = discovery_factory(settings.discovery_plugin_path).create(
             settings.discovery_class_name, config=settings.discovery_config, membership=self.membership)

@@ -4,9 +4,15 @@ The transport boundary: everything here moves serialized bytes, so forwarding ne
 re-encodes a request. Request traffic uses an asyncio channel owned by the server's event loop
 (no thread per call); the handshake and health probes, which run on discovery and probe threads,
 use a small blocking channel of their own. A node joins the read-only membership only after it
-answered the version handshake with a supported version; a node whose calls fail is marked
-unhealthy, left out of routing, and probed in the background until it answers again. Nothing
-here ever leaves an empty entry behind.
+answered the version handshake with a supported version; one that fails it waits and is retried.
+Every joined node (and the writable one) is health-checked in the background: a node whose search
+fails, or that misses HEALTH_CHECK_FAILURES_TO_REMOVE checks in a row, is marked unhealthy and left
+out of routing until it passes HEALTH_CHECK_SUCCESSES_TO_RESTORE checks in a row. Nothing here ever
+leaves an empty entry behind.
+
+Addresses keep host names: gRPC's DNS resolver resolves them and re-resolves when a connection
+drops (at most once a second here), and a node that turns unhealthy gets a fresh probe channel,
+so a host name that moves to another IP is followed.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,9 +39,27 @@ CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 0),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # a restarted node is reachable again within ~1 s, not after gRPC's default 120 s backoff cap
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.dns_min_time_between_resolutions_ms", 1_000),
 ]
 HANDSHAKE_TIMEOUT_S = 3.0
-PROBE_INTERVAL_S = 1.0
+MAX_PARALLEL_PROBES = 8
+# A node that leaves keeps its channel until its in-flight calls end (each has a deadline, so this
+# is only an upper bound): closing at once would cancel them and leave their searches hanging.
+DRAIN_GRACE_S = 600.0
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    """How often nodes are checked and how many checks in a row flip their state."""
+
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    failures_to_remove: int = 2
+    successes_to_restore: int = 2
 
 
 def version_supported(version: str) -> bool:
@@ -48,11 +73,24 @@ class HandshakeError(RuntimeError):
 
 
 @dataclass
+class HealthResult:
+    """The outcome of one health check, as `Cmd conn_stats` shows it."""
+
+    ok: bool
+    at: float
+    latency_ms: float
+    error: str = ""
+
+
+@dataclass
 class NodeStats:
     healthy: bool = True
     version: str = ""
     last_error: str = ""
     last_change: float = field(default_factory=time.time)
+    last_health: HealthResult | None = None
+    failures_in_a_row: int = 0
+    successes_in_a_row: int = 0
     calls: int = 0
     failures: int = 0
     failovers: int = 0
@@ -73,9 +111,13 @@ class NodeClient:
         self.stats = NodeStats()
         self.supports_reload = True  # until the node answers UNIMPLEMENTED
         self._lock = threading.Lock()
+        self._closed = False
 
     def rpc(self, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
-        """The asyncio callable for `method`; call only from the server's event loop."""
+        """The asyncio callable for `method`; call only from the server's event loop. After the
+        node left, calls fail with UNAVAILABLE (so a search fails over) instead of opening a channel."""
+        if self._closed:
+            return self._left
         callable_ = self._callables.get(method)
         if callable_ is None:
             if self._channel is None:
@@ -92,6 +134,8 @@ class NodeClient:
                 pb.Command(cmd="version").SerializeToString(), timeout=timeout)
         except grpc.RpcError as exc:
             raise HandshakeError(f"{self.name} ({self.address}) did not answer Cmd version: {exc.code().name}") from None
+        except ValueError:  # the channel was closed meanwhile: the node left
+            raise HandshakeError(f"{self.name} ({self.address}) left") from None
         reply = pb.StringReply.FromString(raw)
         if reply.status.error_code != 0:
             raise HandshakeError(f"{self.name} refused Cmd version: {reply.status.reason}")
@@ -115,33 +159,81 @@ class NodeClient:
         with self._lock:
             if error:
                 self.stats.last_error = error
+            if not healthy:
+                self.stats.successes_in_a_row = 0
             if self.stats.healthy == healthy:
                 return False
             self.stats.healthy = healthy
             self.stats.last_change = time.time()
             return True
 
+    def check(self, policy: HealthPolicy) -> bool | None:
+        """One health check (`Cmd version`); the new health state when it flips, else None."""
+        if self._closed:  # it left while the check was queued
+            return None
+        start = time.monotonic()
+        try:
+            self.handshake(timeout=policy.timeout_s)
+            error = ""
+        except HandshakeError as exc:
+            error = str(exc)
+        result = HealthResult(ok=not error, at=time.time(), latency_ms=(time.monotonic() - start) * 1000, error=error)
+        with self._lock:
+            self.stats.last_health = result
+            if result.ok:
+                self.stats.successes_in_a_row += 1
+                self.stats.failures_in_a_row = 0
+                flip = not self.stats.healthy and self.stats.successes_in_a_row >= policy.successes_to_restore
+            else:
+                self.stats.failures_in_a_row += 1
+                self.stats.successes_in_a_row = 0
+                flip = self.stats.healthy and self.stats.failures_in_a_row >= policy.failures_to_remove
+        if not flip:
+            return None
+        self.set_health(result.ok, error)
+        if not result.ok:
+            self.renew_probe_channel()
+        return result.ok
+
+    @property
+    def state(self) -> str:
+        return "healthy" if self.stats.healthy else "unhealthy"
+
+    def renew_probe_channel(self) -> None:
+        """A fresh channel resolves the host name again (the request channel re-resolves on its own)."""
+        if self._closed:
+            return
+        old, self._probe_channel = self._probe_channel, grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        old.close()
+
+    async def _left(self, *args, **kwargs) -> bytes:
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details=f"read-only node {self.name} left")
+
     def close(self) -> None:
-        """Close both channels; safe from any thread."""
+        """Close both channels, letting in-flight calls finish; safe from any thread."""
+        self._closed = True
         self._probe_channel.close()
         channel, loop, self._channel = self._channel, self._loop, None
         self._callables = {}
         if channel is not None and loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(channel.close()))
+                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(channel.close(grace=DRAIN_GRACE_S)))
             except RuntimeError:  # the loop stopped meanwhile; the process is going away
                 pass
 
 
 class Membership:
-    """The read-only nodes: joined after a handshake, routed to while healthy, probed when not.
-
-    `version` increments on every change of the healthy set, so routers can cache a ring per
-    membership version.
+    """The read-only nodes, fed by every discovery provider: joined after a handshake, routed to
+    while healthy, health-checked all the time. The writable node, when given, is checked too
+    (for its state in `Cmd conn_stats`), but never routed to from here.
     """
 
-    def __init__(self, client_factory: Callable[[str, str], NodeClient] = NodeClient) -> None:
+    def __init__(self, client_factory: Callable[[str, str], NodeClient] = NodeClient,
+                 health: HealthPolicy = HealthPolicy(), writable: NodeClient | None = None) -> None:
         self._factory = client_factory
+        self.health = health
+        self.writable = writable
         self._nodes: dict[str, NodeClient] = {}
         self._waiting: dict[str, str] = {}  # name -> address, failed the handshake, retried
         self._lock = threading.Lock()
@@ -151,9 +243,11 @@ class Membership:
 
     # ------------------------------------------------------------------ changes
     def add(self, name: str, address: str) -> bool:
-        """Handshake and join; on failure remember the node and retry it in the background."""
+        """Handshake and join (or move a known name to a new address); on failure remember the
+        node and retry it in the background."""
         with self._lock:
-            if name in self._nodes:
+            known = self._nodes.get(name)
+            if known is not None and known.address == address:
                 return True
         client = self._factory(name, address)
         try:
@@ -172,14 +266,17 @@ class Membership:
             self._nodes[name] = client
         if old is not None:
             old.close()
+            log.info("read-only node %s moved from %s to %s", name, old.address, address)
         log.info("read-only node %s (%s) joined, Milvus %s", name, address, version)
         self._changed()
         return True
 
     def remove(self, name: str) -> None:
+        """Leave at once (a provider saw it go); a waiting node is forgotten too."""
         with self._lock:
             client = self._nodes.pop(name, None)
-            self._waiting.pop(name, None)
+            if self._waiting.pop(name, None) is not None and client is None:
+                log.info("read-only node %s no longer awaited", name)
         if client is not None:
             client.close()
             log.info("read-only node %s left", name)
@@ -224,33 +321,38 @@ class Membership:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=self.health.timeout_s + HANDSHAKE_TIMEOUT_S + 2)
         with self._lock:
             clients, self._nodes = list(self._nodes.values()), {}
         for client in clients:
             client.close()
 
     def _probe_loop(self) -> None:
-        while not self._stop.wait(PROBE_INTERVAL_S):
-            try:
-                self.probe_once()
-            except Exception:  # the loop must outlive any surprise
-                log.exception("membership probe failed")
+        with ThreadPoolExecutor(MAX_PARALLEL_PROBES, thread_name_prefix="membership-check") as pool:
+            while not self._stop.wait(self.health.interval_s):
+                try:
+                    self.probe_once(pool)
+                except Exception:  # the loop must outlive any surprise
+                    log.exception("membership probe failed")
 
-    def probe_once(self) -> None:
-        """Retry nodes that failed the handshake; bring back unhealthy nodes that answer again."""
+    def probe_once(self, pool: ThreadPoolExecutor | None = None) -> None:
+        """Retry nodes that failed the handshake, then health-check every joined node (in parallel,
+        so one frozen node delays nothing but its own check)."""
         for name, address in self.waiting().items():
             if self._stop.is_set():
                 return
             self.add(name, address)
-        for name, client in self.all().items():
-            if client.stats.healthy or self._stop.is_set():
+        checks = list(self.all().items())
+        if self.writable is not None:
+            checks.append(("writable", self.writable))
+        outcomes = (pool.map if pool is not None else map)(lambda item: item[1].check(self.health), checks)
+        for (name, client), flipped in zip(checks, outcomes):
+            if flipped is None:
                 continue
-            try:
-                client.handshake(timeout=HANDSHAKE_TIMEOUT_S)
-            except HandshakeError as exc:
-                client.set_health(False, str(exc))
-                continue
-            if client.set_health(True):
-                log.info("read-only node %s is healthy again", name)
+            if flipped:
+                log.info("node %s (%s) is healthy again", name, client.address)
+            else:
+                log.warning("node %s (%s) failed %d health checks in a row: %s", name, client.address,
+                            self.health.failures_to_remove, client.stats.last_error)
+            if client is not self.writable:
                 self._changed()

@@ -253,10 +253,15 @@ class MishardsService:
     def conn_stats(self) -> dict:
         def describe(client: NodeClient) -> dict:
             s = client.stats
-            return {"address": client.address, "healthy": s.healthy, "version": s.version,
+            health = s.last_health
+            return {"address": client.address, "state": client.state, "healthy": s.healthy, "version": s.version,
                     "last_error": s.last_error, "last_change": round(s.last_change, 3), "calls": s.calls,
                     "failures": s.failures, "failovers": s.failovers, "files_routed": s.files_routed,
-                    "latency_ms": round(s.latency_ms_ewma, 3)}
+                    "latency_ms": round(s.latency_ms_ewma, 3),
+                    "last_health_check": None if health is None else {
+                        "ok": health.ok, "at": round(health.at, 3), "latency_ms": round(health.latency_ms, 3),
+                        "error": health.error},
+                    "checks_failed_in_a_row": s.failures_in_a_row, "checks_passed_in_a_row": s.successes_in_a_row}
 
         return {
             "writable": describe(self.writable),

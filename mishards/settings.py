@@ -53,6 +53,10 @@ class Settings:
     tracer_plugin_path: str = ""
     tracer_class_name: str = ""
     tracing_config: dict[str, str] = field(default_factory=dict)
+    health_check_interval: float = 2.0  # seconds between health checks of every node
+    health_check_timeout: float = 1.0  # seconds one check (`Cmd version`) may take
+    health_check_failures_to_remove: int = 2  # failed checks in a row that take a node out of routing
+    health_check_successes_to_restore: int = 2  # passed checks in a row that bring it back
 
 
 def _load_dotenv(env: Env) -> None:
@@ -170,4 +174,8 @@ def _read(env: Env, testing: bool) -> Settings:
         tracer_plugin_path=env.str("TRACER_PLUGIN_PATH", ""),
         tracer_class_name=env.str("TRACER_CLASS_TEST_NAME" if testing else "TRACER_CLASS_NAME", ""),
         tracing_config={k: v for k, v in prefixed.items() if k.startswith("TRACING_")},
+        health_check_interval=_float(env, "HEALTH_CHECK_INTERVAL", 2.0, minimum=0.05),
+        health_check_timeout=_float(env, "HEALTH_CHECK_TIMEOUT", 1.0, minimum=0.05),
+        health_check_failures_to_remove=_int(env, "HEALTH_CHECK_FAILURES_TO_REMOVE", 2, minimum=1),
+        health_check_successes_to_restore=_int(env, "HEALTH_CHECK_SUCCESSES_TO_RESTORE", 2, minimum=1),
     )
