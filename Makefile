@@ -35,3 +35,63 @@ coverage: venv
 bench: venv
 	$(PY) bench/merge_bench.py
 	$(PY) bench/search_bench.py $(BENCH_ARGS)
+
+# ---- Deployment (README: "Running with Docker", "Running on Kubernetes"). The shell logic lives in
+# scripts/ and kubernetes_demo/start.sh; DOCKER, COMPOSE and KUBECTL name the tools.
+DOCKER ?= docker
+COMPOSE ?= docker-compose
+KUBECTL ?= kubectl
+IMAGE ?= mishards:latest
+NODE_IMAGE ?= mishards-node:latest
+# The compose file `deploy` uses: all_in_one_node.yml runs the project's node image instead of Milvus.
+DEPLOY_FILE ?= all_in_one.yml
+# What probe_deploy probes (the original's host= and port=).
+HOST ?= 127.0.0.1
+PORT ?= 19530
+PROBE = $(DOCKER) run --rm --network host $(IMAGE) python all_in_one/probe_test.py
+
+.PHONY: build deploy clean_deploy probe_deploy deploy_m clean_deploy_m probe_deploy_m
+.PHONY: cluster probe_cluster cluster_status clean_cluster style smoke-docker
+
+build:
+	$(DOCKER) build --network host -t $(IMAGE) -f Dockerfile .
+	$(DOCKER) build --network host -t $(NODE_IMAGE) -f Dockerfile.node .
+
+deploy: clean_deploy
+	cd all_in_one && MISHARDS_IMAGE=$(IMAGE) MILVUS_NODE_IMAGE=$(NODE_IMAGE) $(COMPOSE) -f $(DEPLOY_FILE) up -d
+
+clean_deploy:
+	cd all_in_one && $(COMPOSE) -f $(DEPLOY_FILE) down
+
+probe_deploy:
+	$(PROBE) --host $(HOST) --port $(PORT)
+
+deploy_m: clean_deploy_m
+	cd all_in_one_with_mysql && MISHARDS_IMAGE=$(IMAGE) $(COMPOSE) -f all_in_one_with_mysql.yml up -d
+
+clean_deploy_m:
+	cd all_in_one_with_mysql && $(COMPOSE) -f all_in_one_with_mysql.yml down
+
+probe_deploy_m: probe_deploy
+
+cluster:
+	KUBECTL=$(KUBECTL) kubernetes_demo/start.sh cluster
+
+# The proxy's LoadBalancer address, probed from this machine.
+probe_cluster:
+	address="$$(KUBECTL=$(KUBECTL) kubernetes_demo/start.sh address)" && \
+	$(PROBE) --host "$${address% *}" --port "$${address#* }"
+
+cluster_status:
+	KUBECTL=$(KUBECTL) kubernetes_demo/start.sh status
+
+clean_cluster:
+	KUBECTL=$(KUBECTL) kubernetes_demo/start.sh delete
+
+style: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# Not part of `make test` or CI: needs root, several minutes and a private Docker engine.
+smoke-docker:
+	scripts/smoke_docker.sh
