@@ -45,9 +45,9 @@ IMAGE ?= mishards:latest
 NODE_IMAGE ?= mishards-node:latest
 # The compose file `deploy` uses: all_in_one_node.yml runs the project's node image instead of Milvus.
 DEPLOY_FILE ?= all_in_one.yml
-# What probe_deploy probes (the original's host= and port=).
-HOST ?= 127.0.0.1
-PORT ?= 19530
+# What probe_deploy probes: `make probe_deploy host=H port=P`, as in the original.
+PROBE_HOST := $(or $(host),127.0.0.1)
+PROBE_PORT := $(or $(port),19530)
 PROBE = $(DOCKER) run --rm --network host $(IMAGE) python all_in_one/probe_test.py
 
 .PHONY: build deploy clean_deploy probe_deploy deploy_m clean_deploy_m probe_deploy_m
@@ -64,7 +64,7 @@ clean_deploy:
 	cd all_in_one && $(COMPOSE) -f $(DEPLOY_FILE) down
 
 probe_deploy:
-	$(PROBE) --host $(HOST) --port $(PORT)
+	$(PROBE) --host $(PROBE_HOST) --port $(PROBE_PORT)
 
 deploy_m: clean_deploy_m
 	cd all_in_one_with_mysql && MISHARDS_IMAGE=$(IMAGE) $(COMPOSE) -f all_in_one_with_mysql.yml up -d

@@ -58,7 +58,7 @@ def test_mysql_variant_targets(stubs: Stubs) -> None:
 
 @pytest.mark.parametrize(
     ("args", "host", "port"),
-    [((), "127.0.0.1", "19530"), (("HOST=127.0.0.2", "PORT=19531"), "127.0.0.2", "19531")],
+    [((), "127.0.0.1", "19530"), (("host=127.0.0.2", "port=19531"), "127.0.0.2", "19531")],
 )
 def test_probe_deploy_runs_the_probe_in_the_image(stubs: Stubs, args: tuple[str, ...], host: str, port: str) -> None:
     make(stubs, "probe_deploy", *args)
