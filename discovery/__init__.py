@@ -1,11 +1,11 @@
-"""Discovery of read-only nodes, chosen by `DISCOVERY_CLASS_NAME` (`static`; `kubernetes` later).
+"""Discovery of read-only nodes, chosen by `DISCOVERY_CLASS_NAME` (`static` or `kubernetes`).
 
 A provider is built with the `DISCOVERY_*` settings and the proxy's `Membership`, and keeps the
 membership equal to the nodes it finds; the membership does the handshakes and health checks.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from utils.plugins import PluginFactory
 
@@ -18,5 +18,17 @@ class DiscoveryProvider(Protocol):
     def stop(self) -> None: ...
 
 
+class KubernetesPlugin:
+    """Registers `kubernetes` without importing the kubernetes client (0.5 s) unless it is chosen."""
+
+    name = "kubernetes"
+
+    @staticmethod
+    def create(**kwargs: Any) -> DiscoveryProvider:
+        from .plugins.kubernetes import KubernetesDiscovery
+
+        return KubernetesDiscovery.create(**kwargs)
+
+
 def discovery_factory(search_path: str = "") -> PluginFactory:
-    return PluginFactory("discovery", builtins=[StaticDiscovery], search_path=search_path)
+    return PluginFactory("discovery", builtins=[StaticDiscovery, KubernetesPlugin], search_path=search_path)
