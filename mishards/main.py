@@ -21,10 +21,13 @@ from discovery import discovery_factory  # noqa: E402
 from discovery.plugins.static import DiscoveryConfigError  # noqa: E402
 from mishards.meta import MetaReader, SchemaCache, create_engine  # noqa: E402
 from mishards.nodes import HandshakeError, HealthPolicy, Membership, NodeClient  # noqa: E402
+from mishards.observability.http import ObservabilityServer  # noqa: E402
+from mishards.observability.metrics import Metrics  # noqa: E402
+from mishards.observability.status import StatusSource  # noqa: E402
 from mishards.router import router_factory  # noqa: E402
 from mishards.service import MishardsService, build_server  # noqa: E402
 from mishards.settings import Settings, SettingsError, load_settings  # noqa: E402
-from tracer import create_tracer  # noqa: E402
+from tracer import Tracer, create_tracer  # noqa: E402
 from utils import logger  # noqa: E402
 from utils.plugins import PluginError  # noqa: E402
 
@@ -34,10 +37,13 @@ log = logging.getLogger("mishards")
 class Mishards:
     """The assembled proxy; `start` returns the bound port."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracer: Tracer | None = None) -> None:
+        """`tracer` replaces the one TRACER_CLASS_NAME names (for embedding and tests)."""
         self.settings = settings
         self.host = settings.server_host
-        self.tracer = create_tracer(settings.tracer_class_name, settings.tracer_plugin_path, settings.tracing_config)
+        self.tracer = tracer or create_tracer(settings.tracer_class_name, settings.tracer_plugin_path,
+                                              settings.tracing_config)
+        self.metrics = Metrics() if settings.metrics_port else None
         engine = create_engine(settings.sqlalchemy_database_uri, echo=settings.sql_echo, pool_size=settings.pool_size,
                                pool_recycle=settings.pool_recycle, pool_timeout=settings.pool_timeout,
                                pool_pre_ping=settings.pool_pre_ping, max_overflow=settings.max_overflow)
@@ -47,14 +53,16 @@ class Mishards:
             interval_s=settings.health_check_interval, timeout_s=settings.health_check_timeout,
             failures_to_remove=settings.health_check_failures_to_remove,
             successes_to_restore=settings.health_check_successes_to_restore), writable=self.writable)
-        router = router_factory(settings.router_plugin_path).create(settings.router_class_name)
+        self.router = router = router_factory(settings.router_plugin_path).create(settings.router_class_name)
         self.discovery = discovery_factory(settings.discovery_plugin_path).create(
             settings.discovery_class_name, config=settings.discovery_config, membership=self.membership)
         self.service = MishardsService(
             writable=self.writable, membership=self.membership, meta=self.meta,
             schemas=SchemaCache(self.meta, settings.schema_cache_ttl), router=router, tracer=self.tracer,
-            timeout=settings.timeout, max_retry=settings.max_retry)
+            timeout=settings.timeout, max_retry=settings.max_retry, metrics=self.metrics)
         self.server: grpc.aio.Server | None = None
+        self.serving = False
+        self.http: ObservabilityServer | None = None
 
     def connect(self) -> None:
         """Check the writable node's version, then find the read-only nodes (blocking, before serving)."""
@@ -80,15 +88,30 @@ class Mishards:
         self.server, bound = build_server(self.service, self.host, self.settings.server_port if port is None else port,
                                           self.tracer.server_interceptors())
         await self.server.start()
+        self.serving = True
         log.info("Mishards serving on %s:%d; writable %s; read-only %s", self.host, bound, self.settings.woserver,
                  ", ".join(self.membership.names()) or "none yet")
+        if self.metrics is not None:
+            self.start_http()
         await stopping.wait()
         log.info("stopping")
+        self.serving = False
         await self.server.stop(grace=3)
+        if self.http is not None:
+            self.http.stop()
         self.discovery.stop()
         self.membership.stop()
         self.writable.close()
         self.tracer.close()
+
+    def start_http(self) -> None:
+        """The side port (METRICS_PORT): metrics, status page and probes."""
+        self.metrics.watch(self.membership, self.writable)
+        source = StatusSource(membership=self.membership, writable=self.writable, router=self.router,
+                              engine=self.meta.engine, conn_stats=self.service.conn_stats, serving=lambda: self.serving)
+        self.http = ObservabilityServer(self.settings.metrics_host, self.settings.metrics_port, self.metrics, source)
+        self.http.start()
+        log.info("metrics, status page and probes on http://%s:%d/", self.settings.metrics_host, self.http.port)
 
 
 def main() -> int:

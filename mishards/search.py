@@ -30,8 +30,10 @@ from .core import wire
 from .core.merge import merge_topk
 from .meta import FileSet
 from .nodes import Membership, NodeClient
+from .observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("mishards.access")  # one INFO line per search; silence it alone if wanted
 
 WRITABLE = "<writable>"
 
@@ -93,16 +95,19 @@ class Scatter:
     """One search over many nodes; `run` returns the merged reply bytes."""
 
     def __init__(self, *, membership: Membership, writable: NodeClient, router, tracer: Tracer,
-                 reloads: ReloadTracker, max_retry: int) -> None:
+                 reloads: ReloadTracker, max_retry: int, metrics: Metrics | None = None) -> None:
         self.membership = membership
         self.writable = writable
         self.router = router
         self.tracer = tracer
         self.reloads = reloads
         self.max_retry = max_retry
+        self.metrics = metrics
 
     async def run(self, collection: str, files: FileSet, search_param: bytes, nq: int, topk: int,
-                  descending: bool, deadline: float, span=None) -> bytes:
+                  descending: bool, deadline: float, span=None, started: float | None = None) -> bytes:
+        """`started` (time.monotonic() when the request arrived) times the access log line."""
+        started = time.monotonic() if started is None else started
         nodes = self.membership.all()
         unhealthy = {name for name, client in nodes.items() if not client.stats.healthy}
         with self.tracer.span("get_routing", span):
@@ -112,7 +117,16 @@ class Scatter:
             replies = await self._serve_all([_Job(node, file_ids, 0) for node, file_ids in groups.items()],
                                             frozenset(), request)
         with self.tracer.span("do_merge", span):
-            ids, distances = merge_topk(replies, nq, topk, descending)
+            if self.metrics is None:
+                ids, distances = merge_topk(replies, nq, topk, descending)
+            else:
+                merge_started = time.perf_counter()
+                ids, distances = merge_topk(replies, nq, topk, descending)
+                self.metrics.merge.observe(time.perf_counter() - merge_started)
+                self.metrics.fanout.observe(len(groups))
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("search collection=%s nq=%d topk=%d files=%d nodes=%s time=%.1fms", collection, nq, topk,
+                            len(files), ",".join(groups), (time.monotonic() - started) * 1000)
         return wire.encode_topk_result(ids, distances)
 
     async def _serve_all(self, jobs: list[_Job], tried: frozenset[str], request: "_Request") -> list:
@@ -129,6 +143,8 @@ class Scatter:
         ok, payload = await self._attempt(job, request)
         if ok:
             return [self._decode(job, payload, request.nq)]
+        if self.metrics is not None:
+            self.metrics.node(self.writable.name if job.node == WRITABLE else job.node).failovers += 1
         self._failed(job, payload)
         tried = tried | {job.node}
         return await self._serve_all(self._reassign(job, request.nodes, tried), tried, request)
@@ -172,28 +188,55 @@ class Scatter:
     # ------------------------------------------------------------------ calls
     async def _attempt(self, job: _Job, request: "_Request") -> tuple[bool, bytes | str]:
         """(True, reply bytes) or (False, why the node failed); never raises for a node's failure."""
-        deadline = request.deadline
         client = self._client(job.node)
         if client is None:
             return False, f"read-only node {job.node} left during the search"
+        if not self.tracer.enabled:  # no span, no f-string: the untraced path allocates nothing here
+            outcome = await self._call(job, client, request, None)
+        else:
+            with self.tracer.span(f"search_{client.address}", node=job.node, files=len(job.file_ids),
+                                  attempt=job.attempt) as span:
+                outcome = await self._call(job, client, request, self.tracer.outgoing_metadata())
+                if not outcome[0]:
+                    self.tracer.set_error(span, outcome[1])
+        return outcome
+
+    async def _call(self, job: _Job, client: NodeClient, request: "_Request",
+                    metadata) -> tuple[bool, bytes | str]:
+        deadline = request.deadline
         client.stats.files_routed += len(job.file_ids)
         started = time.monotonic()
         try:
             if client.supports_reload and job.node != WRITABLE:
-                error = await self._reload_stale(job, client, request.collection, request.updated, deadline)
+                error = await self._reload_stale(job, client, request.collection, request.updated, deadline,
+                                                 metadata)
                 if error:
+                    self._observe(job, time.monotonic() - started, False)
                     return False, error
             message = wire.search_in_files_request(job.file_ids, request.search_param)
-            reply = await client.rpc("SearchInFiles")(message, timeout=self._timeout(job, deadline))
+            reply = await client.rpc("SearchInFiles")(message, timeout=self._timeout(job, deadline), metadata=metadata)
         except grpc.RpcError as exc:
             error = f"{exc.code().name} {exc.details() or ''}".strip()
             client.record(False, time.monotonic() - started, error)
+            self._observe(job, time.monotonic() - started, False)
             return False, error
-        client.record(True, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        client.record(True, seconds)
+        self._observe(job, seconds, True)
         return True, reply
 
+    def _observe(self, job: _Job, seconds: float, ok: bool) -> None:
+        if self.metrics is None:
+            return
+        series = self.metrics.node(self.writable.name if job.node == WRITABLE else job.node)
+        series.latency.observe(seconds)
+        if not ok:
+            series.errors += 1
+        if job.attempt:
+            series.retries += 1
+
     async def _reload_stale(self, job: _Job, client: NodeClient, collection: str, updated: dict[str, int],
-                            deadline: float) -> str:
+                            deadline: float, metadata) -> str:
         """Reload files changed since this node last reloaded them; an error text, or "" when fine."""
         ids = np.array(job.file_ids, dtype=np.int64)
         times = np.array([updated[f] for f in job.file_ids], dtype=np.int64)
@@ -203,7 +246,8 @@ class Scatter:
         request = pb.ReLoadSegmentsParam(collection_name=collection,
                                          segment_id_array=[str(i) for i in ids[stale].tolist()])
         try:
-            raw = await client.rpc("ReloadSegments")(request.SerializeToString(), timeout=self._timeout(job, deadline))
+            raw = await client.rpc("ReloadSegments")(request.SerializeToString(), timeout=self._timeout(job, deadline),
+                                                     metadata=metadata)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a 0.9 backend: nothing to reload
                 client.supports_reload = False

@@ -31,6 +31,8 @@ from .core import wire
 from .core.merge import is_descending, padding_distance
 from .meta import FileSet, MetaReader, SchemaCache
 from .nodes import SERVICE, Membership, NodeClient
+from .observability.metrics import Metrics
+from .observability.rpc import instrument
 from .search import ReloadTracker, Scatter
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ def error_reply(method: str, error: BaseException) -> bytes:
 
 class MishardsService:
     def __init__(self, *, writable: NodeClient, membership: Membership, meta: MetaReader, schemas: SchemaCache,
-                 router, tracer: Tracer, timeout: float, max_retry: int) -> None:
+                 router, tracer: Tracer, timeout: float, max_retry: int, metrics: Metrics | None = None) -> None:
         self.writable = writable
         self.membership = membership
         self.meta = meta
@@ -63,8 +65,9 @@ class MishardsService:
         self.tracer = tracer
         self.timeout = timeout
         self.reloads = ReloadTracker()
+        self.metrics = metrics
         self.scatter = Scatter(membership=membership, writable=writable, router=router, tracer=tracer,
-                               reloads=self.reloads, max_retry=max_retry)
+                               reloads=self.reloads, max_retry=max_retry, metrics=metrics)
         self.backend_version = ""
         self._meta_inline = meta.engine.dialect.name == "sqlite"  # sub-millisecond: no thread hop
         self._special: dict[str, Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]] = {
@@ -83,9 +86,18 @@ class MishardsService:
 
     async def _db(self, call: Callable[..., T], *args) -> T:
         """A meta DB read: inline on SQLite, on a worker thread for servers (which block for a round trip)."""
+        if self.metrics is not None:
+            return await self._timed_db(call, *args)
         if self._meta_inline:
             return call(*args)
         return await asyncio.to_thread(call, *args)
+
+    async def _timed_db(self, call: Callable[..., T], *args) -> T:
+        started = time.perf_counter()
+        try:
+            return call(*args) if self._meta_inline else await asyncio.to_thread(call, *args)
+        finally:
+            self.metrics.meta_query(call.__qualname__).observe(time.perf_counter() - started)
 
     def _handler(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
         special = self._special.get(method)
@@ -107,7 +119,7 @@ class MishardsService:
                 log.exception("%s failed", method)
                 return error_reply(method, exc)
 
-        return handle
+        return instrument(method, handle, self.tracer, self.metrics)
 
     def budget(self, context: grpc.aio.ServicerContext) -> float:
         """Seconds this request may still take: the caller's deadline, capped by TIMEOUT."""
@@ -118,15 +130,22 @@ class MishardsService:
         """Send the request bytes to the writable node and return its reply bytes unchanged."""
         start = time.monotonic()
         try:
-            reply = await self.writable.rpc(method)(request, timeout=self.budget(context))
+            reply = await self.writable.rpc(method)(request, timeout=self.budget(context),
+                                                    metadata=self.tracer.outgoing_metadata())
         except grpc.RpcError as exc:
             error = f"{exc.code().name}: {exc.details() or ''}".strip()
             if exc.code() == grpc.StatusCode.INTERNAL and "deserializ" in (exc.details() or ""):
                 # the node could not parse what the client sent: bad input, not an outage
                 raise IllegalArgument(f"{method}: the request is not a valid {REQUEST_TYPES[method]} message") from None
             self.writable.record(False, time.monotonic() - start, error)
+            if self.metrics is not None:
+                series = self.metrics.node(self.writable.name)
+                series.errors += 1
+                series.latency.observe(time.monotonic() - start)
             raise ConnectFailed(f"writable node {self.writable.address} failed {method}: {error}") from None
         self.writable.record(True, time.monotonic() - start)
+        if self.metrics is not None:
+            self.metrics.node(self.writable.name).latency.observe(time.monotonic() - start)
         return reply
 
     # ------------------------------------------------------------------ search
@@ -137,6 +156,7 @@ class MishardsService:
 
     async def _search(self, name: str, tags: list[str], topk: int, nq: int, search_param: bytes,
                       context: grpc.aio.ServicerContext, file_ids: list[str] | None) -> bytes:
+        started = time.monotonic()
         validation.collection_name(name)
         validation.topk(topk)
         collection = await self._db(self.schemas.get, name)
@@ -152,7 +172,8 @@ class MishardsService:
             if file_ids is not None:
                 return wire.encode_topk_result(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
             return await self.forward("Search", search_param, context)
-        return await self.scatter.run(name, files, search_param, nq, topk, is_descending(collection.metric_type), deadline)
+        return await self.scatter.run(name, files, search_param, nq, topk, is_descending(collection.metric_type), deadline,
+                                      started=started)
 
     def _given_files(self, table_ids: list[str], file_ids: list[str]) -> FileSet:
         """SearchInFiles through the proxy: the named files that are searchable files of the collection."""
@@ -218,8 +239,9 @@ class MishardsService:
             targets["writable node"] = self.writable
         timeout = self.budget(context)
         names = list(targets)
-        replies = await asyncio.gather(*(targets[n].rpc(method)(request, timeout=timeout) for n in names),
-                                       return_exceptions=True)
+        metadata = self.tracer.outgoing_metadata()
+        replies = await asyncio.gather(*(targets[n].rpc(method)(request, timeout=timeout, metadata=metadata)
+                                         for n in names), return_exceptions=True)
         for name, reply in zip(names, replies):
             if isinstance(reply, grpc.RpcError):
                 if reply.code() == grpc.StatusCode.UNIMPLEMENTED and method == "ReloadSegments":

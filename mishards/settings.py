@@ -53,6 +53,8 @@ class Settings:
     tracer_plugin_path: str = ""
     tracer_class_name: str = ""
     tracing_config: dict[str, str] = field(default_factory=dict)
+    metrics_host: str = "0.0.0.0"  # the side port: /metrics, status page, /healthz, /readyz
+    metrics_port: int = 0  # 0: no side port
     health_check_interval: float = 2.0  # seconds between health checks of every node
     health_check_timeout: float = 1.0  # seconds one check (`Cmd version`) may take
     health_check_failures_to_remove: int = 2  # failed checks in a row that take a node out of routing
@@ -174,6 +176,8 @@ def _read(env: Env, testing: bool) -> Settings:
         tracer_plugin_path=env.str("TRACER_PLUGIN_PATH", ""),
         tracer_class_name=env.str("TRACER_CLASS_TEST_NAME" if testing else "TRACER_CLASS_NAME", ""),
         tracing_config={k: v for k, v in prefixed.items() if k.startswith("TRACING_")},
+        metrics_host=env.str("METRICS_HOST", "0.0.0.0"),
+        metrics_port=_int(env, "METRICS_PORT", 0, minimum=0),
         health_check_interval=_float(env, "HEALTH_CHECK_INTERVAL", 2.0, minimum=0.05),
         health_check_timeout=_float(env, "HEALTH_CHECK_TIMEOUT", 1.0, minimum=0.05),
         health_check_failures_to_remove=_int(env, "HEALTH_CHECK_FAILURES_TO_REMOVE", 2, minimum=1),

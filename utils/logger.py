@@ -9,11 +9,13 @@ import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _SECRET_IN_URL = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+# `password=...` in URL queries (pymysql takes one there) and key/value text such as `token: abc`
+_SECRET_PARAM = re.compile(r"(?i)\b(password|passwd|pwd|secret|token)(\s*[=:]\s*['\"]?)[^&\s'\",;]+")
 
 
 def redact(text: str) -> str:
-    """Hide the password of any URL in a log line (DB URIs carry one)."""
-    return _SECRET_IN_URL.sub(r"\1***@", text)
+    """Hide the passwords and tokens of a log line (DB URIs carry one)."""
+    return _SECRET_PARAM.sub(r"\1\2***", _SECRET_IN_URL.sub(r"\1***@", text))
 
 
 class _RedactingFormatter(logging.Formatter):

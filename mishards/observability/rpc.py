@@ -50,6 +50,8 @@ def status_field(reply: bytes) -> bytes | None:
             pos += 4
         elif wire_type == 2:
             length, pos = _varint(reply, pos)
+            if pos + length > end:
+                raise DecodeError("truncated field")
             if field == 1:
                 return reply[pos:pos + length]
             pos += length
