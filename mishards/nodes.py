@@ -20,9 +20,9 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import grpc
 
@@ -133,7 +133,8 @@ class NodeClient:
             raw = self._probe_channel.unary_unary(f"/{SERVICE}/Cmd")(
                 pb.Command(cmd="version").SerializeToString(), timeout=timeout)
         except grpc.RpcError as exc:
-            raise HandshakeError(f"{self.name} ({self.address}) did not answer Cmd version: {exc.code().name}") from None
+            raise HandshakeError(
+                f"{self.name} ({self.address}) did not answer Cmd version: {exc.code().name}") from None
         except ValueError:  # the channel was closed meanwhile: the node left
             raise HandshakeError(f"{self.name} ({self.address}) left") from None
         reply = pb.StringReply.FromString(raw)
@@ -149,7 +150,9 @@ class NodeClient:
     def record(self, ok: bool, seconds: float, error: str = "") -> None:
         with self._lock:
             self.stats.calls += 1
-            self.stats.latency_ms_ewma = 0.8 * self.stats.latency_ms_ewma + 0.2 * seconds * 1000 if self.stats.calls > 1 else seconds * 1000
+            latency_ms = seconds * 1000
+            ewma = self.stats.latency_ms_ewma
+            self.stats.latency_ms_ewma = 0.8 * ewma + 0.2 * latency_ms if self.stats.calls > 1 else latency_ms
             if not ok:
                 self.stats.failures += 1
                 self.stats.last_error = error
@@ -346,7 +349,7 @@ class Membership:
         if self.writable is not None:
             checks.append(("writable", self.writable))
         outcomes = (pool.map if pool is not None else map)(lambda item: item[1].check(self.health), checks)
-        for (name, client), flipped in zip(checks, outcomes):
+        for (name, client), flipped in zip(checks, outcomes, strict=True):
             if flipped is None:
                 continue
             if flipped:

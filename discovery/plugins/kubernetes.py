@@ -21,7 +21,7 @@ Settings (every `DISCOVERY_KUBERNETES_*`; the original's names and defaults):
 | `_WATCH_TIMEOUT` | `60` | seconds the API server keeps one watch open; then the loop re-lists |
 | `_PORT_ANNOTATION` | empty: off | a pod annotation whose value overrides `_PORT` for that pod |
 | `_KUBECONFIG` | the client's default (`~/.kube/config`, `$KUBECONFIG`) | kubeconfig file |
-| `_TOKEN_FILE`, `_CA_FILE`, `_NAMESPACE_FILE` | under `/var/run/secrets/kubernetes.io/serviceaccount/` | in-cluster files (tests point them elsewhere) |
+| `_TOKEN_FILE`, `_CA_FILE`, `_NAMESPACE_FILE` | in `SERVICE_ACCOUNT_DIR` | in-cluster files (tests set them) |
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
@@ -66,7 +67,7 @@ class KubernetesConfig:
     ca_file: str
 
     @classmethod
-    def from_settings(cls, config: Mapping[str, str]) -> "KubernetesConfig":
+    def from_settings(cls, config: Mapping[str, str]) -> KubernetesConfig:
         def get(name: str, default: str = "") -> str:
             value = config.get(f"DISCOVERY_KUBERNETES_{name}")
             return default if value is None or not value.strip() else value.strip()
@@ -83,7 +84,8 @@ class KubernetesConfig:
 
         in_cluster_text = get("IN_CLUSTER", "false").lower()
         if in_cluster_text not in ("true", "false", "1", "0", "yes", "no"):
-            raise DiscoveryConfigError(f"DISCOVERY_KUBERNETES_IN_CLUSTER must be true or false, got {in_cluster_text!r}")
+            raise DiscoveryConfigError(
+                f"DISCOVERY_KUBERNETES_IN_CLUSTER must be true or false, got {in_cluster_text!r}")
         pattern_text = get("POD_PATT")
         try:
             pattern = re.compile(pattern_text) if pattern_text else None
@@ -148,7 +150,7 @@ class KubernetesDiscovery:
         self._failing_since: str = ""  # the last API error logged, so an outage logs once
 
     @classmethod
-    def create(cls, config: Mapping[str, str], membership) -> "KubernetesDiscovery":
+    def create(cls, config: Mapping[str, str], membership) -> KubernetesDiscovery:
         settings = KubernetesConfig.from_settings(config)
         return cls(settings, membership, k8s_client.CoreV1Api(_api_client(settings)))
 

@@ -1,8 +1,13 @@
-"""`static` discovery: a fixed list of read-only nodes from `DISCOVERY_STATIC_HOSTS`."""
+"""`static` discovery: a fixed list of read-only nodes from `DISCOVERY_STATIC_HOSTS`.
+
+Host names are kept, not resolved once at start as the original did: gRPC resolves them and
+re-resolves them when a connection drops, and the membership's health checks renew a failing
+node's probe channel, so a name that moves to another IP is followed.
+"""
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +47,14 @@ class StaticDiscovery:
         self.membership = membership
 
     @classmethod
-    def create(cls, config: Mapping[str, str], membership) -> "StaticDiscovery":
+    def create(cls, config: Mapping[str, str], membership) -> StaticDiscovery:
         port_text = config.get("DISCOVERY_STATIC_PORT", "19530") or "19530"
         if not port_text.isdigit():
             raise DiscoveryConfigError(f"DISCOVERY_STATIC_PORT must be a port number, got {port_text!r}")
         nodes = parse_hosts(config.get("DISCOVERY_STATIC_HOSTS", ""), int(port_text))
         if not nodes:
-            raise DiscoveryConfigError("DISCOVERY_STATIC_HOSTS is empty: no address is specified for the read-only nodes")
+            raise DiscoveryConfigError(
+                "DISCOVERY_STATIC_HOSTS is empty: no address is specified for the read-only nodes")
         return cls(nodes, membership)
 
     def start(self) -> None:

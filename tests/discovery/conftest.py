@@ -106,7 +106,7 @@ class SearchStream:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def __enter__(self) -> "SearchStream":
+    def __enter__(self) -> SearchStream:
         self._thread = threading.Thread(target=self._run, name="search-stream", daemon=True)
         self._thread.start()
         return self

@@ -66,7 +66,7 @@ class FakeKubeAPI:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ server
-    def start(self) -> "FakeKubeAPI":
+    def start(self) -> FakeKubeAPI:
         api = self
 
         class Handler(_Handler):

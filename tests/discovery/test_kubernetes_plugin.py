@@ -80,7 +80,8 @@ def fake_and_discovery(tmp_path):
     discovery: KubernetesDiscovery = discovery_factory().create("Kubernetes", membership=membership, config={
         "DISCOVERY_KUBERNETES_KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig")),
         "DISCOVERY_KUBERNETES_NAMESPACE": "mishards", "DISCOVERY_KUBERNETES_POD_PATT": r"ro-\d+",
-        "DISCOVERY_KUBERNETES_LABEL_SELECTOR": "tier=ro-servers", "DISCOVERY_KUBERNETES_PORT_ANNOTATION": PORT_ANNOTATION,
+        "DISCOVERY_KUBERNETES_LABEL_SELECTOR": "tier=ro-servers",
+        "DISCOVERY_KUBERNETES_PORT_ANNOTATION": PORT_ANNOTATION,
         "DISCOVERY_KUBERNETES_POLL_INTERVAL": "0.5", "DISCOVERY_KUBERNETES_WATCH_TIMEOUT": "2"})
     yield fake, membership, discovery
     discovery.stop()
