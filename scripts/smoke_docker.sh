@@ -129,3 +129,10 @@ step "probe_test.py through mishards"
 docker run --rm --network host "$PROXY_IMAGE" python all_in_one/probe_test.py --host 127.0.0.1 --port "$MISHARDS_PORT"
 step "probe_test.py --search through mishards"
 docker run --rm --network host "$PROXY_IMAGE" python all_in_one/probe_test.py --host 127.0.0.1 --port "$MISHARDS_PORT" --search
+step "topology as the proxy sees it (Cmd conn_stats)"
+docker run --rm --network host "$PROXY_IMAGE" python -c '
+import sys, grpc
+from milvus_grpc import milvus_pb2, milvus_pb2_grpc
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    print(milvus_pb2_grpc.MilvusServiceStub(channel).Cmd(milvus_pb2.Command(cmd="conn_stats"), timeout=5).string_reply)
+' "127.0.0.1:$MISHARDS_PORT"
