@@ -14,6 +14,8 @@ import signal
 import sys
 import threading
 
+import faiss
+
 from utils.errors import MilvusError
 
 from .config import RuntimeConfig, parse_settings
@@ -26,12 +28,13 @@ log = logging.getLogger("milvus_node")
 
 
 def main(argv: list[str] | None = None) -> int:
+    faiss.omp_set_num_threads(1)  # same reason as BLAS above: one thread per search request
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     settings = parse_settings(argv)
     config = RuntimeConfig(settings)
     os.makedirs(os.path.join(settings.data_dir, "db"), exist_ok=True)
     db = NodeDB(MetaStore(create_meta_engine(settings.meta_uri), settings.version),
-                SegmentStore(settings.data_dir), settings.role, config)
+                SegmentStore(settings.data_dir), settings.role, config, settings.merge_after_s)
     try:
         db.start()
     except MilvusError as exc:

@@ -55,7 +55,7 @@ class SegmentCache:
         with self._lock:
             entry = self._entries.get(file_id)
             if entry is not None:
-                self._entries[file_id] = SegmentData(entry.ids, entry.vectors, deleted, entry.norms)
+                self._entries[file_id] = SegmentData(entry.ids, entry.vectors, deleted, entry.index)
 
     def discard(self, file_id: int) -> None:
         with self._lock:

@@ -33,6 +33,7 @@ class NodeSettings:
     auto_flush_interval: int
     cpu_cache_capacity_gb: int
     workers: int
+    merge_after_s: float = 10.0
 
 
 def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> NodeSettings:
@@ -52,6 +53,9 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     parser.add_argument("--auto-flush-interval", type=int, default=int(default("AUTO_FLUSH_INTERVAL", "1")), help="seconds between automatic flushes, 0 disables (env MILVUS_NODE_AUTO_FLUSH_INTERVAL)")
     parser.add_argument("--cpu-cache-capacity", type=int, default=int(default("CPU_CACHE_CAPACITY", "4")), help="GB of loaded segments to keep (env MILVUS_NODE_CPU_CACHE_CAPACITY)")
     parser.add_argument("--workers", type=int, default=int(default("WORKERS", "16")), help="gRPC worker threads (env MILVUS_NODE_WORKERS)")
+    parser.add_argument("--merge-after", type=float, default=float(default("MERGE_AFTER", "10")),
+                        help="seconds a small RAW file stays unchanged before the background merge takes it; "
+                             "negative disables merging (env MILVUS_NODE_MERGE_AFTER)")
     args = parser.parse_args(argv)
     role = ROLE_ALIASES.get(args.role)
     if role is None:
@@ -59,7 +63,7 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     data_dir = os.path.abspath(args.data_dir)
     meta_uri = args.meta_uri or f"sqlite:///{os.path.join(data_dir, 'db', 'meta.sqlite')}"
     return NodeSettings(role, args.host, args.port, data_dir, meta_uri, args.version,
-                        args.auto_flush_interval, args.cpu_cache_capacity, args.workers)
+                        args.auto_flush_interval, args.cpu_cache_capacity, args.workers, args.merge_after)
 
 
 def _non_negative_int(value: str) -> int:
@@ -118,7 +122,7 @@ class RuntimeConfig:
             "engine_config.use_blas_threshold": "1100",
             "engine_config.gpu_search_threshold": "1000",
             "gpu_resource_config.enable": "false",
-            "wal_config.enable": "false",
+            "wal_config.enable": "true",
             "wal_config.recovery_error_ignore": "false",
             "wal_config.buffer_size": "256",
             "wal_config.wal_path": os.path.join(settings.data_dir, "wal"),

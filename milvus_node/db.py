@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from utils.errors import (
 
 from utils import validation
 
-from . import engine, meta
+from . import engine, index, meta, wal
 from .cache import SegmentCache
 from .config import RuntimeConfig
 from .meta import FileRow, MetaStore, TableRow
@@ -39,6 +41,18 @@ CLIENT_INDEX_TYPE = {9: 1, 10: 2}
 INDEX_NAMES = {1: "IDMAP", 2: "IVFFLAT", 3: "IVFSQ8", 4: "NSG", 5: "IVFSQ8H", 6: "PQ", 9: "BIN_IDMAP",
                10: "BIN_IVFFLAT", 11: "HNSW", 12: "ANNOY"}
 TTL_SECONDS = {"single": 10, "writable": 3600}
+UNAVAILABLE_INDEX_TYPES = (index.IVF_SQ8H, index.ANNOY)  # GPU-only / not served by this CPU node
+MAINTENANCE_PERIOD_S = 1.0  # Milvus' index thread cadence; merges run on the same beat
+
+# Test hook for crash tests: `MILVUS_NODE_CRASH_AT=<point>` makes the process SIGKILL itself at that
+# point, so a test can kill -9 the node exactly during a flush, an index build or a compaction.
+_CRASH_AT = os.environ.get("MILVUS_NODE_CRASH_AT", "")
+
+
+def crash_point(name: str) -> None:
+    if name == _CRASH_AT:
+        log.error("crash point %s reached: SIGKILL", name)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class IdGenerator:
@@ -60,10 +74,11 @@ class IdGenerator:
 
 @dataclass
 class _Pending:
-    """Unflushed inserts of one table and unflushed deletes of one collection."""
+    """Unflushed inserts of one table; `lsn` is the WAL sequence number of the newest one."""
 
     ids: list[np.ndarray] = field(default_factory=list)
     vectors: list[np.ndarray] = field(default_factory=list)
+    lsn: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,20 +88,24 @@ class SearchResult:
 
 
 class NodeDB:
-    def __init__(self, meta_store: MetaStore, store: SegmentStore, role: str, config: RuntimeConfig) -> None:
+    def __init__(self, meta_store: MetaStore, store: SegmentStore, role: str, config: RuntimeConfig,
+                 merge_after_s: float = 10.0) -> None:
         self.meta = meta_store
         self.store = store
         self.role = role
         self.config = config
+        self.merge_after_s = merge_after_s  # RAW files unchanged this long are merge candidates; < 0: never
         self.cache = SegmentCache(config.get_int("cache_config.cpu_cache_capacity") * GB)
         config.on_change("cache_config.cpu_cache_capacity", lambda v: setattr(self.cache, "capacity_bytes", int(v) * GB))
         self.ids = IdGenerator()
+        self.wal = wal.WriteAheadLog(config.get("wal_config.wal_path")) if role != "readonly" else None
         self._buffer: dict[str, _Pending] = {}  # table_id -> pending inserts
-        self._deletes: dict[str, list[np.ndarray]] = {}  # collection -> pending deleted ids
-        self._buffer_lock = threading.Lock()
-        self._flush_lock = threading.RLock()
+        self._deletes: dict[str, list[tuple[int, np.ndarray]]] = {}  # collection -> pending (lsn, deleted ids)
+        self._buffer_lock = threading.Lock()  # one WAL append + buffer change at a time, and flush swaps
+        self._flush_lock = threading.RLock()  # segment rows and deletion bitmaps change under it
+        self._maintenance_lock = threading.RLock()  # index builds, merges and compactions, one at a time
         self._stop = threading.Event()
-        self._background: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -97,22 +116,49 @@ class NodeDB:
         self.meta.ensure_schema(create=self.writes)
         if self.writes:
             for row in self.meta.delete_shadow_files():
-                self.store.remove_segment(row.table_id, row.segment_id)
+                self._remove_file_artifacts(row, whole_segment=row.file_id == row.segment_id)
             self.store.remove_stale_temp_dirs()
-            self._background = threading.Thread(target=self._background_loop, name="flush-and-clean", daemon=True)
-            self._background.start()
+            self._recover()
+            for target, name in ((self._flush_loop, "flush-and-clean"), (self._maintenance_loop, "index-and-merge")):
+                thread = threading.Thread(target=target, name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._background is not None:
-            self._background.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=30)
         if self.writes:
             try:
                 self.flush([])
             except MilvusError as exc:
                 log.error("final flush failed: %s", exc.reason)
+            self.wal.close()
 
-    def _background_loop(self) -> None:
+    def _recover(self) -> None:
+        """Replay the WAL into the insert buffer (skipping what segments already hold), then flush."""
+        replayed = 0
+        table_lsn: dict[str, int] = {}
+        for record in self.wal.replay():
+            if record.kind == wal.INSERT:
+                table_id = record.names[0]
+                if table_id not in table_lsn:
+                    table_lsn[table_id] = self.meta.max_flush_lsn(table_id)
+                if record.lsn > table_lsn[table_id]:
+                    self._buffer_insert(table_id, record.ids, record.vectors, record.lsn)
+                    replayed += 1
+            elif record.kind == wal.DELETE:
+                row = self.meta.get_table(record.names[0])
+                if row is not None:
+                    self._buffer_delete(record.names[0], {t.table_id for t in self._tables(row)}, record.ids, record.lsn)
+                    replayed += 1
+            else:
+                self._buffer_drop(record.names)
+        self.wal.last_lsn = max(self.wal.last_lsn, self.meta.max_flush_lsn())
+        self.flush([])
+        log.info("WAL recovery: %d records replayed, last lsn %d", replayed, self.wal.last_lsn)
+
+    def _flush_loop(self) -> None:
         last_flush = last_clean = time.monotonic()
         while not self._stop.wait(0.1):
             now = time.monotonic()
@@ -127,15 +173,30 @@ class NodeDB:
             except Exception:  # the loop must survive a meta DB hiccup
                 log.exception("background flush/clean failed")
 
+    def _maintenance_loop(self) -> None:
+        while not self._stop.wait(MAINTENANCE_PERIOD_S):
+            try:
+                self._build_pending_indexes(None)
+                self._merge_small_files()
+            except Exception:  # the loop must survive a meta DB hiccup
+                log.exception("background index build/merge failed")
+
     def _clean(self) -> None:
         """Hard-delete TO_DELETE files past their TTL, then soft-deleted table rows with no files."""
         horizon = meta.now_us() - TTL_SECONDS[self.role] * 1_000_000
         stale = self.meta.files_to_purge(horizon)
-        for row in stale:
-            self.store.remove_segment(row.table_id, row.segment_id)
-            self.cache.discard(row.id)
         self.meta.delete_file_rows([row.id for row in stale])
+        for row in stale:
+            self.cache.discard(row.id)
+            self._remove_file_artifacts(row, whole_segment=not self.meta.segment_has_rows(row.table_id, row.segment_id))
         self.meta.purge_deleted_tables()
+
+    def _remove_file_artifacts(self, row: FileRow, whole_segment: bool) -> None:
+        """An index file is one file in its segment dir; the dir goes once no row of the segment is left."""
+        if row.file_id != row.segment_id:
+            self.store.remove_index_file(row.table_id, row.segment_id, row.file_id)
+        if whole_segment:
+            self.store.remove_segment(row.table_id, row.segment_id)
 
     def _require_writer(self, what: str) -> None:
         if not self.writes:
@@ -188,8 +249,8 @@ class NodeDB:
         row = self.collection(name)
         tables = [row.table_id] + [p.table_id for p in self.meta.list_partitions(name)]
         with self._buffer_lock:
-            for table_id in tables:
-                self._buffer.pop(table_id, None)
+            self.wal.append(wal.DROP, tables)
+            self._buffer_drop(tables)
             self._deletes.pop(name, None)
         self.meta.soft_delete_tables(tables)
 
@@ -262,7 +323,8 @@ class NodeDB:
             raise PartitionError("'_default' is built-in partition tag and cannot be dropped")
         partition = self._partition(name, tag)
         with self._buffer_lock:
-            self._buffer.pop(partition.table_id, None)
+            self.wal.append(wal.DROP, [partition.table_id])
+            self._buffer_drop([partition.table_id])
         self.meta.soft_delete_tables([partition.table_id])
 
     # ------------------------------------------------------------------ writes
@@ -281,11 +343,29 @@ class NodeDB:
         self._fix_id_mode(row, user_ids=ids is not None)
         if ids is None:
             ids = self.ids.take(vectors.shape[0])
-        with self._buffer_lock:
-            pending = self._buffer.setdefault(target.table_id, _Pending())
-            pending.ids.append(ids)
-            pending.vectors.append(vectors)
+        with self._buffer_lock:  # the WAL order is the buffer order
+            lsn = self.wal.append(wal.INSERT, [target.table_id], ids, vectors)
+            self._buffer_insert(target.table_id, ids, vectors, lsn)
         return ids
+
+    def _buffer_insert(self, table_id: str, ids: np.ndarray, vectors: np.ndarray, lsn: int) -> None:
+        pending = self._buffer.setdefault(table_id, _Pending())
+        pending.ids.append(ids)
+        pending.vectors.append(vectors)
+        pending.lsn = lsn
+
+    def _buffer_delete(self, collection: str, table_ids: set[str], ids: np.ndarray, lsn: int) -> None:
+        """Drop the ids from unflushed inserts and queue the delete for flushed segments."""
+        for table_id in table_ids & self._buffer.keys():
+            pending = self._buffer[table_id]
+            keep = [~np.isin(chunk, ids) for chunk in pending.ids]
+            pending.ids = [c[k] for c, k in zip(pending.ids, keep)]
+            pending.vectors = [v[k] for v, k in zip(pending.vectors, keep)]
+        self._deletes.setdefault(collection, []).append((lsn, ids))
+
+    def _buffer_drop(self, table_ids: Sequence[str]) -> None:
+        for table_id in table_ids:
+            self._buffer.pop(table_id, None)
 
     def _fix_id_mode(self, row: TableRow, user_ids: bool) -> None:
         flag = self.meta.get_table(row.table_id).flag
@@ -315,111 +395,229 @@ class NodeDB:
             raise IllegalVectorId("The id array is empty")
         table_ids = {t.table_id for t in self._tables(row)}
         with self._buffer_lock:
-            for table_id in table_ids & self._buffer.keys():
-                pending = self._buffer[table_id]
-                keep = [~np.isin(chunk, ids) for chunk in pending.ids]
-                pending.ids = [c[k] for c, k in zip(pending.ids, keep)]
-                pending.vectors = [v[k] for v, k in zip(pending.vectors, keep)]
-            self._deletes.setdefault(name, []).append(ids)
+            lsn = self.wal.append(wal.DELETE, [name], ids)
+            self._buffer_delete(name, table_ids, ids, lsn)
 
     def flush(self, names: Sequence[str]) -> None:
-        """Write buffered inserts as new segments and apply pending deletes; blocks until done."""
+        """Write buffered inserts as new segments and apply pending deletes; blocks until done.
+
+        Named or not, a flush writes every buffer: the WAL files it retires hold records of all
+        collections, and flushing more than asked is invisible to clients.
+        """
         self._require_writer("Flush")
-        rows = [self.collection(n) for n in names]
+        for name in names:
+            self.collection(name)
         with self._flush_lock:
             with self._buffer_lock:
-                if rows:
-                    wanted = {t.table_id: r.table_id for r in rows for t in self._tables(r)}
-                    buffers = {k: self._buffer.pop(k) for k in list(self._buffer) if k in wanted}
-                    deletes = {r.table_id: self._deletes.pop(r.table_id) for r in rows if r.table_id in self._deletes}
-                else:
-                    buffers, self._buffer = self._buffer, {}
-                    deletes, self._deletes = self._deletes, {}
+                buffers, self._buffer = self._buffer, {}
+                deletes, self._deletes = self._deletes, {}
+                covered = self.wal.rotate()
             for collection, chunks in deletes.items():
-                self._apply_deletes(collection, np.unique(np.concatenate(chunks)))
+                self._apply_deletes(collection, chunks)
             for table_id, pending in buffers.items():
                 if pending.ids and sum(c.size for c in pending.ids):
-                    self._write_segment(table_id, np.concatenate(pending.ids), np.concatenate(pending.vectors))
+                    self._write_segment(table_id, np.concatenate(pending.ids), np.concatenate(pending.vectors), pending.lsn)
+            crash_point("flush.before_wal_retire")
+            self.wal.retire(covered)
 
-    def _write_segment(self, table_id: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def _new_file_type(self, table: TableRow, size: int) -> int:
+        """RAW, or TO_INDEX when the file reaches index_file_size and the index is not FLAT."""
+        if size >= table.index_file_size and table.engine_type not in index.EXACT_TYPES:
+            return meta.TO_INDEX
+        return meta.RAW
+
+    def _write_segment(self, table_id: str, ids: np.ndarray, vectors: np.ndarray, lsn: int) -> None:
         table = self.meta.get_table(table_id)
         if table is None:  # dropped while buffered
             return
         segment_id = self.ids.one()
         size = self.store.write_segment(table_id, segment_id, segment_id, ids, vectors)
+        crash_point("flush.segment_written")
         row = self.meta.add_file(
-            table_id=table_id, segment_id=segment_id, file_id=segment_id, file_type=meta.RAW,
-            engine_type=table.engine_type, file_size=size, row_count=int(ids.size),
+            table_id=table_id, segment_id=segment_id, file_id=segment_id, file_type=self._new_file_type(table, size),
+            engine_type=table.engine_type, file_size=size, row_count=int(ids.size), flush_lsn=lsn,
         )
         self.cache.put(row.id, SegmentData(ids, vectors, np.zeros(ids.size, dtype=bool)))
 
-    def _apply_deletes(self, collection: str, ids: np.ndarray) -> None:
+    def _apply_deletes(self, collection: str, chunks: list[tuple[int, np.ndarray]]) -> None:
+        """Mark deleted rows in `deleted_docs`; a delete reaches only segments older than it (by LSN)."""
         row = self.meta.get_table(collection)
         if row is None:
             return
         for file in self.meta.files_of_tables(t.table_id for t in self._tables(row)):
+            applicable = [ids for lsn, ids in chunks if lsn > file.flush_lsn]
+            if not applicable:
+                continue
             segment = self._segment(file, row)
-            hit = np.isin(segment.ids, ids) & ~segment.deleted
+            hit = np.isin(segment.ids, np.concatenate(applicable)) & ~segment.deleted
             if not hit.any():
                 continue
             deleted = segment.deleted | hit
             self.store.write_deleted(file.table_id, file.segment_id, deleted)
             live = int(deleted.size - np.count_nonzero(deleted))
-            self.meta.update_file_rows(file.id, live, live * segment.vectors.shape[1] * segment.vectors.itemsize)
+            self.meta.update_segment_rows(file.table_id, file.segment_id, live,
+                                          live * segment.vectors.shape[1] * segment.vectors.itemsize)
             self.cache.set_deleted(file.id, deleted)
 
     def compact(self, name: str) -> None:
-        """Rewrite segments that carry deletions; the old files become TO_DELETE in the same step."""
+        """Rewrite segments that carry deletions (NEW_MERGE -> RAW/TO_INDEX); the old segment's files
+        (raw, index, backup) become TO_DELETE in the same transaction."""
         self._require_writer("Compact")
         row = self.collection(name)
         self.flush([name])
-        with self._flush_lock:
-            for file in self.meta.files_of_tables(t.table_id for t in self._tables(row)):
+        tables = {t.table_id: t for t in self._tables(row)}
+        with self._maintenance_lock, self._flush_lock:
+            for file in self.meta.files_of_tables(tables):
                 segment = self._segment(file, row)
                 if not segment.deleted.any():
                     continue
+                retired = self.meta.segment_file_ids(file.table_id, file.segment_id)
                 live = ~segment.deleted
-                new_row = None
-                if live.any():
-                    segment_id = self.ids.one()
-                    size = self.store.write_segment(file.table_id, segment_id, segment_id,
-                                                    segment.ids[live], segment.vectors[live])
-                    new_row = self.meta.add_file(
-                        table_id=file.table_id, segment_id=segment_id, file_id=segment_id,
-                        file_type=meta.NEW_MERGE, engine_type=file.engine_type, file_size=size,
-                        row_count=int(live.sum()),
-                    )
-                self.meta.replace_files([new_row.id] if new_row else [], [file.id], meta.RAW)
-                self.cache.discard(file.id)
+                self._rewrite(tables[file.table_id], segment.ids[live], segment.vectors[live], file.flush_lsn,
+                              retired, "compact.new_file_written")
+
+    def _rewrite(self, table: TableRow, ids: np.ndarray, vectors: np.ndarray, lsn: int, retired: list[int],
+                 point: str) -> None:
+        """Publish rows as one new segment (via NEW_MERGE) and retire `retired` in one transaction."""
+        new_ids, new_type = [], meta.RAW
+        if ids.size:
+            segment_id = self.ids.one()
+            size = self.store.write_segment(table.table_id, segment_id, segment_id, ids, vectors)
+            new_row = self.meta.add_file(
+                table_id=table.table_id, segment_id=segment_id, file_id=segment_id, file_type=meta.NEW_MERGE,
+                engine_type=table.engine_type, file_size=size, row_count=int(ids.size), flush_lsn=lsn,
+            )
+            crash_point(point)
+            new_ids, new_type = [new_row.id], self._new_file_type(table, size)
+        self.meta.replace_files(new_ids, retired, new_type)
+        for file_id in retired:
+            self.cache.discard(file_id)
+
+    def _merge_small_files(self) -> None:
+        """Combine RAW files below index_file_size, unchanged for `merge_after_s`, up to that size."""
+        if self.merge_after_s < 0:
+            return
+        horizon = meta.now_us() - int(self.merge_after_s * 1_000_000)
+        by_table: dict[str, list[FileRow]] = {}
+        for file in self.meta.files_of_types([meta.RAW]):
+            if file.updated_time <= horizon:
+                by_table.setdefault(file.table_id, []).append(file)
+        for table_id, files in by_table.items():
+            table = self.meta.get_table(table_id)
+            if table is None:
+                continue
+            small = [f for f in files if f.file_size < table.index_file_size]
+            batch, total = [], 0
+            for file in small:
+                batch.append(file)
+                total += file.file_size
+                if total >= table.index_file_size:
+                    self._merge(table, batch)
+                    batch, total = [], 0
+            if len(batch) >= 2:
+                self._merge(table, batch)
+
+    def _merge(self, table: TableRow, files: list[FileRow]) -> None:
+        with self._maintenance_lock, self._flush_lock:
+            current = {f.id for f in self.meta.files_by_ids([f.id for f in files]) if f.file_type == meta.RAW}
+            files = [f for f in files if f.id in current]  # a compaction or drop may have won the race
+            if len(files) < 2:
+                return
+            segments = [self._segment(f, table) for f in files]
+            ids = np.concatenate([s.ids[~s.deleted] for s in segments])
+            vectors = np.concatenate([s.vectors[~s.deleted] for s in segments])
+            self._rewrite(table, ids, vectors, max(f.flush_lsn for f in files), [f.id for f in files],
+                          "merge.new_file_written")
+        log.info("merged %d files of %s into one of %d rows", len(files), table.table_id, ids.size)
 
     # ------------------------------------------------------------------ index
     def create_index(self, name: str, index_type: int, params: dict) -> None:
+        """Validate, flush, record the index, build every file at or above index_file_size, then return."""
         self._require_writer("CreateIndex")
         row = self.collection(name)
         validation.index_type(index_type)
-        if engine.is_binary(row.metric_type) and index_type not in (1, 2):
+        binary = engine.is_binary(row.metric_type)
+        if binary and index_type not in (1, 2):
             raise IllegalIndexType("Invalid index type for collection metric type")
-        if index_type != 1:
-            raise IllegalIndexType(
-                f"Index type {validation.INDEX_TYPE_NAMES[index_type]} is not available on this node; only FLAT is served")
+        if index_type in UNAVAILABLE_INDEX_TYPES:
+            raise IllegalIndexType(f"Unsupported index type: {index_type}")
+        engine_type = BINARY_ENGINE[index_type] if binary else index_type
+        index.check_index_params(engine_type, row.dimension, params)
         self.flush([name])
-        engine_type = BINARY_ENGINE[index_type] if engine.is_binary(row.metric_type) else index_type
-        self.meta.set_index(name, engine_type, json.dumps(params, separators=(",", ":")))
+        params_json = json.dumps(params, separators=(",", ":"))
+        tables = [t.table_id for t in self._tables(row)]
+        with self._maintenance_lock:
+            if (row.engine_type, row.index_params) != (engine_type, params_json):
+                self._discard(self.meta.drop_index_files(tables, engine_type))
+                self.meta.set_index(name, engine_type, params_json)
+            if engine_type not in index.EXACT_TYPES:
+                self.meta.mark_to_index(tables, row.index_file_size)
+                self._build_pending_indexes(tables)
 
     def describe_index(self, name: str) -> tuple[int, str]:
         row = self.collection(name)
         return CLIENT_INDEX_TYPE.get(row.engine_type, row.engine_type), row.index_params or "{}"
 
     def drop_index(self, name: str) -> None:
+        """Back to FLAT: index files retire, their raw backups become RAW (searchable) again."""
         self._require_writer("DropIndex")
         row = self.collection(name)
-        self.meta.set_index(name, 9 if engine.is_binary(row.metric_type) else 1, "{}")
+        flat = index.BIN_FLAT if engine.is_binary(row.metric_type) else index.FLAT
+        with self._maintenance_lock:
+            self._discard(self.meta.drop_index_files([t.table_id for t in self._tables(row)], flat))
+            self.meta.set_index(name, flat, "{}")
+
+    def _discard(self, file_ids: Sequence[int]) -> None:
+        for file_id in file_ids:
+            self.cache.discard(file_id)
+
+    def _build_pending_indexes(self, table_ids: Sequence[str] | None) -> None:
+        """Build every TO_INDEX file (of `table_ids`, or of all tables): Milvus' index thread."""
+        with self._maintenance_lock:
+            for file in self.meta.files_of_types([meta.TO_INDEX], table_ids):
+                self._build_index(file)
+
+    def _build_index(self, source: FileRow) -> None:
+        """TO_INDEX -> (NEW_INDEX while building) -> INDEX, with the raw file kept as BACKUP."""
+        table = self.meta.get_table(source.table_id)
+        if table is None:
+            return
+        if table.engine_type in index.EXACT_TYPES:
+            self.meta.set_file_type([source.id], meta.RAW)
+            return
+        segment = self._segment(source, table)
+        new_row = self.meta.add_file(
+            table_id=source.table_id, segment_id=source.segment_id, file_id=self.ids.one(), file_type=meta.NEW_INDEX,
+            engine_type=table.engine_type, file_size=0, row_count=source.row_count, flush_lsn=source.flush_lsn,
+        )
+        path = self.store.index_path(source.table_id, source.segment_id, new_row.file_id)
+        started = time.monotonic()
+        try:
+            built = index.build(table.engine_type, table.metric_type, segment.vectors, json.loads(table.index_params))
+            size = index.write(built, path)
+        except Exception:  # a segment faiss cannot index (e.g. too few rows for PQ) stays searchable raw
+            log.exception("index build of file %d (%s) failed; it stays RAW", source.id, table.table_id)
+            self.meta.delete_file_rows([new_row.id])
+            self.store.remove_index_file(source.table_id, source.segment_id, new_row.file_id)
+            self.meta.set_file_type([source.id], meta.RAW)
+            return
+        crash_point("index.file_written")
+        if self.meta.publish_index(new_row.id, source.id, size):
+            self.cache.discard(source.id)
+            log.info("built %s index of file %d (%d rows) in %.2f s", INDEX_NAMES.get(table.engine_type),
+                     source.id, segment.ids.size, time.monotonic() - started)
 
     # ------------------------------------------------------------------ reads
     def _segment(self, file: FileRow, table: TableRow) -> SegmentData:
-        binary = engine.is_binary(table.metric_type)
-        return self.cache.get(file.id, lambda: self.store.load_segment(
-            file.table_id, file.segment_id, file.file_id, table.dimension, binary))
+        """A file's rows from its segment's raw file (file_id = segment_id), plus its index if it is one."""
+        def load() -> SegmentData:
+            data = self.store.load_segment(file.table_id, file.segment_id, file.segment_id, table.dimension,
+                                           engine.is_binary(table.metric_type))
+            if file.file_type == meta.INDEX and file.engine_type not in index.EXACT_TYPES:
+                data.index = index.load(file.engine_type, self.store.index_path(file.table_id, file.segment_id, file.file_id))
+            return data
+
+        return self.cache.get(file.id, load)
 
     def preload(self, name: str) -> None:
         row = self.collection(name)
@@ -460,14 +658,14 @@ class NodeDB:
         raise UnexpectedError(f"Segment {segment_name} of collection {name} does not exist")
 
     def search(self, family: list[TableRow], tags: Sequence[str], queries: np.ndarray, topk: int, params: dict) -> SearchResult:
-        row = self._search_checks(family, queries, topk)
+        row = self._search_checks(family, queries, topk, params)
         partitions = [(p.table_id, p.partition_tag) for p in family[1:]]
         files = self.meta.files_of_tables(validation.select_tables(row.table_id, partitions, list(tags)))
-        return self._search_files(row, files, queries, topk)
+        return self._search_files(row, files, queries, topk, params)
 
     def search_in_files(self, family: list[TableRow], file_ids: Sequence[str], queries: np.ndarray, topk: int,
                         params: dict) -> SearchResult:
-        row = self._search_checks(family, queries, topk)
+        row = self._search_checks(family, queries, topk, params)
         numbers = []
         for raw in file_ids:
             if not raw.strip().isdigit():
@@ -481,7 +679,7 @@ class NodeDB:
         if len(usable) != len(rows):
             log.warning("SearchInFiles on %s skipped files %s (not searchable or not in the collection)",
                         row.table_id, sorted({f.id for f in rows} - {f.id for f in usable}))
-        return self._search_files(row, usable, queries, topk)
+        return self._search_files(row, usable, queries, topk, params)
 
     def search_by_ids(self, name: str, tags: Sequence[str], ids: np.ndarray, topk: int, params: dict) -> SearchResult:
         row = self.collection(name)
@@ -511,19 +709,26 @@ class NodeDB:
             if cached is not None:
                 self.cache.set_deleted(file.id, self.store.load_deleted(file.table_id, file.segment_id, cached.ids.size))
 
-    def _search_checks(self, family: list[TableRow], queries: np.ndarray, topk: int) -> TableRow:
+    def _search_checks(self, family: list[TableRow], queries: np.ndarray, topk: int, params: dict) -> TableRow:
+        """topk, then the search parameters against the collection's CURRENT index type, then vectors."""
         row = family[0]
         validation.topk(topk)
+        index.check_search_params(row.engine_type, topk, params)
         self._check_vectors(row, queries)
         return row
 
-    def _search_files(self, row: TableRow, files: Sequence[FileRow], queries: np.ndarray, topk: int) -> SearchResult:
+    def _search_files(self, row: TableRow, files: Sequence[FileRow], queries: np.ndarray, topk: int,
+                      params: dict) -> SearchResult:
         if not files:
             return SearchResult(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
         parts = []
         for file in files:
             segment = self._segment(file, row)
-            parts.append(engine.search_block(row.metric_type, queries, segment.vectors, segment.ids,
-                                             segment.deleted, topk, segment.norms))
+            if segment.index is not None:
+                parts.append(index.search(segment.index, row.metric_type, queries, segment.vectors, segment.ids,
+                                          segment.deleted, topk, params))
+            else:
+                parts.append(engine.search_block(row.metric_type, queries, segment.vectors, segment.ids,
+                                                 segment.deleted, topk))
         ids, dist = engine.merge_topk(parts, queries.shape[0], topk, row.metric_type)
         return SearchResult(ids, dist.astype(np.float32))

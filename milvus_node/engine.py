@@ -7,6 +7,7 @@ ascending id, so results are reproducible and a brute-force oracle can compare t
 """
 from __future__ import annotations
 
+import faiss
 import numpy as np
 
 L2, IP, HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE = range(1, 8)
@@ -103,10 +104,10 @@ def select_topk(dist: np.ndarray, ids: np.ndarray, topk: int, metric: int) -> tu
 
 
 def search_block(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
-                 excluded: np.ndarray | None, topk: int, norms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 excluded: np.ndarray | None, topk: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of `queries` against one segment; `excluded` marks deleted rows.
 
-    Float metrics on large segments pre-select candidates with one float32 BLAS product and rank
+    Float metrics on large segments pre-select candidates with faiss' float32 flat k-NN and rank
     only those exactly in float64; everything else is ranked exactly over the whole segment.
     """
     if excluded is not None and excluded.any():
@@ -120,7 +121,7 @@ def search_block(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids:
     for start in range(0, nq, step):
         block = queries[start:start + step]
         if preselect:
-            i, d = _search_preselected(metric, block, vectors, row_ids, topk, norms)
+            i, d = _search_preselected(metric, block, vectors, row_ids, topk)
         else:
             i, d = select_topk(distances(metric, block, vectors), row_ids, topk, metric)
         parts_ids.append(i)
@@ -132,36 +133,51 @@ def search_block(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids:
 
 _PRESELECT_FACTOR = 4
 _PRESELECT_EXTRA = 64
+_PRESELECT_MARGIN = 16
 
 
-def _search_preselected(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
-                        topk: int, norms: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates by float32 score (topk + 16 of them), then exact float64 ranking among them.
-
-    float32 rounding (~1e-5 relative) can only reorder rows whose distances nearly tie, and the
-    candidate margin keeps all of those. A row whose candidate boundary is an exact tie shared
-    with more rows than were kept (duplicate vectors) is ranked exactly over the whole segment.
-    """
-    scores = queries.astype(np.float32, copy=False) @ vectors.T
-    if metric == L2:
-        if norms is None:
-            norms = np.einsum("ij,ij->i", vectors, vectors)
-        approx = norms[None, :] - 2.0 * scores
-    else:
-        approx = -scores
-    approx[:, row_ids < 0] = np.inf
-    keep = min(vectors.shape[0], topk + 16)
-    candidates = np.argpartition(approx, keep - 1, axis=1)[:, :keep]
-    boundary = np.take_along_axis(approx, candidates, axis=1).max(axis=1)
-    tied = (approx <= boundary[:, None]).sum(axis=1) > keep
-    chosen = vectors[candidates].astype(np.float64)  # (nq, keep, dim)
+def exact_rerank(metric: int, queries: np.ndarray, vectors: np.ndarray, candidates: np.ndarray,
+                 candidate_ids: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact float64 top-k among per-query candidate rows (nq x c positions; id -1 = not a hit)."""
+    chosen = vectors[np.maximum(candidates, 0)].astype(np.float64)  # (nq, c, dim)
     q = queries.astype(np.float64)[:, None, :]
     if metric == L2:
         chosen -= q
         exact = np.einsum("ijk,ijk->ij", chosen, chosen)
     else:
         exact = np.einsum("ijk,ijk->ij", chosen, np.broadcast_to(q, chosen.shape))
-    ids, dist = select_topk(exact, row_ids[candidates], topk, metric)
+    return select_topk(exact, np.where(candidates < 0, -1, candidate_ids), topk, metric)
+
+
+def _search_preselected(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
+                        topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates by faiss' float32 flat k-NN (topk + 16 live ones), then exact float64 ranking.
+
+    float32 rounding (~1e-5 relative) can only reorder rows whose distances nearly tie, and the
+    candidate margin keeps all of those. Deleted rows are fetched and dropped (faiss' flat k-NN
+    takes no selector). A row whose candidate boundary is an exact tie shared with rows beyond
+    the candidates (duplicate vectors) is ranked exactly over the whole segment.
+    """
+    n = vectors.shape[0]
+    keep = topk + _PRESELECT_MARGIN
+    dead = int(np.count_nonzero(row_ids < 0))
+    fetch = min(n, keep + 1 + dead)
+    faiss_metric = faiss.METRIC_L2 if metric == L2 else faiss.METRIC_INNER_PRODUCT
+    approx, found = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), vectors, fetch, metric=faiss_metric)
+    if metric == IP:
+        approx = -approx
+    candidate_ids = row_ids[np.maximum(found, 0)]
+    live = (found >= 0) & (candidate_ids >= 0)
+    rank = np.cumsum(live, axis=1)
+    tied = np.zeros(queries.shape[0], dtype=bool)
+    if fetch < n:
+        # boundary = approx of the keep-th live candidate; a tie reaching past it needs the exact path
+        inside = live & (rank <= keep)
+        beyond = live & (rank == keep + 1)
+        boundary = np.where(inside, approx, -np.inf).max(axis=1)
+        tied = (np.where(beyond, approx, np.inf).min(axis=1) <= boundary) | (beyond.sum(axis=1) == 0)
+    candidates = np.where(live & (rank <= keep), found, -1)
+    ids, dist = exact_rerank(metric, queries, vectors, candidates, candidate_ids, topk)
     if tied.any():
         rows = np.flatnonzero(tied)
         ids[rows], dist[rows] = select_topk(distances(metric, queries[rows], vectors), row_ids, topk, metric)

@@ -135,6 +135,7 @@ class FileRow:
     updated_time: int
     created_on: int
     date: int
+    flush_lsn: int = 0  # highest WAL sequence number whose rows the file holds
 
 
 def _table_row(row: sa.Row) -> TableRow:
@@ -151,7 +152,7 @@ def _file_row(row: sa.Row) -> FileRow:
         id=row.id, table_id=row.table_id, segment_id=row.segment_id, engine_type=row.engine_type,
         file_id=row.file_id, file_type=row.file_type, file_size=row.file_size,
         row_count=row.row_count, updated_time=row.updated_time, created_on=row.created_on,
-        date=row.date,
+        date=row.date, flush_lsn=row.flush_lsn or 0,
     )
 
 
@@ -288,7 +289,7 @@ class MetaStore:
     # ------------------------------------------------------------------ TableFiles
     def add_file(
         self, *, table_id: str, segment_id: str, file_id: str, file_type: int, engine_type: int,
-        file_size: int, row_count: int,
+        file_size: int, row_count: int, flush_lsn: int = 0,
     ) -> FileRow:
         stamp = now_us()
         with self.engine.begin() as conn:
@@ -296,12 +297,12 @@ class MetaStore:
                 sa.insert(table_files_table).values(
                     table_id=table_id, segment_id=segment_id, engine_type=engine_type, file_id=file_id,
                     file_type=file_type, file_size=file_size, row_count=row_count, updated_time=stamp,
-                    created_on=stamp, date=legacy_date_key(), flush_lsn=0,
+                    created_on=stamp, date=legacy_date_key(), flush_lsn=flush_lsn,
                 )
             )
             new_id = result.inserted_primary_key[0]
         return FileRow(new_id, table_id, segment_id, engine_type, file_id, file_type, file_size,
-                       row_count, stamp, stamp, legacy_date_key())
+                       row_count, stamp, stamp, legacy_date_key(), flush_lsn)
 
     def files_of_tables(self, table_ids: Iterable[str], file_types: Sequence[int] = SEARCHABLE_FILE_TYPES) -> list[FileRow]:
         table_ids = list(table_ids)
@@ -314,6 +315,88 @@ class MetaStore:
         )
         with self.engine.connect() as conn:
             return [_file_row(r) for r in conn.execute(query)]
+
+    def files_of_types(self, file_types: Sequence[int], table_ids: Sequence[str] | None = None) -> list[FileRow]:
+        """Files of the given types, of every table or only of `table_ids`."""
+        query = sa.select(table_files_table).where(table_files_table.c.file_type.in_(list(file_types)))
+        if table_ids is not None:
+            query = query.where(table_files_table.c.table_id.in_(list(table_ids)))
+        with self.engine.connect() as conn:
+            return [_file_row(r) for r in conn.execute(query.order_by(table_files_table.c.id))]
+
+    def max_flush_lsn(self, table_id: str | None = None) -> int:
+        """Highest WAL sequence number already in a segment file (of one table, or of all)."""
+        query = sa.select(sa.func.max(table_files_table.c.flush_lsn))
+        if table_id is not None:
+            query = query.where(table_files_table.c.table_id == table_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
+    def segment_has_rows(self, table_id: str, segment_id: str) -> bool:
+        query = sa.select(table_files_table.c.id).where(
+            table_files_table.c.table_id == table_id, table_files_table.c.segment_id == segment_id).limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
+    def segment_file_ids(self, table_id: str, segment_id: str) -> list[int]:
+        """Live rows (raw, index, backup) of one segment: what retires together when it is rewritten."""
+        query = sa.select(table_files_table.c.id).where(
+            table_files_table.c.table_id == table_id, table_files_table.c.segment_id == segment_id,
+            table_files_table.c.file_type.in_([RAW, TO_INDEX, INDEX, BACKUP]))
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(query)]
+
+    def update_segment_rows(self, table_id: str, segment_id: str, row_count: int, raw_size: int) -> None:
+        """After deletions were applied to a segment: live row count and a new `updated_time` on its
+        raw and index rows (readers reload files whose `updated_time` changed)."""
+        stamp = now_us()
+        segment = sa.and_(table_files_table.c.table_id == table_id, table_files_table.c.segment_id == segment_id,
+                          table_files_table.c.file_type != TO_DELETE)
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(table_files_table).where(segment).values(row_count=row_count, updated_time=stamp))
+            conn.execute(sa.update(table_files_table)
+                         .where(segment, table_files_table.c.file_id == segment_id).values(file_size=raw_size))
+
+    def set_file_type(self, file_ids: Sequence[int], file_type: int) -> None:
+        if not file_ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(table_files_table).where(table_files_table.c.id.in_(list(file_ids)))
+                         .values(file_type=file_type, updated_time=now_us()))
+
+    def mark_to_index(self, table_ids: Sequence[str], min_size: int) -> None:
+        """RAW files at or above the index threshold are queued for an index build (TO_INDEX)."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.update(table_files_table)
+                         .where(table_files_table.c.table_id.in_(list(table_ids)), table_files_table.c.file_type == RAW,
+                                table_files_table.c.file_size >= min_size)
+                         .values(file_type=TO_INDEX, updated_time=now_us()))
+
+    def drop_index_files(self, table_ids: Sequence[str], raw_engine_type: int) -> list[int]:
+        """Index files become TO_DELETE and their raw BACKUP (or queued TO_INDEX) files RAW again,
+        in one transaction so every row stays searchable exactly once. Returns the retired ids."""
+        stamp = now_us()
+        tables = table_files_table.c.table_id.in_(list(table_ids))
+        with self.engine.begin() as conn:
+            retired = [r[0] for r in conn.execute(
+                sa.select(table_files_table.c.id).where(tables, table_files_table.c.file_type == INDEX))]
+            conn.execute(sa.update(table_files_table).where(tables, table_files_table.c.file_type.in_([INDEX, NEW_INDEX]))
+                         .values(file_type=TO_DELETE, updated_time=stamp))
+            conn.execute(sa.update(table_files_table).where(tables, table_files_table.c.file_type.in_([BACKUP, TO_INDEX]))
+                         .values(file_type=RAW, engine_type=raw_engine_type, updated_time=stamp))
+        return retired
+
+    def publish_index(self, new_id: int, source_id: int, file_size: int) -> bool:
+        """NEW_INDEX -> INDEX and its TO_INDEX source -> BACKUP in one transaction; if the source was
+        retired meanwhile (compaction, drop), the new file is retired instead. True when published."""
+        stamp = now_us()
+        with self.engine.begin() as conn:
+            moved = conn.execute(sa.update(table_files_table)
+                                 .where(table_files_table.c.id == source_id, table_files_table.c.file_type == TO_INDEX)
+                                 .values(file_type=BACKUP, updated_time=stamp)).rowcount
+            conn.execute(sa.update(table_files_table).where(table_files_table.c.id == new_id)
+                         .values(file_type=INDEX if moved else TO_DELETE, file_size=file_size, updated_time=stamp))
+        return bool(moved)
 
     def files_by_ids(self, ids: Sequence[int]) -> list[FileRow]:
         if not ids:

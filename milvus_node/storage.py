@@ -27,15 +27,12 @@ class SegmentData:
     ids: np.ndarray  # int64, shape (n,)
     vectors: np.ndarray  # float32 (n, dim) or uint8 (n, dim/8)
     deleted: np.ndarray  # bool, shape (n,)
-    norms: np.ndarray | None = None  # float32 squared norms of float vectors, for the L2 pre-selection
-
-    def __post_init__(self) -> None:
-        if self.norms is None and self.vectors.dtype == np.float32:
-            self.norms = np.einsum("ij,ij->i", self.vectors, self.vectors)
+    index: object | None = None  # the segment's built index (milvus_node.index.LoadedIndex), if any
 
     @property
     def nbytes(self) -> int:
-        return int(self.ids.nbytes + self.vectors.nbytes + self.deleted.nbytes + (self.norms.nbytes if self.norms is not None else 0))
+        index_bytes = self.index.nbytes if self.index is not None else 0
+        return int(self.ids.nbytes + self.vectors.nbytes + self.deleted.nbytes + index_bytes)
 
     @property
     def live_count(self) -> int:
@@ -124,6 +121,16 @@ class SegmentStore:
         os.replace(temp, os.path.join(seg_dir, DELETED_DOCS))
         _fsync_dir(seg_dir)
 
+    def index_path(self, table_id: str, segment_id: str, file_id: str) -> str:
+        """An index file lives beside its raw file: `<segment dir>/<index file_id>`."""
+        return os.path.join(self.segment_dir(table_id, segment_id), file_id)
+
+    def remove_index_file(self, table_id: str, segment_id: str, file_id: str) -> None:
+        try:
+            os.remove(self.index_path(table_id, segment_id, file_id))
+        except FileNotFoundError:
+            pass
+
     def remove_segment(self, table_id: str, segment_id: str) -> None:
         shutil.rmtree(self.segment_dir(table_id, segment_id), ignore_errors=True)
         table_dir = os.path.join(self.tables_dir, table_id)
@@ -133,11 +140,16 @@ class SegmentStore:
             pass
 
     def remove_stale_temp_dirs(self) -> None:
-        """Drop half-written segment directories left by a crash (writers only)."""
+        """Drop half-written segment directories and files left by a crash (writers only)."""
         if not os.path.isdir(self.tables_dir):
             return
         for table_id in os.listdir(self.tables_dir):
             table_dir = os.path.join(self.tables_dir, table_id)
             for name in os.listdir(table_dir) if os.path.isdir(table_dir) else []:
+                path = os.path.join(table_dir, name)
                 if name.startswith(".tmp-"):
-                    shutil.rmtree(os.path.join(table_dir, name), ignore_errors=True)
+                    shutil.rmtree(path, ignore_errors=True)
+                elif os.path.isdir(path):
+                    for leftover in os.listdir(path):
+                        if ".tmp" in leftover:
+                            os.remove(os.path.join(path, leftover))

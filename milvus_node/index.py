@@ -1,0 +1,214 @@
+"""Index files of a segment: build with faiss, persist atomically, search with Milvus' parameters.
+
+One index file covers the rows of its segment's raw file in raw-file order, so a faiss label is a
+row position: ids and the deletion bitmap come from the segment itself, and a deleted row is
+excluded with a faiss selector (or fetched and dropped where faiss takes none, NSG). Every hit
+is re-ranked on the raw vectors in float64 with ties by id, so distances are what the brute-force
+path returns and approximate indexes (SQ8, PQ) fetch a few times topk candidates first.
+Binary IVF assigns rows to Hamming k-means lists with faiss and ranks the probed lists exactly,
+which serves every binary metric, not only Hamming.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+from utils.errors import IllegalArgument
+
+from . import engine
+
+# Tables.engine_type values (Milvus EngineType)
+FLAT, IVF_FLAT, IVF_SQ8, NSG, IVF_SQ8H, IVF_PQ, BIN_FLAT, BIN_IVF_FLAT, HNSW, ANNOY = 1, 2, 3, 4, 5, 6, 9, 10, 11, 12
+IVF_TYPES = frozenset({IVF_FLAT, IVF_SQ8, IVF_SQ8H, IVF_PQ, BIN_IVF_FLAT})
+EXACT_TYPES = frozenset({FLAT, BIN_FLAT})
+# Candidates fetched per wanted hit before the exact re-ranking: quantized codes misorder neighbours.
+REFINE_FACTOR = {IVF_SQ8: 4, IVF_PQ: 8}
+
+
+@dataclass
+class LoadedIndex:
+    """A segment's index in memory; `lists` maps rows to IVF lists for binary IVF."""
+
+    engine_type: int
+    index: object
+    nbytes: int
+    lists: np.ndarray | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # NSG keeps search_L on the index
+
+
+def _faiss_metric(metric: int) -> int:
+    return faiss.METRIC_INNER_PRODUCT if metric == engine.IP else faiss.METRIC_L2
+
+
+def build(engine_type: int, metric: int, vectors: np.ndarray, params: dict) -> object:
+    """Train and fill a faiss index over all rows of a segment (labels = row positions)."""
+    n = vectors.shape[0]
+    if engine_type == BIN_IVF_FLAT:
+        bits = vectors.shape[1] * 8
+        nlist = max(1, min(int(params["nlist"]), n))
+        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(bits), bits, nlist)
+        index.train(vectors)
+        index.add(vectors)
+        return index
+    dim = vectors.shape[1]
+    fm = _faiss_metric(metric)
+    if engine_type in (IVF_FLAT, IVF_SQ8, IVF_PQ):
+        nlist = max(1, min(int(params["nlist"]), n))
+        quantizer = faiss.IndexFlatIP(dim) if fm == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(dim)
+        if engine_type == IVF_FLAT:
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, fm)
+        elif engine_type == IVF_SQ8:
+            index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, fm)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, int(params["m"]), 8, fm)
+    elif engine_type == HNSW:
+        index = faiss.IndexHNSWFlat(dim, int(params["M"]), fm)
+        index.hnsw.efConstruction = int(params["efConstruction"])
+    elif engine_type == NSG:
+        index = faiss.IndexNSGFlat(dim, int(params["out_degree"]), fm)
+        index.GK = min(int(params["knng"]), n - 1)
+        index.build_type = 0  # exact k-NN graph: faster than NN-descent at segment sizes
+        index.nsg.L = int(params["search_length"])
+        index.nsg.C = int(params["candidate_pool_size"])
+    else:
+        raise ValueError(f"engine type {engine_type} has no index to build")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index.train(vectors)
+    index.add(vectors)
+    return index
+
+
+def write(index: object, path: str) -> int:
+    """Write an index file atomically (temp name, fsync, rename, fsync dir); returns its size."""
+    temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        if isinstance(index, faiss.IndexBinary):
+            faiss.write_index_binary(index, temp)
+        else:
+            faiss.write_index(index, temp)
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return os.path.getsize(path)
+
+
+def load(engine_type: int, path: str) -> LoadedIndex:
+    size = os.path.getsize(path)
+    if engine_type == BIN_IVF_FLAT:
+        index = faiss.read_index_binary(path)
+        lists = np.empty(index.ntotal, dtype=np.int64)
+        invlists = index.invlists
+        for number in range(index.nlist):  # once per load, not per search
+            count = invlists.list_size(number)
+            if count:
+                lists[faiss.rev_swig_ptr(invlists.get_ids(number), count)] = number
+        return LoadedIndex(engine_type, index, size, lists)
+    return LoadedIndex(engine_type, faiss.read_index(path), size)
+
+
+def search(loaded: LoadedIndex, metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
+           deleted: np.ndarray, topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (ids, float64 distances) of `queries` in one indexed segment, with the search params."""
+    if loaded.engine_type == BIN_IVF_FLAT:
+        return _search_binary_ivf(loaded, metric, queries, vectors, row_ids, deleted, topk, params)
+    n = vectors.shape[0]
+    dead = int(np.count_nonzero(deleted))
+    fetch = min(n, topk * REFINE_FACTOR.get(loaded.engine_type, 1))
+    queries32 = np.ascontiguousarray(queries, dtype=np.float32)
+    selector, bitmap = None, None
+    if dead:
+        bitmap = np.packbits(~deleted, bitorder="little")
+        selector = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+    index = loaded.index
+    if loaded.engine_type in IVF_TYPES:
+        nprobe = min(int(params.get("nprobe", 16)), index.nlist)
+        _, found = index.search(queries32, fetch, params=faiss.SearchParametersIVF(nprobe=nprobe, sel=selector))
+    elif loaded.engine_type == HNSW:
+        ef = max(int(params.get("ef", 64)), fetch)
+        _, found = index.search(queries32, fetch, params=faiss.SearchParametersHNSW(efSearch=ef, sel=selector))
+    else:  # NSG: no selector support, and search_L lives on the index
+        with loaded.lock:
+            index.nsg.search_L = max(int(params.get("search_length", 45)), fetch)
+            _, found = index.search(queries32, min(n, fetch + dead))
+        found = np.where((found >= 0) & deleted[np.maximum(found, 0)], -1, found)
+    del bitmap  # kept alive until faiss is done with the selector
+    candidate_ids = np.where(found >= 0, row_ids[np.maximum(found, 0)], -1)
+    return engine.exact_rerank(metric, queries, vectors, found, candidate_ids, topk)
+
+
+def _search_binary_ivf(loaded: LoadedIndex, metric: int, queries: np.ndarray, vectors: np.ndarray,
+                       row_ids: np.ndarray, deleted: np.ndarray, topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Probe `nprobe` Hamming lists per query, then rank their rows exactly in the collection's metric."""
+    index = loaded.index
+    nprobe = min(int(params.get("nprobe", 16)), index.nlist)
+    _, probed = index.quantizer.search(np.ascontiguousarray(queries), nprobe)
+    chosen_lists = np.zeros((queries.shape[0], index.nlist), dtype=bool)
+    chosen_lists[np.arange(queries.shape[0])[:, None], np.maximum(probed, 0)] = True
+    columns = np.flatnonzero(chosen_lists.any(axis=0)[loaded.lists] & ~deleted)
+    dist = engine.distances(metric, queries, vectors[columns])
+    outside = ~chosen_lists[:, loaded.lists[columns]]
+    dist[outside] = np.inf
+    return engine.select_topk(dist, row_ids[columns], topk, metric)
+
+
+# ---------------------------------------------------------------------------------- validation
+PQ_M_VALUES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+INT64_MAX = (1 << 63) - 1
+
+
+def check_range(params: dict, key: str, low: int, high: int) -> int:
+    """Milvus' CheckParameterRange: the key must be present and an integer within [low, high]."""
+    if key not in params:
+        raise IllegalArgument(f"Parameter list must contain: {key}")
+    value = params[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise IllegalArgument(f"Invalid {key}: {value!r} is not an integer")
+    if value < low or value > high:
+        raise IllegalArgument(f"Invalid {key} value: {value}. Valid range is [{low}, {high}]")
+    return value
+
+
+def check_index_params(engine_type: int, dimension: int, params: dict) -> None:
+    """CreateIndex parameters for an engine type (milvus-semantics.md §8.2 and §9)."""
+    if engine_type in IVF_TYPES:
+        check_range(params, "nlist", 1, 999999)
+    if engine_type == IVF_PQ:
+        m = check_range(params, "m", 1, max(PQ_M_VALUES))
+        if m not in PQ_M_VALUES or dimension % m:
+            raise IllegalArgument(f"Invalid m: {m}. m must be one of {list(PQ_M_VALUES)} and divide the dimension ({dimension})")
+    elif engine_type == NSG:
+        check_range(params, "search_length", 10, 300)
+        check_range(params, "out_degree", 5, 300)
+        check_range(params, "candidate_pool_size", 50, 1000)
+        check_range(params, "knng", 5, 300)
+    elif engine_type == HNSW:
+        check_range(params, "M", 5, 48)
+        check_range(params, "efConstruction", 100, 500)
+    elif engine_type == ANNOY:
+        check_range(params, "n_trees", 1, 1024)
+
+
+def check_search_params(engine_type: int, topk: int, params: dict) -> None:
+    """Search parameters against the collection's current index type; FLAT takes any."""
+    if engine_type in IVF_TYPES:
+        check_range(params, "nprobe", 1, 999999)
+    elif engine_type == HNSW:
+        check_range(params, "ef", topk, 4096)
+    elif engine_type == NSG:
+        check_range(params, "search_length", 10, 300)
+    elif engine_type == ANNOY:
+        check_range(params, "search_k", topk, INT64_MAX)
