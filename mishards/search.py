@@ -23,7 +23,7 @@ import numpy as np
 
 from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import status_pb2
-from tracer import Tracer
+from tracer import Metadata, Tracer
 from utils.errors import ConnectFailed, MilvusError, NoAvailableNode, UnexpectedError
 
 from .core import wire
@@ -202,7 +202,7 @@ class Scatter:
         return outcome
 
     async def _call(self, job: _Job, client: NodeClient, request: "_Request",
-                    metadata) -> tuple[bool, bytes | str]:
+                    metadata: Metadata | None) -> tuple[bool, bytes | str]:
         deadline = request.deadline
         client.stats.files_routed += len(job.file_ids)
         started = time.monotonic()
@@ -236,7 +236,7 @@ class Scatter:
             series.retries += 1
 
     async def _reload_stale(self, job: _Job, client: NodeClient, collection: str, updated: dict[str, int],
-                            deadline: float, metadata) -> str:
+                            deadline: float, metadata: Metadata | None) -> str:
         """Reload files changed since this node last reloaded them; an error text, or "" when fine."""
         ids = np.array(job.file_ids, dtype=np.int64)
         times = np.array([updated[f] for f in job.file_ids], dtype=np.int64)
