@@ -417,7 +417,8 @@ class NodeDB:
             for table_id, pending in buffers.items():
                 if pending.ids and sum(c.size for c in pending.ids):
                     self._write_segment(table_id, np.concatenate(pending.ids), np.concatenate(pending.vectors), pending.lsn)
-            crash_point("flush.before_wal_retire")
+            if buffers or deletes:
+                crash_point("flush.before_wal_retire")
             self.wal.retire(covered)
 
     def _new_file_type(self, table: TableRow, size: int) -> int:
