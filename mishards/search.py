@@ -129,7 +129,7 @@ class Scatter:
                             len(files), ",".join(groups), (time.monotonic() - started) * 1000)
         return wire.encode_topk_result(ids, distances)
 
-    async def _serve_all(self, jobs: list[_Job], tried: frozenset[str], request: "_Request") -> list:
+    async def _serve_all(self, jobs: list[_Job], tried: frozenset[str], request: _Request) -> list:
         if len(jobs) == 1:
             return await self._serve(jobs[0], tried, request)
         outcomes = await asyncio.gather(*(self._serve(job, tried, request) for job in jobs), return_exceptions=True)
@@ -138,7 +138,7 @@ class Scatter:
                 raise outcome
         return [reply for outcome in outcomes for reply in outcome]
 
-    async def _serve(self, job: _Job, tried: frozenset[str], request: "_Request") -> list:
+    async def _serve(self, job: _Job, tried: frozenset[str], request: _Request) -> list:
         """One group's replies: from its node, or, if that node fails, from the next nodes on the ring."""
         ok, payload = await self._attempt(job, request)
         if ok:
@@ -186,7 +186,7 @@ class Scatter:
         return remaining / max(1, self.max_retry - job.attempt)
 
     # ------------------------------------------------------------------ calls
-    async def _attempt(self, job: _Job, request: "_Request") -> tuple[bool, bytes | str]:
+    async def _attempt(self, job: _Job, request: _Request) -> tuple[bool, bytes | str]:
         """(True, reply bytes) or (False, why the node failed); never raises for a node's failure."""
         client = self._client(job.node)
         if client is None:
@@ -201,7 +201,7 @@ class Scatter:
                     self.tracer.set_error(span, outcome[1])
         return outcome
 
-    async def _call(self, job: _Job, client: NodeClient, request: "_Request",
+    async def _call(self, job: _Job, client: NodeClient, request: _Request,
                     metadata: Metadata | None) -> tuple[bool, bytes | str]:
         deadline = request.deadline
         client.stats.files_routed += len(job.file_ids)

@@ -172,8 +172,8 @@ class MishardsService:
             if file_ids is not None:
                 return wire.encode_topk_result(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
             return await self.forward("Search", search_param, context)
-        return await self.scatter.run(name, files, search_param, nq, topk, is_descending(collection.metric_type), deadline,
-                                      started=started)
+        return await self.scatter.run(name, files, search_param, nq, topk, is_descending(collection.metric_type),
+                                      deadline, started=started)
 
     def _given_files(self, table_ids: list[str], file_ids: list[str]) -> FileSet:
         """SearchInFiles through the proxy: the named files that are searchable files of the collection."""

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Any, ContextManager, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 from utils.plugins import PluginFactory
 
@@ -30,11 +32,11 @@ class Tracer:
     name = "none"
     enabled = False
 
-    def span(self, operation: str, parent: Any = None, **tags: Any) -> ContextManager[Any]:
+    def span(self, operation: str, parent: Any = None, **tags: Any) -> AbstractContextManager[Any]:
         """A child of `parent`, or of the current span when None; it is current inside the block."""
         return _NO_SPAN
 
-    def rpc_span(self, method_path: str, metadata: Metadata | None, peer: str) -> ContextManager[Any]:
+    def rpc_span(self, method_path: str, metadata: Metadata | None, peer: str) -> AbstractContextManager[Any]:
         """The server span of one RPC, continuing the trace the caller sent in `metadata`."""
         return _NO_SPAN
 

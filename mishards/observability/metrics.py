@@ -9,7 +9,8 @@ scrape time, so they cost nothing per request.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -39,7 +40,7 @@ class Histogram:
     def cumulative(self) -> tuple[list[tuple[str, int]], float]:
         counts, total = list(self.counts), self.total
         buckets, running = [], 0
-        for bound, count in zip((*map(str, self.bounds), "+Inf"), counts):
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), counts, strict=True):
             running += count
             buckets.append((bound, running))
         return buckets, total
@@ -103,7 +104,7 @@ class Metrics:
             series = self._meta[query] = Histogram()
         return series
 
-    def watch(self, membership: "Membership", writable: "NodeClient") -> None:
+    def watch(self, membership: Membership, writable: NodeClient) -> None:
         """Report membership size and node health, read at scrape time."""
         self._membership = lambda: _membership_metrics(membership, writable)
 
@@ -164,7 +165,7 @@ class _Collector(Collector):
         return self._metrics.collect()
 
 
-def _membership_metrics(membership: "Membership", writable: "NodeClient") -> Iterator[Metric]:
+def _membership_metrics(membership: Membership, writable: NodeClient) -> Iterator[Metric]:
     nodes, waiting = membership.all(), membership.waiting()
     healthy = sum(1 for client in nodes.values() if client.stats.healthy)
     size = GaugeMetricFamily("mishards_readonly_nodes", "Read-only nodes by state", labels=["state"])

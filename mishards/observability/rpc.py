@@ -8,7 +8,7 @@ the whole message for `Status` replies, else field 1 found by skipping over the 
 from __future__ import annotations
 
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError

@@ -81,7 +81,7 @@ class SpanSink:
         while not self._closed.is_set():
             try:
                 datagram = self.socket.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

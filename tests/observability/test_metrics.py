@@ -116,7 +116,7 @@ def test_failovers_retries_and_health_after_a_node_dies(observed: ObservedCluste
     status, body = get("/status.json")
     assert status == 200
     (spread,) = [c["spread"] for c in json.loads(body)["collections"] if c["collection"] == COLLECTION]
-    assert any(s["node"] == doomed.address and s["files"] for s in spread), f"the ring gave the doomed node no file: {spread}"
+    assert any(s["node"] == doomed.address and s["files"] for s in spread), f"the ring gave it no file: {spread}"
     stop, done = threading.Event(), []
     worker = threading.Thread(target=stream, args=(proxy.address, stop, done))
     worker.start()

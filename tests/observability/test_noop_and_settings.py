@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from mishards.observability.rpc import instrument, reply_status, status_field
 from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import status_pb2
+from mishards.observability.rpc import instrument, reply_status, status_field
 from tracer import Tracer, create_tracer
 from utils.logger import redact
 from utils.plugins import PluginError

@@ -37,7 +37,7 @@ class InProcessProxy:
         self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
         await self.app.serve(self._stopping, self.port)
 
-    def start(self) -> "InProcessProxy":
+    def start(self) -> InProcessProxy:
         self.app.connect()
         self._thread.start()
         deadline = time.monotonic() + 20

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 import grpc_opentracing
 import opentracing
@@ -71,7 +72,7 @@ class JaegerTracer(Tracer):
         self.span_decorator = span_decorator or MilvusStatusDecorator()
 
     @classmethod
-    def create(cls, config: dict[str, str]) -> "JaegerTracer":
+    def create(cls, config: dict[str, str]) -> JaegerTracer:
         settings = TracingSettings(config)
         jaeger_config = {
             "sampler": {"type": settings.str("TRACING_SAMPLER_TYPE", "const"),
@@ -89,12 +90,13 @@ class JaegerTracer(Tracer):
         logging.getLogger("jaeger_tracing").setLevel(logging.ERROR)
         return cls(tracer, log_payloads=settings.bool("TRACING_LOG_PAYLOAD", False))
 
-    def span(self, operation: str, parent: Any = None, **tags: Any) -> ContextManager[opentracing.Scope]:
+    def span(self, operation: str, parent: Any = None, **tags: Any) -> AbstractContextManager[opentracing.Scope]:
         if isinstance(parent, opentracing.Scope):
             parent = parent.span
         return self.tracer.start_active_span(operation, child_of=parent, tags=tags or None)
 
-    def rpc_span(self, method_path: str, metadata: Metadata | None, peer: str) -> ContextManager[opentracing.Scope]:
+    def rpc_span(self, method_path: str, metadata: Metadata | None,
+                 peer: str) -> AbstractContextManager[opentracing.Scope]:
         caller = None
         if metadata:
             try:

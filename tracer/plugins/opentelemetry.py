@@ -12,7 +12,8 @@ OTEL_EXPORTER_OTLP_* variables, which the exporter reads itself).
 """
 from __future__ import annotations
 
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -50,11 +51,11 @@ class OpenTelemetryTracer(Tracer):
         self._propagator = get_global_textmap()  # W3C trace context + baggage unless OTEL_PROPAGATORS says otherwise
 
     @classmethod
-    def create(cls, config: dict[str, str], processor: SpanProcessor | None = None) -> "OpenTelemetryTracer":
+    def create(cls, config: dict[str, str], processor: SpanProcessor | None = None) -> OpenTelemetryTracer:
         """`processor` replaces the OTLP batch export (tests pass one around an in-memory exporter)."""
         settings = TracingSettings(config)
-        provider = TracerProvider(resource=Resource.create({SERVICE_NAME: settings.str("TRACING_SERVICE_NAME", "mishards")}),
-                                  sampler=sampler_from(settings))
+        resource = Resource.create({SERVICE_NAME: settings.str("TRACING_SERVICE_NAME", "mishards")})
+        provider = TracerProvider(resource=resource, sampler=sampler_from(settings))
         provider.add_span_processor(processor or BatchSpanProcessor(cls._otlp_exporter(settings)))
         return cls(provider, log_payloads=settings.bool("TRACING_LOG_PAYLOAD", False))
 
@@ -65,11 +66,11 @@ class OpenTelemetryTracer(Tracer):
         endpoint = settings.str("TRACING_OTLP_ENDPOINT", "")
         return OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
 
-    def span(self, operation: str, parent: Any = None, **tags: Any) -> ContextManager[trace.Span]:
+    def span(self, operation: str, parent: Any = None, **tags: Any) -> AbstractContextManager[trace.Span]:
         parent_context = trace.set_span_in_context(parent) if parent is not None else None
         return self.tracer.start_as_current_span(operation, context=parent_context, attributes=tags or None)
 
-    def rpc_span(self, method_path: str, metadata: Metadata | None, peer: str) -> ContextManager[trace.Span]:
+    def rpc_span(self, method_path: str, metadata: Metadata | None, peer: str) -> AbstractContextManager[trace.Span]:
         carrier = {k: v for k, v in metadata or () if isinstance(v, str)}
         caller = self._propagator.extract(carrier, context=otel_context.Context())
         return self.tracer.start_as_current_span(
