@@ -46,9 +46,19 @@ class SegmentCache:
                 self._bytes -= old.nbytes
             self._entries[file_id] = segment
             self._bytes += segment.nbytes
-            while self._bytes > self.capacity_bytes and len(self._entries) > 1:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
+            self._evict()
+
+    def resize(self, capacity_bytes: int) -> None:
+        """A new bound (set_config cache_config.cpu_cache_capacity), enforced at once."""
+        with self._lock:
+            self.capacity_bytes = capacity_bytes
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop least-recently-used entries until within capacity; the newest entry always stays."""
+        while self._bytes > self.capacity_bytes and len(self._entries) > 1:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.nbytes
 
     def set_deleted(self, file_id: int, deleted: np.ndarray) -> None:
         """Replace the deletion bitmap of a cached segment (no-op when it is not cached)."""

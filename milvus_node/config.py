@@ -80,6 +80,15 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _memory_gb(value: str) -> int:
+    """A cache size in GB: positive and, as Milvus checks, not beyond the machine's memory."""
+    number = _positive_int(value)
+    total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    if number >= total_gb:
+        raise ValueError(f"exceeds system memory ({total_gb:.0f} GB)")
+    return number
+
+
 def _bool(value: str) -> bool:
     lowered = value.lower()
     if lowered not in ("true", "false", "on", "off", "yes", "no", "1", "0"):
@@ -93,8 +102,8 @@ class RuntimeConfig:
     # key -> parser for the keys that may change at run time
     MUTABLE: dict[str, Callable[[str], object]] = {
         "db_config.auto_flush_interval": _non_negative_int,
-        "cache_config.cpu_cache_capacity": _positive_int,
-        "cache_config.insert_buffer_size": _positive_int,
+        "cache_config.cpu_cache_capacity": _memory_gb,
+        "cache_config.insert_buffer_size": _memory_gb,
         "cache_config.cache_insert_data": _bool,
         "engine_config.use_blas_threshold": _non_negative_int,
         "engine_config.gpu_search_threshold": _non_negative_int,

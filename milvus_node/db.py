@@ -96,7 +96,7 @@ class NodeDB:
         self.config = config
         self.merge_after_s = merge_after_s  # RAW files unchanged this long are merge candidates; < 0: never
         self.cache = SegmentCache(config.get_int("cache_config.cpu_cache_capacity") * GB)
-        config.on_change("cache_config.cpu_cache_capacity", lambda v: setattr(self.cache, "capacity_bytes", int(v) * GB))
+        config.on_change("cache_config.cpu_cache_capacity", lambda v: self.cache.resize(int(v) * GB))
         self.ids = IdGenerator()
         self.wal = wal.WriteAheadLog(config.get("wal_config.wal_path")) if role != "readonly" else None
         self._buffer: dict[str, _Pending] = {}  # table_id -> pending inserts
