@@ -35,6 +35,7 @@ coverage: venv
 bench: venv
 	$(PY) bench/merge_bench.py
 	$(PY) bench/search_bench.py $(BENCH_ARGS)
+	$(PY) bench/node_bench.py
 
 # ---- Deployment (README: "Running with Docker", "Running on Kubernetes"). The shell logic lives in
 # scripts/ and kubernetes_demo/start.sh; DOCKER, COMPOSE and KUBECTL name the tools.

@@ -722,14 +722,18 @@ class NodeDB:
                       params: dict) -> SearchResult:
         if not files:
             return SearchResult(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
-        parts = []
+        parts, candidate_ids, candidate_dist = [], [], []
         for file in files:
             segment = self._segment(file, row)
             if segment.index is not None:
-                parts.append(index.search(segment.index, row.metric_type, queries, segment.vectors, segment.ids,
-                                          segment.deleted, topk, params))
+                found, dist = index.search(segment.index, row.metric_type, queries, segment.vectors, segment.ids,
+                                           segment.deleted, topk, params)
+                candidate_ids.append(found)
+                candidate_dist.append(dist)
             else:
                 parts.append(engine.search_block(row.metric_type, queries, segment.vectors, segment.ids,
                                                  segment.deleted, topk))
+        if candidate_ids:  # one ranking over every indexed segment's candidates
+            parts.append(engine.select_topk(np.hstack(candidate_dist), np.hstack(candidate_ids), topk, row.metric_type))
         ids, dist = engine.merge_topk(parts, queries.shape[0], topk, row.metric_type)
         return SearchResult(ids, dist.astype(np.float32))

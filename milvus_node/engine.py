@@ -136,17 +136,14 @@ _PRESELECT_EXTRA = 64
 _PRESELECT_MARGIN = 16
 
 
-def exact_rerank(metric: int, queries: np.ndarray, vectors: np.ndarray, candidates: np.ndarray,
-                 candidate_ids: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact float64 top-k among per-query candidate rows (nq x c positions; id -1 = not a hit)."""
+def exact_distances(metric: int, queries: np.ndarray, vectors: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Exact float64 L2/IP distances of each query to its candidate rows (nq x c positions)."""
     chosen = vectors[np.maximum(candidates, 0)].astype(np.float64)  # (nq, c, dim)
     q = queries.astype(np.float64)[:, None, :]
     if metric == L2:
         chosen -= q
-        exact = np.einsum("ijk,ijk->ij", chosen, chosen)
-    else:
-        exact = np.einsum("ijk,ijk->ij", chosen, np.broadcast_to(q, chosen.shape))
-    return select_topk(exact, np.where(candidates < 0, -1, candidate_ids), topk, metric)
+        return np.einsum("ijk,ijk->ij", chosen, chosen)
+    return np.einsum("ijk,ijk->ij", chosen, np.broadcast_to(q, chosen.shape))
 
 
 def _search_preselected(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
@@ -177,7 +174,8 @@ def _search_preselected(metric: int, queries: np.ndarray, vectors: np.ndarray, r
         boundary = np.where(inside, approx, -np.inf).max(axis=1)
         tied = (np.where(beyond, approx, np.inf).min(axis=1) <= boundary) | (beyond.sum(axis=1) == 0)
     candidates = np.where(live & (rank <= keep), found, -1)
-    ids, dist = exact_rerank(metric, queries, vectors, candidates, candidate_ids, topk)
+    exact = exact_distances(metric, queries, vectors, candidates)
+    ids, dist = select_topk(exact, np.where(candidates < 0, -1, candidate_ids), topk, metric)
     if tied.any():
         rows = np.flatnonzero(tied)
         ids[rows], dist[rows] = select_topk(distances(metric, queries[rows], vectors), row_ids, topk, metric)

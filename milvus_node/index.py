@@ -122,7 +122,8 @@ def load(engine_type: int, path: str) -> LoadedIndex:
 
 def search(loaded: LoadedIndex, metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
            deleted: np.ndarray, topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (ids, float64 distances) of `queries` in one indexed segment, with the search params."""
+    """Candidate hits of `queries` in one indexed segment, with the search params: (ids, exact float64
+    distances), nq x c, unordered, id -1 for no hit. The caller ranks all segments' candidates at once."""
     if loaded.engine_type == BIN_IVF_FLAT:
         return _search_binary_ivf(loaded, metric, queries, vectors, row_ids, deleted, topk, params)
     n = vectors.shape[0]
@@ -147,7 +148,7 @@ def search(loaded: LoadedIndex, metric: int, queries: np.ndarray, vectors: np.nd
         found = np.where((found >= 0) & deleted[np.maximum(found, 0)], -1, found)
     del bitmap  # kept alive until faiss is done with the selector
     candidate_ids = np.where(found >= 0, row_ids[np.maximum(found, 0)], -1)
-    return engine.exact_rerank(metric, queries, vectors, found, candidate_ids, topk)
+    return candidate_ids, engine.exact_distances(metric, queries, vectors, found)
 
 
 def _search_binary_ivf(loaded: LoadedIndex, metric: int, queries: np.ndarray, vectors: np.ndarray,
@@ -161,8 +162,8 @@ def _search_binary_ivf(loaded: LoadedIndex, metric: int, queries: np.ndarray, ve
     columns = np.flatnonzero(chosen_lists.any(axis=0)[loaded.lists] & ~deleted)
     dist = engine.distances(metric, queries, vectors[columns])
     outside = ~chosen_lists[:, loaded.lists[columns]]
-    dist[outside] = np.inf
-    return engine.select_topk(dist, row_ids[columns], topk, metric)
+    candidate_ids = np.broadcast_to(row_ids[columns], dist.shape)
+    return np.where(outside, -1, candidate_ids), dist
 
 
 # ---------------------------------------------------------------------------------- validation
