@@ -159,3 +159,31 @@ def test_set_config_changes_what_the_node_uses(stub):
     assert stub.Cmd(pb.Command(cmd="set_config cache_config.cpu_cache_capacity 2")).status.error_code == E.SUCCESS
     assert stub.Cmd(pb.Command(cmd="get_config cache_config.cpu_cache_capacity")).string_reply == "2"
     assert stub.Cmd(pb.Command(cmd="get_config wal_config.enable")).string_reply == "true"
+
+
+def test_annoy_build_rule():
+    with pytest.raises(Exception, match=r"Invalid n_trees value: 1025. Valid range is \[1, 1024\]"):
+        index.check_index_params(index.ANNOY, 16, {"n_trees": 1025})
+    index.check_index_params(index.ANNOY, 16, {"n_trees": 8})
+
+
+def test_preload_beyond_the_cache_fails_with_cache_failed(tmp_path):
+    from milvus_node.config import RuntimeConfig, parse_settings
+    from milvus_node.db import NodeDB
+    from milvus_node.meta import MetaStore, create_meta_engine
+    from milvus_node.storage import SegmentStore
+    from utils.errors import CacheFailed
+
+    settings = parse_settings(["--data-dir", str(tmp_path), "--meta-uri", f"sqlite:///{tmp_path}/meta.sqlite",
+                               "--auto-flush-interval", "0"], environ={})
+    db = NodeDB(MetaStore(create_meta_engine(settings.meta_uri)), SegmentStore(str(tmp_path)), "single",
+                RuntimeConfig(settings))
+    db.meta.ensure_schema(create=True)
+    db.create_collection("p", 16, 1024, 1)
+    db.insert("p", "", np.zeros((1000, 16), dtype=np.float32), None)
+    db.flush(["p"])
+    db.preload("p")  # 1000 x (64 + 9) bytes fit in 4 GB
+    db.cache.resize(10_000)
+    with pytest.raises(CacheFailed) as info:
+        db.preload("p")
+    assert info.value.code == E.CACHE_FAILED and "Cannot preload collection p" in info.value.reason
