@@ -118,6 +118,8 @@ class NodeDB:
             for row in self.meta.delete_shadow_files():
                 self._remove_file_artifacts(row, whole_segment=row.file_id == row.segment_id)
             self.store.remove_stale_temp_dirs()
+            for orphan in self.store.remove_orphan_segments(self.meta.segment_keys()):
+                log.warning("removed segment dir %s: no meta row refers to it (crash before its flush committed)", orphan)
             self._recover()
             for target, name in ((self._flush_loop, "flush-and-clean"), (self._maintenance_loop, "index-and-merge")):
                 thread = threading.Thread(target=target, name=name, daemon=True)

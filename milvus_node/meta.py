@@ -440,6 +440,12 @@ class MetaStore:
         with self.engine.begin() as conn:
             conn.execute(sa.delete(table_files_table).where(table_files_table.c.id.in_(list(file_ids))))
 
+    def segment_keys(self) -> set[tuple[str, str]]:
+        """(table_id, segment_id) of every file row: the segment dirs the meta DB knows."""
+        query = sa.select(table_files_table.c.table_id, table_files_table.c.segment_id).distinct()
+        with self.engine.connect() as conn:
+            return {(r[0], r[1]) for r in conn.execute(query)}
+
     def delete_shadow_files(self) -> list[FileRow]:
         """At start-up a writer drops rows of files that were being written (NEW, NEW_MERGE, NEW_INDEX)."""
         shadow = (NEW, NEW_MERGE, NEW_INDEX)

@@ -139,6 +139,20 @@ class SegmentStore:
         except OSError:
             pass
 
+    def remove_orphan_segments(self, known: set[tuple[str, str]]) -> list[str]:
+        """Drop segment dirs no meta row names: a crash between the rename and the meta insert
+        leaves one (its rows are still in the WAL and get flushed again). Writers only, at start."""
+        removed = []
+        if not os.path.isdir(self.tables_dir):
+            return removed
+        for table_id in os.listdir(self.tables_dir):
+            table_dir = os.path.join(self.tables_dir, table_id)
+            for name in os.listdir(table_dir) if os.path.isdir(table_dir) else []:
+                if not name.startswith(".tmp-") and (table_id, name) not in known:
+                    shutil.rmtree(os.path.join(table_dir, name), ignore_errors=True)
+                    removed.append(os.path.join(table_id, name))
+        return removed
+
     def remove_stale_temp_dirs(self) -> None:
         """Drop half-written segment directories and files left by a crash (writers only)."""
         if not os.path.isdir(self.tables_dir):

@@ -162,6 +162,8 @@ def test_kill_9_during_flush(cluster, point):
     cluster.start()
     cluster.check()
     assert 0 not in cluster.file_types() and 5 not in cluster.file_types()
+    segment_dirs = list((Path(cluster.node.data_dir) / "db" / "tables" / NAME).iterdir())
+    assert len(segment_dirs) == len(cluster.file_types()), "no segment dir without a meta row"
 
 
 def test_kill_9_during_index_build(cluster):
