@@ -65,7 +65,7 @@ class SegmentCache:
         with self._lock:
             entry = self._entries.get(file_id)
             if entry is not None:
-                self._entries[file_id] = SegmentData(entry.ids, entry.vectors, deleted, entry.index)
+                self._entries[file_id] = SegmentData(entry.ids, entry.vectors, deleted, entry.norms, entry.index)
 
     def discard(self, file_id: int) -> None:
         with self._lock:

@@ -734,7 +734,7 @@ class NodeDB:
                 candidate_dist.append(dist)
             else:
                 parts.append(engine.search_block(row.metric_type, queries, segment.vectors, segment.ids,
-                                                 segment.deleted, topk))
+                                                 segment.deleted, topk, segment.norms))
         if candidate_ids:  # one ranking over every indexed segment's candidates
             parts.append(engine.select_topk(np.hstack(candidate_dist), np.hstack(candidate_ids), topk, row.metric_type))
         ids, dist = engine.merge_topk(parts, queries.shape[0], topk, row.metric_type)

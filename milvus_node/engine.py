@@ -7,7 +7,6 @@ ascending id, so results are reproducible and a brute-force oracle can compare t
 """
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
 L2, IP, HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE = range(1, 8)
@@ -104,11 +103,13 @@ def select_topk(dist: np.ndarray, ids: np.ndarray, topk: int, metric: int) -> tu
 
 
 def search_block(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
-                 excluded: np.ndarray | None, topk: int) -> tuple[np.ndarray, np.ndarray]:
+                 excluded: np.ndarray | None, topk: int, norms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of `queries` against one segment; `excluded` marks deleted rows.
 
-    Float metrics on large segments pre-select candidates with faiss' float32 flat k-NN and rank
+    Float metrics on large segments pre-select candidates with one float32 BLAS product and rank
     only those exactly in float64; everything else is ranked exactly over the whole segment.
+    (faiss' flat k-NN as the pre-selection was measured no faster here: the scan is memory-bound
+    once a collection outgrows the CPU cache, and it lost at nq = 100.)
     """
     if excluded is not None and excluded.any():
         row_ids = np.where(excluded, -1, row_ids)
@@ -121,7 +122,7 @@ def search_block(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids:
     for start in range(0, nq, step):
         block = queries[start:start + step]
         if preselect:
-            i, d = _search_preselected(metric, block, vectors, row_ids, topk)
+            i, d = _search_preselected(metric, block, vectors, row_ids, topk, norms)
         else:
             i, d = select_topk(distances(metric, block, vectors), row_ids, topk, metric)
         parts_ids.append(i)
@@ -133,7 +134,6 @@ def search_block(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids:
 
 _PRESELECT_FACTOR = 4
 _PRESELECT_EXTRA = 64
-_PRESELECT_MARGIN = 16
 
 
 def exact_distances(metric: int, queries: np.ndarray, vectors: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -147,35 +147,26 @@ def exact_distances(metric: int, queries: np.ndarray, vectors: np.ndarray, candi
 
 
 def _search_preselected(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
-                        topk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Candidates by faiss' float32 flat k-NN (topk + 16 live ones), then exact float64 ranking.
+                        topk: int, norms: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates by float32 score (topk + 16 of them), then exact float64 ranking among them.
 
     float32 rounding (~1e-5 relative) can only reorder rows whose distances nearly tie, and the
-    candidate margin keeps all of those. Deleted rows are fetched and dropped (faiss' flat k-NN
-    takes no selector). A row whose candidate boundary is an exact tie shared with rows beyond
-    the candidates (duplicate vectors) is ranked exactly over the whole segment.
+    candidate margin keeps all of those. A row whose candidate boundary is an exact tie shared
+    with more rows than were kept (duplicate vectors) is ranked exactly over the whole segment.
     """
-    n = vectors.shape[0]
-    keep = topk + _PRESELECT_MARGIN
-    dead = int(np.count_nonzero(row_ids < 0))
-    fetch = min(n, keep + 1 + dead)
-    faiss_metric = faiss.METRIC_L2 if metric == L2 else faiss.METRIC_INNER_PRODUCT
-    approx, found = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), vectors, fetch, metric=faiss_metric)
-    if metric == IP:
-        approx = -approx
-    candidate_ids = row_ids[np.maximum(found, 0)]
-    live = (found >= 0) & (candidate_ids >= 0)
-    rank = np.cumsum(live, axis=1)
-    tied = np.zeros(queries.shape[0], dtype=bool)
-    if fetch < n:
-        # boundary = approx of the keep-th live candidate; a tie reaching past it needs the exact path
-        inside = live & (rank <= keep)
-        beyond = live & (rank == keep + 1)
-        boundary = np.where(inside, approx, -np.inf).max(axis=1)
-        tied = (np.where(beyond, approx, np.inf).min(axis=1) <= boundary) | (beyond.sum(axis=1) == 0)
-    candidates = np.where(live & (rank <= keep), found, -1)
-    exact = exact_distances(metric, queries, vectors, candidates)
-    ids, dist = select_topk(exact, np.where(candidates < 0, -1, candidate_ids), topk, metric)
+    scores = queries.astype(np.float32, copy=False) @ vectors.T
+    if metric == L2:
+        if norms is None:
+            norms = np.einsum("ij,ij->i", vectors, vectors)
+        approx = norms[None, :] - 2.0 * scores
+    else:
+        approx = -scores
+    approx[:, row_ids < 0] = np.inf
+    keep = min(vectors.shape[0], topk + 16)
+    candidates = np.argpartition(approx, keep - 1, axis=1)[:, :keep]
+    boundary = np.take_along_axis(approx, candidates, axis=1).max(axis=1)
+    tied = (approx <= boundary[:, None]).sum(axis=1) > keep
+    ids, dist = select_topk(exact_distances(metric, queries, vectors, candidates), row_ids[candidates], topk, metric)
     if tied.any():
         rows = np.flatnonzero(tied)
         ids[rows], dist[rows] = select_topk(distances(metric, queries[rows], vectors), row_ids, topk, metric)

@@ -27,12 +27,17 @@ class SegmentData:
     ids: np.ndarray  # int64, shape (n,)
     vectors: np.ndarray  # float32 (n, dim) or uint8 (n, dim/8)
     deleted: np.ndarray  # bool, shape (n,)
+    norms: np.ndarray | None = None  # float32 squared norms of float vectors, for the L2 pre-selection
     index: object | None = None  # the segment's built index (milvus_node.index.LoadedIndex), if any
+
+    def __post_init__(self) -> None:
+        if self.norms is None and self.vectors.dtype == np.float32:
+            self.norms = np.einsum("ij,ij->i", self.vectors, self.vectors)
 
     @property
     def nbytes(self) -> int:
-        index_bytes = self.index.nbytes if self.index is not None else 0
-        return int(self.ids.nbytes + self.vectors.nbytes + self.deleted.nbytes + index_bytes)
+        extra = (self.norms.nbytes if self.norms is not None else 0) + (self.index.nbytes if self.index is not None else 0)
+        return int(self.ids.nbytes + self.vectors.nbytes + self.deleted.nbytes + extra)
 
     @property
     def live_count(self) -> int:
