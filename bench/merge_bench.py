@@ -13,6 +13,7 @@ Then one tie-heavy case (integer distances, as HAMMING gives), where the vectori
 order tied candidates by id, and the cost of encoding a 10k-value reply.
 Prints medians; the machine is shared, so expect +-30%.
 """
+
 from __future__ import annotations
 
 import os
@@ -108,7 +109,10 @@ def bench_merge(rng: np.random.Generator, nq: int, topk: int, nodes: int, ties: 
 
 
 def print_merge_table(rng: np.random.Generator) -> bool:
-    header = f"{'nq':>4} {'topk':>5} {'nodes':>5} {'candidates':>10} {'pairwise sort':>14} {'merge_topk':>11} {'speed-up':>9}"
+    header = (
+        f"{'nq':>4} {'topk':>5} {'nodes':>5} {'candidates':>10} {'pairwise sort':>14} {'merge_topk':>11} "
+        f"{'speed-up':>9}"
+    )
     print("Merge of per-node top-k results (median per call)")
     print(header + (f" {'faiss (ref.)':>13}" if faiss else ""))
     target_met = False
@@ -152,8 +156,10 @@ def print_encoding(rng: np.random.Generator) -> None:
     decode_cost = median_seconds(lambda: decode_topk_result(encoded))
     print(f"\nTopKQueryResult of nq*k = {nq * k} (10% padding), median per call")
     print(f"  protobuf message + .extend(tolist()) + serialize: {extend_cost * 1e6:8.1f} us")
-    print(f"  encode_topk_result (packed floats + vectorised varints): {encode_cost * 1e6:8.1f} us"
-          f"  ({extend_cost / encode_cost:.1f}x faster)")
+    print(
+        f"  encode_topk_result (packed floats + vectorised varints): {encode_cost * 1e6:8.1f} us"
+        f"  ({extend_cost / encode_cost:.1f}x faster)"
+    )
     print(f"  decode_topk_result (upb parse + numpy buffers): {decode_cost * 1e6:8.1f} us")
 
 
@@ -162,7 +168,10 @@ def main() -> int:
     target_met = print_merge_table(rng)
     print_encoding(rng)
     nq, topk, nodes, ratio = TARGET
-    print(f"\ntarget: nq={nq} topk={topk} nodes={nodes} at least {ratio:.0f}x faster: {'met' if target_met else 'NOT met'}")
+    print(
+        f"\ntarget: nq={nq} topk={topk} nodes={nodes} at least {ratio:.0f}x faster: "
+        f"{'met' if target_met else 'NOT met'}"
+    )
     return 0 if target_met else 1
 
 

@@ -7,6 +7,7 @@ count) for nq = 1 and 10, topk = 10; the IVF_FLAT run also reports recall@10 aga
 
     python bench/node_bench.py [--rows 100000] [--seconds 3] [--nlist 256] [--nprobe 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,11 +33,14 @@ DIM, SEGMENTS, TOPK = 128, 10, 10
 
 def load(address: str, vectors: np.ndarray) -> tuple[float, float]:
     """Insert and flush SEGMENTS batches; returns (insert rows/s, flush seconds per segment)."""
-    requests = [pb.InsertParam(collection_name="bench", row_record_array=records(part)).SerializeToString()
-                for part in np.array_split(vectors, SEGMENTS)]
+    requests = [
+        pb.InsertParam(collection_name="bench", row_record_array=records(part)).SerializeToString()
+        for part in np.array_split(vectors, SEGMENTS)
+    ]
     with milvus_stub(address) as stub, grpc.insecure_channel(address, options=OPTIONS) as channel:
-        status = stub.CreateCollection(pb.CollectionSchema(collection_name="bench", dimension=DIM, index_file_size=4,
-                                                           metric_type=1))
+        status = stub.CreateCollection(
+            pb.CollectionSchema(collection_name="bench", dimension=DIM, index_file_size=4, metric_type=1)
+        )
         assert status.error_code == 0, status
         insert = channel.unary_unary("/milvus.grpc.MilvusService/Insert", response_deserializer=pb.VectorIds.FromString)
         inserting = flushing = 0.0
@@ -53,8 +57,9 @@ def load(address: str, vectors: np.ndarray) -> tuple[float, float]:
 def measure(address: str, queries: np.ndarray, params: str, seconds: float, budget: int = 100_000) -> dict:
     request = search_param("bench", queries, TOPK, params=params).SerializeToString()
     with grpc.insecure_channel(address, options=OPTIONS) as channel:
-        search = channel.unary_unary("/milvus.grpc.MilvusService/Search",
-                                     response_deserializer=pb.TopKQueryResult.FromString)
+        search = channel.unary_unary(
+            "/milvus.grpc.MilvusService/Search", response_deserializer=pb.TopKQueryResult.FromString
+        )
         reply = search(request, timeout=60)  # warm-up: loads segments into the cache
         assert reply.status.error_code == 0, reply.status
         latencies = []
@@ -63,8 +68,11 @@ def measure(address: str, queries: np.ndarray, params: str, seconds: float, budg
             t0 = time.perf_counter()
             search(request, timeout=60)
             latencies.append(time.perf_counter() - t0)
-    return {"qps": len(latencies) / sum(latencies), "p50_ms": statistics.median(latencies) * 1e3,
-            "ids": np.array(reply.ids).reshape(len(queries), TOPK)}
+    return {
+        "qps": len(latencies) / sum(latencies),
+        "p50_ms": statistics.median(latencies) * 1e3,
+        "ids": np.array(reply.ids).reshape(len(queries), TOPK),
+    }
 
 
 def main() -> None:
@@ -79,28 +87,43 @@ def main() -> None:
     queries = {nq: rng.random((nq, DIM), dtype=np.float32) for nq in (1, 10)}
     with tempfile.TemporaryDirectory(prefix="node-bench-") as tmp:
         data = Path(tmp)
-        with NodeProcess("single", f"sqlite:///{data}/meta.sqlite", data / "data", log_dir=data,
-                         extra_args=["--auto-flush-interval", "0", "--merge-after", "-1"]) as node:
+        with NodeProcess(
+            "single",
+            f"sqlite:///{data}/meta.sqlite",
+            data / "data",
+            log_dir=data,
+            extra_args=["--auto-flush-interval", "0", "--merge-after", "-1"],
+        ) as node:
             rows_per_s, flush_s = load(node.address, vectors)
             flat = {nq: measure(node.address, q, "{}", args.seconds) for nq, q in queries.items()}
             with milvus_stub(node.address) as stub:
                 t0 = time.perf_counter()
-                status = stub.CreateIndex(pb.IndexParam(collection_name="bench", index_type=2, extra_params=[
-                    pb.KeyValuePair(key="params", value=f'{{"nlist": {args.nlist}}}')]), timeout=600)
+                status = stub.CreateIndex(
+                    pb.IndexParam(
+                        collection_name="bench",
+                        index_type=2,
+                        extra_params=[pb.KeyValuePair(key="params", value=f'{{"nlist": {args.nlist}}}')],
+                    ),
+                    timeout=600,
+                )
                 build_s = time.perf_counter() - t0
                 assert status.error_code == 0, status
             params = f'{{"nprobe": {args.nprobe}}}'
             ivf = {nq: measure(node.address, q, params, args.seconds) for nq, q in queries.items()}
 
-    print(f"# node bench: single node, {args.rows} x {DIM} float32 L2 in {SEGMENTS} segments, topk {TOPK}, "
-          f"one request in flight ({platform.node()}, Python {platform.python_version()})")
-    print(f"insert: {rows_per_s:,.0f} rows/s (batches of {args.rows // SEGMENTS}, WAL fsync per batch); "
-          f"flush: {flush_s * 1e3:.0f} ms per segment")
+    print(
+        f"# node bench: single node, {args.rows} x {DIM} float32 L2 in {SEGMENTS} segments, topk {TOPK}, "
+        f"one request in flight ({platform.node()}, Python {platform.python_version()})"
+    )
+    print(
+        f"insert: {rows_per_s:,.0f} rows/s (batches of {args.rows // SEGMENTS}, WAL fsync per batch); "
+        f"flush: {flush_s * 1e3:.0f} ms per segment"
+    )
     print(f"IVF_FLAT build (nlist {args.nlist}, {SEGMENTS} segments): {build_s:.1f} s")
     print(f"{'index':<10} {'nq':>4} {'QPS':>8} {'p50 ms':>8} {'recall@10 vs FLAT':>18}")
     for name, runs in (("FLAT", flat), (f"IVF_FLAT/{args.nprobe}", ivf)):
         for nq, run in runs.items():
-            hits = np.mean([len(set(a) & set(b)) / TOPK for a, b in zip(run["ids"], flat[nq]["ids"])])
+            hits = np.mean([len(set(a) & set(b)) / TOPK for a, b in zip(run["ids"], flat[nq]["ids"], strict=True)])
             print(f"{name:<10} {nq:>4} {run['qps']:>8.0f} {run['p50_ms']:>8.2f} {hits:>18.3f}")
 
 

@@ -9,6 +9,7 @@ bounded in requests and seconds.
 
     python bench/search_bench.py [--rows 100000] [--seconds 3] [--profile]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,12 +45,17 @@ def cpu_seconds(pid: int) -> float:
 
 def load(address: str, vectors: np.ndarray, ids: np.ndarray) -> None:
     with milvus_stub(address) as stub:
-        status = stub.CreateCollection(pb.CollectionSchema(collection_name="bench", dimension=DIM,
-                                                           index_file_size=1024, metric_type=1))
+        status = stub.CreateCollection(
+            pb.CollectionSchema(collection_name="bench", dimension=DIM, index_file_size=1024, metric_type=1)
+        )
         assert status.error_code == 0, status
         for part in np.array_split(np.arange(len(vectors)), SEGMENTS):
-            reply = stub.Insert(pb.InsertParam(collection_name="bench", row_record_array=records(vectors[part]),
-                                               row_id_array=ids[part].tolist()), timeout=120)
+            reply = stub.Insert(
+                pb.InsertParam(
+                    collection_name="bench", row_record_array=records(vectors[part]), row_id_array=ids[part].tolist()
+                ),
+                timeout=120,
+            )
             assert reply.status.error_code == 0, reply.status
             assert stub.Flush(pb.FlushParam(collection_name_array=["bench"]), timeout=120).error_code == 0
 
@@ -74,18 +80,38 @@ def run(address: str, request: bytes, seconds: float, max_requests: int, pid: in
     finally:
         channel.close()
     ordered = sorted(latencies)
-    return {"n": len(latencies), "p50": statistics.median(ordered) * 1000,
-            "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
-            "qps": len(latencies) / wall, "cpu_ms": cpu / len(latencies) * 1000 if pid else float("nan")}
+    return {
+        "n": len(latencies),
+        "p50": statistics.median(ordered) * 1000,
+        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+        "qps": len(latencies) / wall,
+        "cpu_ms": cpu / len(latencies) * 1000 if pid else float("nan"),
+    }
 
 
 def profile(pid: int, address: str, request: bytes, seconds: float, out: Path) -> str:
     """py-spy samples the proxy while it serves the nq=1, topk=10 stream; returns the top frames."""
     raw = out / "proxy-profile.txt"
-    sampler = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                                "--format", "raw", "--output", str(raw), "--nonblocking", "--rate", "250",
-                                "--threads"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sampler = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("py-spy")),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(seconds)),
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            "--nonblocking",
+            "--rate",
+            "250",
+            "--threads",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
     run(address, request, seconds - 1, 10**9, None)
     sampler.wait(timeout=seconds + 30)
@@ -117,39 +143,66 @@ def main() -> int:
         (base / "single").mkdir()
         (base / "cluster").mkdir()
         meta = f"sqlite:///{base}/cluster/meta.sqlite"
-        with NodeProcess("single", f"sqlite:///{base}/single/meta.sqlite", base / "single", log_dir=base) as single, \
-             NodeProcess("writable", meta, base / "cluster", log_dir=base) as writable, \
-             NodeProcess("readonly", meta, base / "cluster", log_dir=base) as ro1, \
-             NodeProcess("readonly", meta, base / "cluster", log_dir=base) as ro2:
+        with (
+            NodeProcess("single", f"sqlite:///{base}/single/meta.sqlite", base / "single", log_dir=base) as single,
+            NodeProcess("writable", meta, base / "cluster", log_dir=base) as writable,
+            NodeProcess("readonly", meta, base / "cluster", log_dir=base) as ro1,
+            NodeProcess("readonly", meta, base / "cluster", log_dir=base) as ro2,
+        ):
             print(f"loading {args.rows} x {DIM} vectors as {SEGMENTS} segments into each target ...", flush=True)
             load(single.address, vectors, ids)
             load(writable.address, vectors, ids)
             quiet = {"LOG_LEVEL": "WARNING", "TIMEOUT": "60"}
-            with MishardsProcess(woserver=writable.address, meta_uri=meta, ro_addresses=[ro1.address],
-                                 log_dir=base, extra_env=quiet) as proxy1, \
-                 MishardsProcess(woserver=writable.address, meta_uri=meta, ro_addresses=[ro1.address, ro2.address],
-                                 log_dir=base, extra_env=quiet) as proxy2:
-                targets = [("single node", single.address, None), ("proxy, 1 RO", proxy1.address, proxy1.pid),
-                           ("proxy, 2 RO", proxy2.address, proxy2.pid)]
-                print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                      f"Python {platform.python_version()}, grpcio {grpc.__version__}")
-                print(f"{'target':<13} {'nq':>4} {'topk':>5} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} "
-                      f"{'QPS':>7} {'proxy CPU ms/search':>20}")
+            with (
+                MishardsProcess(
+                    woserver=writable.address, meta_uri=meta, ro_addresses=[ro1.address], log_dir=base, extra_env=quiet
+                ) as proxy1,
+                MishardsProcess(
+                    woserver=writable.address,
+                    meta_uri=meta,
+                    ro_addresses=[ro1.address, ro2.address],
+                    log_dir=base,
+                    extra_env=quiet,
+                ) as proxy2,
+            ):
+                targets = [
+                    ("single node", single.address, None),
+                    ("proxy, 1 RO", proxy1.address, proxy1.pid),
+                    ("proxy, 2 RO", proxy2.address, proxy2.pid),
+                ]
+                print(
+                    f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                    f"Python {platform.python_version()}, grpcio {grpc.__version__}"
+                )
+                print(
+                    f"{'target':<13} {'nq':>4} {'topk':>5} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} "
+                    f"{'QPS':>7} {'proxy CPU ms/search':>20}"
+                )
                 for nq in (1, 10, 100):
                     for topk in (10, 100):
                         queries = rng.random((nq, DIM)).astype(np.float32)
-                        request = pb.SearchParam(collection_name="bench", query_record_array=records(queries),
-                                                 topk=topk, extra_params=[pb.KeyValuePair(key="params", value="{}")]
-                                                 ).SerializeToString()
+                        request = pb.SearchParam(
+                            collection_name="bench",
+                            query_record_array=records(queries),
+                            topk=topk,
+                            extra_params=[pb.KeyValuePair(key="params", value="{}")],
+                        ).SerializeToString()
                         for label, address, pid in targets:
                             r = run(address, request, args.seconds, args.max_requests, pid)
                             cpu = "" if pid is None else f"{r['cpu_ms']:.3f}"
-                            print(f"{label:<13} {nq:>4} {topk:>5} {r['n']:>8} {r['p50']:>8.2f} {r['p99']:>8.2f} "
-                                  f"{r['qps']:>7.1f} {cpu:>20}", flush=True)
+                            print(
+                                f"{label:<13} {nq:>4} {topk:>5} {r['n']:>8} {r['p50']:>8.2f} {r['p99']:>8.2f} "
+                                f"{r['qps']:>7.1f} {cpu:>20}",
+                                flush=True,
+                            )
                 if args.profile:
                     queries = rng.random((1, DIM)).astype(np.float32)
-                    request = pb.SearchParam(collection_name="bench", query_record_array=records(queries), topk=10,
-                                             extra_params=[pb.KeyValuePair(key="params", value="{}")]).SerializeToString()
+                    request = pb.SearchParam(
+                        collection_name="bench",
+                        query_record_array=records(queries),
+                        topk=10,
+                        extra_params=[pb.KeyValuePair(key="params", value="{}")],
+                    ).SerializeToString()
                     print("\nproxy profile (2 RO, nq=1, topk=10), own time by frame:")
                     print(profile(proxy2.pid, proxy2.address, request, 8, base))
     return 0

@@ -3,6 +3,7 @@
 A provider is built with the `DISCOVERY_*` settings and the proxy's `Membership`, and keeps the
 membership equal to the nodes it finds; the membership does the handshakes and health checks.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol

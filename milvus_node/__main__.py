@@ -1,4 +1,5 @@
 """`python -m milvus_node --role single|writable|readonly --port N --meta-uri URI --data-dir DIR`."""
+
 from __future__ import annotations
 
 import os
@@ -33,16 +34,30 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     config = RuntimeConfig(settings)
     os.makedirs(os.path.join(settings.data_dir, "db"), exist_ok=True)
-    db = NodeDB(MetaStore(create_meta_engine(settings.meta_uri), settings.version),
-                SegmentStore(settings.data_dir), settings.role, config, settings.merge_after_s)
+    db = NodeDB(
+        MetaStore(create_meta_engine(settings.meta_uri), settings.version),
+        SegmentStore(settings.data_dir),
+        settings.role,
+        config,
+        settings.merge_after_s,
+    )
     try:
         db.start()
     except MilvusError as exc:
         log.error("cannot start: %s", exc.reason)
         return 2
-    server, port = build_server(MilvusNodeServicer(db, config, settings.version), settings.host, settings.port, settings.workers)
+    server, port = build_server(
+        MilvusNodeServicer(db, config, settings.version), settings.host, settings.port, settings.workers
+    )
     server.start()
-    log.info("milvus_node %s serving as %s on %s:%d (data %s)", settings.version, settings.role, settings.host, port, settings.data_dir)
+    log.info(
+        "milvus_node %s serving as %s on %s:%d (data %s)",
+        settings.version,
+        settings.role,
+        settings.host,
+        port,
+        settings.data_dir,
+    )
 
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

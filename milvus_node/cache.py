@@ -3,11 +3,12 @@
 A read-only node answers from this cache: deletions the writable node applies later stay
 invisible until `ReloadSegments` refreshes a file's deletion bitmap, as in Milvus.
 """
+
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

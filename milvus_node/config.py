@@ -5,19 +5,25 @@ Only the keys this node really acts on can be changed at run time; the rest read
 start-up, and unknown keys are an error, so a client never believes a setting took effect when
 it did not.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from utils.errors import IllegalArgument
 
 ROLE_ALIASES = {
-    "single": "single", "writable": "writable", "readonly": "readonly",
-    "cluster_writable": "writable", "cluster_readonly": "readonly", "rw": "writable", "ro": "readonly",
+    "single": "single",
+    "writable": "writable",
+    "readonly": "readonly",
+    "cluster_writable": "writable",
+    "cluster_readonly": "readonly",
+    "rw": "writable",
+    "ro": "readonly",
 }
 DEPLOY_MODES = {"single": "single", "writable": "cluster_writable", "readonly": "cluster_readonly"}
 
@@ -44,26 +50,72 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
         return env.get(f"MILVUS_NODE_{name}", fallback)
 
     parser = argparse.ArgumentParser(prog="python -m milvus_node", description="A Milvus 0.9.1-compatible node.")
-    parser.add_argument("--role", default=default("ROLE", "single"), help="single | writable | readonly (env MILVUS_NODE_ROLE)")
+    parser.add_argument(
+        "--role", default=default("ROLE", "single"), help="single | writable | readonly (env MILVUS_NODE_ROLE)"
+    )
     parser.add_argument("--host", default=default("HOST", "127.0.0.1"), help="address to bind (env MILVUS_NODE_HOST)")
-    parser.add_argument("--port", type=int, default=int(default("PORT", "19530")), help="gRPC port; 0 picks a free one (env MILVUS_NODE_PORT)")
-    parser.add_argument("--data-dir", default=default("DATA_DIR", "/tmp/milvus"), help="storage root, Milvus' primary_path (env MILVUS_NODE_DATA_DIR)")
-    parser.add_argument("--meta-uri", default=default("META_URI", ""), help="SQLAlchemy URL of the meta DB; default sqlite:///<data-dir>/db/meta.sqlite (env MILVUS_NODE_META_URI)")
-    parser.add_argument("--version", default=default("VERSION", "0.9.1"), help="what Cmd version answers (env MILVUS_NODE_VERSION)")
-    parser.add_argument("--auto-flush-interval", type=int, default=int(default("AUTO_FLUSH_INTERVAL", "1")), help="seconds between automatic flushes, 0 disables (env MILVUS_NODE_AUTO_FLUSH_INTERVAL)")
-    parser.add_argument("--cpu-cache-capacity", type=int, default=int(default("CPU_CACHE_CAPACITY", "4")), help="GB of loaded segments to keep (env MILVUS_NODE_CPU_CACHE_CAPACITY)")
-    parser.add_argument("--workers", type=int, default=int(default("WORKERS", "16")), help="gRPC worker threads (env MILVUS_NODE_WORKERS)")
-    parser.add_argument("--merge-after", type=float, default=float(default("MERGE_AFTER", "10")),
-                        help="seconds a small RAW file stays unchanged before the background merge takes it; "
-                             "negative disables merging (env MILVUS_NODE_MERGE_AFTER)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(default("PORT", "19530")),
+        help="gRPC port; 0 picks a free one (env MILVUS_NODE_PORT)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=default("DATA_DIR", "/tmp/milvus"),
+        help="storage root, Milvus' primary_path (env MILVUS_NODE_DATA_DIR)",
+    )
+    parser.add_argument(
+        "--meta-uri",
+        default=default("META_URI", ""),
+        help="SQLAlchemy URL of the meta DB; default sqlite:///<data-dir>/db/meta.sqlite (env MILVUS_NODE_META_URI)",
+    )
+    parser.add_argument(
+        "--version", default=default("VERSION", "0.9.1"), help="what Cmd version answers (env MILVUS_NODE_VERSION)"
+    )
+    parser.add_argument(
+        "--auto-flush-interval",
+        type=int,
+        default=int(default("AUTO_FLUSH_INTERVAL", "1")),
+        help="seconds between automatic flushes, 0 disables (env MILVUS_NODE_AUTO_FLUSH_INTERVAL)",
+    )
+    parser.add_argument(
+        "--cpu-cache-capacity",
+        type=int,
+        default=int(default("CPU_CACHE_CAPACITY", "4")),
+        help="GB of loaded segments to keep (env MILVUS_NODE_CPU_CACHE_CAPACITY)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(default("WORKERS", "16")),
+        help="gRPC worker threads (env MILVUS_NODE_WORKERS)",
+    )
+    parser.add_argument(
+        "--merge-after",
+        type=float,
+        default=float(default("MERGE_AFTER", "10")),
+        help="seconds a small RAW file stays unchanged before the background merge takes it; "
+        "negative disables merging (env MILVUS_NODE_MERGE_AFTER)",
+    )
     args = parser.parse_args(argv)
     role = ROLE_ALIASES.get(args.role)
     if role is None:
         parser.error(f"--role must be one of single, writable, readonly (got {args.role!r})")
     data_dir = os.path.abspath(args.data_dir)
     meta_uri = args.meta_uri or f"sqlite:///{os.path.join(data_dir, 'db', 'meta.sqlite')}"
-    return NodeSettings(role, args.host, args.port, data_dir, meta_uri, args.version,
-                        args.auto_flush_interval, args.cpu_cache_capacity, args.workers, args.merge_after)
+    return NodeSettings(
+        role,
+        args.host,
+        args.port,
+        data_dir,
+        meta_uri,
+        args.version,
+        args.auto_flush_interval,
+        args.cpu_cache_capacity,
+        args.workers,
+        args.merge_after,
+    )
 
 
 def _non_negative_int(value: str) -> int:
@@ -144,7 +196,9 @@ class RuntimeConfig:
     def get(self, key: str) -> str:
         with self._lock:
             if key not in self._values:
-                raise IllegalArgument(f"Invalid config key: {key}. Use <parent>.<child>, e.g. cache_config.cpu_cache_capacity")
+                raise IllegalArgument(
+                    f"Invalid config key: {key}. Use <parent>.<child>, e.g. cache_config.cpu_cache_capacity"
+                )
             return self._values[key]
 
     def get_int(self, key: str) -> int:

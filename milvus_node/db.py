@@ -5,6 +5,7 @@ until a flush writes them as a new segment (RAW file); deletes are applied at fl
 rewriting the segment's `deleted_docs`; searches read only flushed, searchable files. The role
 decides what this node may do: `readonly` never writes meta or files.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,18 +14,25 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
+from utils import validation
 from utils.errors import (
-    CacheFailed, IllegalArgument, IllegalCollectionName, IllegalDimension, IllegalIndexType,
-    IllegalRowRecord, IllegalVectorId, MilvusError, PartitionError, UnexpectedError,
+    CacheFailed,
+    IllegalArgument,
+    IllegalCollectionName,
+    IllegalDimension,
+    IllegalIndexType,
+    IllegalRowRecord,
+    IllegalVectorId,
+    MilvusError,
+    PartitionError,
+    UnexpectedError,
     collection_missing,
 )
-
-from utils import validation
 
 from . import engine, index, meta, wal
 from .cache import SegmentCache
@@ -38,8 +46,18 @@ GB = 1 << 30
 MB = 1 << 20
 BINARY_ENGINE = {1: 9, 2: 10}  # FLAT / IVF_FLAT -> FAISS_BIN_IDMAP / FAISS_BIN_IVFFLAT
 CLIENT_INDEX_TYPE = {9: 1, 10: 2}
-INDEX_NAMES = {1: "IDMAP", 2: "IVFFLAT", 3: "IVFSQ8", 4: "NSG", 5: "IVFSQ8H", 6: "PQ", 9: "BIN_IDMAP",
-               10: "BIN_IVFFLAT", 11: "HNSW", 12: "ANNOY"}
+INDEX_NAMES = {
+    1: "IDMAP",
+    2: "IVFFLAT",
+    3: "IVFSQ8",
+    4: "NSG",
+    5: "IVFSQ8H",
+    6: "PQ",
+    9: "BIN_IDMAP",
+    10: "BIN_IVFFLAT",
+    11: "HNSW",
+    12: "ANNOY",
+}
 TTL_SECONDS = {"single": 10, "writable": 3600}
 UNAVAILABLE_INDEX_TYPES = (index.IVF_SQ8H, index.ANNOY)  # GPU-only / not served by this CPU node
 MAINTENANCE_PERIOD_S = 1.0  # Milvus' index thread cadence; merges run on the same beat
@@ -88,8 +106,9 @@ class SearchResult:
 
 
 class NodeDB:
-    def __init__(self, meta_store: MetaStore, store: SegmentStore, role: str, config: RuntimeConfig,
-                 merge_after_s: float = 10.0) -> None:
+    def __init__(
+        self, meta_store: MetaStore, store: SegmentStore, role: str, config: RuntimeConfig, merge_after_s: float = 10.0
+    ) -> None:
         self.meta = meta_store
         self.store = store
         self.role = role
@@ -119,7 +138,9 @@ class NodeDB:
                 self._remove_file_artifacts(row, whole_segment=row.file_id == row.segment_id)
             self.store.remove_stale_temp_dirs()
             for orphan in self.store.remove_orphan_segments(self.meta.segment_keys()):
-                log.warning("removed segment dir %s: no meta row refers to it (crash before its flush committed)", orphan)
+                log.warning(
+                    "removed segment dir %s: no meta row refers to it (crash before its flush committed)", orphan
+                )
             self._recover()
             for target, name in ((self._flush_loop, "flush-and-clean"), (self._maintenance_loop, "index-and-merge")):
                 thread = threading.Thread(target=target, name=name, daemon=True)
@@ -152,7 +173,9 @@ class NodeDB:
             elif record.kind == wal.DELETE:
                 row = self.meta.get_table(record.names[0])
                 if row is not None:
-                    self._buffer_delete(record.names[0], {t.table_id for t in self._tables(row)}, record.ids, record.lsn)
+                    self._buffer_delete(
+                        record.names[0], {t.table_id for t in self._tables(row)}, record.ids, record.lsn
+                    )
                     replayed += 1
             else:
                 self._buffer_drop(record.names)
@@ -202,7 +225,10 @@ class NodeDB:
 
     def _require_writer(self, what: str) -> None:
         if not self.writes:
-            raise UnexpectedError(f"{what} is not allowed on a read-only node (deploy_mode cluster_readonly); send writes to the writable node")
+            raise UnexpectedError(
+                f"{what} is not allowed on a read-only node (deploy_mode cluster_readonly); "
+                "send writes to the writable node"
+            )
 
     # ------------------------------------------------------------------ collections
     def collection(self, name: str) -> TableRow:
@@ -234,8 +260,12 @@ class NodeDB:
         if self.meta.get_table(name) is not None:
             raise IllegalCollectionName(f"Collection {name} already exists")
         self.meta.insert_table(
-            table_id=name, dimension=dimension, index_file_size=index_file_size_mb * MB, metric_type=metric,
-            engine_type=9 if engine.is_binary(metric) else 1, index_params="{}",
+            table_id=name,
+            dimension=dimension,
+            index_file_size=index_file_size_mb * MB,
+            metric_type=metric,
+            engine_type=9 if engine.is_binary(metric) else 1,
+            index_params="{}",
         )
 
     def has_collection(self, name: str) -> bool:
@@ -271,15 +301,22 @@ class NodeDB:
         partitions = []
         for table in tables:
             segments = [
-                {"data_size": f.file_size, "index_name": INDEX_NAMES.get(f.engine_type, str(f.engine_type)),
-                 "name": f.segment_id, "row_count": f.row_count}
-                for f in files if f.table_id == table.table_id
+                {
+                    "data_size": f.file_size,
+                    "index_name": INDEX_NAMES.get(f.engine_type, str(f.engine_type)),
+                    "name": f.segment_id,
+                    "row_count": f.row_count,
+                }
+                for f in files
+                if f.table_id == table.table_id
             ]
-            partitions.append({
-                "row_count": sum(s["row_count"] for s in segments),
-                "segments": segments,
-                "tag": table.partition_tag if table.is_partition else validation.DEFAULT_PARTITION_TAG,
-            })
+            partitions.append(
+                {
+                    "row_count": sum(s["row_count"] for s in segments),
+                    "segments": segments,
+                    "tag": table.partition_tag if table.is_partition else validation.DEFAULT_PARTITION_TAG,
+                }
+            )
         return {"partitions": partitions, "row_count": sum(p["row_count"] for p in partitions)}
 
     # ------------------------------------------------------------------ partitions
@@ -295,9 +332,15 @@ class NodeDB:
         if len(partitions) >= validation.MAX_PARTITIONS:
             raise PartitionError(f"The number of partitions exceeds the upper limit({validation.MAX_PARTITIONS})")
         self.meta.insert_table(
-            table_id=self.ids.one(), dimension=row.dimension, index_file_size=row.index_file_size,
-            metric_type=row.metric_type, engine_type=row.engine_type, index_params=row.index_params,
-            owner_table=name, partition_tag=tag, flag=row.flag,
+            table_id=self.ids.one(),
+            dimension=row.dimension,
+            index_file_size=row.index_file_size,
+            metric_type=row.metric_type,
+            engine_type=row.engine_type,
+            index_params=row.index_params,
+            owner_table=name,
+            partition_tag=tag,
+            flag=row.flag,
         )
 
     def has_partition(self, name: str, tag: str) -> bool:
@@ -335,11 +378,16 @@ class NodeDB:
         row = self.collection(name)
         self._check_vectors(row, vectors)
         if vectors.nbytes > validation.MAX_INSERT_BYTES:
-            raise IllegalRowRecord(f"The amount of data inserted each time cannot exceed {validation.MAX_INSERT_BYTES // MB} MB")
+            raise IllegalRowRecord(
+                f"The amount of data inserted each time cannot exceed {validation.MAX_INSERT_BYTES // MB} MB"
+            )
         target = self._partition(name, tag) if tag.strip() else row
         if ids is not None:
             if ids.shape[0] != vectors.shape[0]:
-                raise IllegalVectorId(f"The size of vector ID array ({ids.shape[0]}) must be equal to the size of the vector array ({vectors.shape[0]})")
+                raise IllegalVectorId(
+                    f"The size of vector ID array ({ids.shape[0]}) must be equal to the size of the vector "
+                    f"array ({vectors.shape[0]})"
+                )
             if (ids < 0).any():
                 raise IllegalVectorId("Vector ids must not be negative")
         self._fix_id_mode(row, user_ids=ids is not None)
@@ -361,8 +409,8 @@ class NodeDB:
         for table_id in table_ids & self._buffer.keys():
             pending = self._buffer[table_id]
             keep = [~np.isin(chunk, ids) for chunk in pending.ids]
-            pending.ids = [c[k] for c, k in zip(pending.ids, keep)]
-            pending.vectors = [v[k] for v, k in zip(pending.vectors, keep)]
+            pending.ids = [c[k] for c, k in zip(pending.ids, keep, strict=True)]
+            pending.vectors = [v[k] for v, k in zip(pending.vectors, keep, strict=True)]
         self._deletes.setdefault(collection, []).append((lsn, ids))
 
     def _buffer_drop(self, table_ids: Sequence[str]) -> None:
@@ -372,9 +420,13 @@ class NodeDB:
     def _fix_id_mode(self, row: TableRow, user_ids: bool) -> None:
         flag = self.meta.get_table(row.table_id).flag
         if user_ids and flag & meta.FLAG_NO_USERID:
-            raise IllegalVectorId("Entities IDs are auto-generated. All vectors of this collection must use auto-generated IDs.")
+            raise IllegalVectorId(
+                "Entities IDs are auto-generated. All vectors of this collection must use auto-generated IDs."
+            )
         if not user_ids and flag & meta.FLAG_HAS_USERID:
-            raise IllegalVectorId("Entities IDs are user-defined. Please provide IDs for all vectors of this collection.")
+            raise IllegalVectorId(
+                "Entities IDs are user-defined. Please provide IDs for all vectors of this collection."
+            )
         if not flag & (meta.FLAG_NO_USERID | meta.FLAG_HAS_USERID):
             self.meta.set_flag(row.table_id, flag | (meta.FLAG_HAS_USERID if user_ids else meta.FLAG_NO_USERID))
 
@@ -388,7 +440,9 @@ class NodeDB:
         width = row.dimension // 8 if binary else row.dimension
         if vectors.shape[1] != width:
             got = vectors.shape[1] * 8 if binary else vectors.shape[1]
-            raise IllegalDimension(f"The vector dimension must be equal to the collection dimension ({row.dimension}), got {got}")
+            raise IllegalDimension(
+                f"The vector dimension must be equal to the collection dimension ({row.dimension}), got {got}"
+            )
 
     def delete(self, name: str, ids: np.ndarray) -> None:
         self._require_writer("DeleteByID")
@@ -418,7 +472,9 @@ class NodeDB:
                 self._apply_deletes(collection, chunks)
             for table_id, pending in buffers.items():
                 if pending.ids and sum(c.size for c in pending.ids):
-                    self._write_segment(table_id, np.concatenate(pending.ids), np.concatenate(pending.vectors), pending.lsn)
+                    self._write_segment(
+                        table_id, np.concatenate(pending.ids), np.concatenate(pending.vectors), pending.lsn
+                    )
             if buffers or deletes:
                 crash_point("flush.before_wal_retire")
             self.wal.retire(covered)
@@ -437,8 +493,14 @@ class NodeDB:
         size = self.store.write_segment(table_id, segment_id, segment_id, ids, vectors)
         crash_point("flush.segment_written")
         row = self.meta.add_file(
-            table_id=table_id, segment_id=segment_id, file_id=segment_id, file_type=self._new_file_type(table, size),
-            engine_type=table.engine_type, file_size=size, row_count=int(ids.size), flush_lsn=lsn,
+            table_id=table_id,
+            segment_id=segment_id,
+            file_id=segment_id,
+            file_type=self._new_file_type(table, size),
+            engine_type=table.engine_type,
+            file_size=size,
+            row_count=int(ids.size),
+            flush_lsn=lsn,
         )
         self.cache.put(row.id, SegmentData(ids, vectors, np.zeros(ids.size, dtype=bool)))
 
@@ -458,8 +520,9 @@ class NodeDB:
             deleted = segment.deleted | hit
             self.store.write_deleted(file.table_id, file.segment_id, deleted)
             live = int(deleted.size - np.count_nonzero(deleted))
-            self.meta.update_segment_rows(file.table_id, file.segment_id, live,
-                                          live * segment.vectors.shape[1] * segment.vectors.itemsize)
+            self.meta.update_segment_rows(
+                file.table_id, file.segment_id, live, live * segment.vectors.shape[1] * segment.vectors.itemsize
+            )
             self.cache.set_deleted(file.id, deleted)
 
     def compact(self, name: str) -> None:
@@ -476,19 +539,32 @@ class NodeDB:
                     continue
                 retired = self.meta.segment_file_ids(file.table_id, file.segment_id)
                 live = ~segment.deleted
-                self._rewrite(tables[file.table_id], segment.ids[live], segment.vectors[live], file.flush_lsn,
-                              retired, "compact.new_file_written")
+                self._rewrite(
+                    tables[file.table_id],
+                    segment.ids[live],
+                    segment.vectors[live],
+                    file.flush_lsn,
+                    retired,
+                    "compact.new_file_written",
+                )
 
-    def _rewrite(self, table: TableRow, ids: np.ndarray, vectors: np.ndarray, lsn: int, retired: list[int],
-                 point: str) -> None:
+    def _rewrite(
+        self, table: TableRow, ids: np.ndarray, vectors: np.ndarray, lsn: int, retired: list[int], point: str
+    ) -> None:
         """Publish rows as one new segment (via NEW_MERGE) and retire `retired` in one transaction."""
         new_ids, new_type = [], meta.RAW
         if ids.size:
             segment_id = self.ids.one()
             size = self.store.write_segment(table.table_id, segment_id, segment_id, ids, vectors)
             new_row = self.meta.add_file(
-                table_id=table.table_id, segment_id=segment_id, file_id=segment_id, file_type=meta.NEW_MERGE,
-                engine_type=table.engine_type, file_size=size, row_count=int(ids.size), flush_lsn=lsn,
+                table_id=table.table_id,
+                segment_id=segment_id,
+                file_id=segment_id,
+                file_type=meta.NEW_MERGE,
+                engine_type=table.engine_type,
+                file_size=size,
+                row_count=int(ids.size),
+                flush_lsn=lsn,
             )
             crash_point(point)
             new_ids, new_type = [new_row.id], self._new_file_type(table, size)
@@ -529,8 +605,9 @@ class NodeDB:
             segments = [self._segment(f, table) for f in files]
             ids = np.concatenate([s.ids[~s.deleted] for s in segments])
             vectors = np.concatenate([s.vectors[~s.deleted] for s in segments])
-            self._rewrite(table, ids, vectors, max(f.flush_lsn for f in files), [f.id for f in files],
-                          "merge.new_file_written")
+            self._rewrite(
+                table, ids, vectors, max(f.flush_lsn for f in files), [f.id for f in files], "merge.new_file_written"
+            )
         log.info("merged %d files of %s into one of %d rows", len(files), table.table_id, ids.size)
 
     # ------------------------------------------------------------------ index
@@ -590,8 +667,14 @@ class NodeDB:
             return
         segment = self._segment(source, table)
         new_row = self.meta.add_file(
-            table_id=source.table_id, segment_id=source.segment_id, file_id=self.ids.one(), file_type=meta.NEW_INDEX,
-            engine_type=table.engine_type, file_size=0, row_count=source.row_count, flush_lsn=source.flush_lsn,
+            table_id=source.table_id,
+            segment_id=source.segment_id,
+            file_id=self.ids.one(),
+            file_type=meta.NEW_INDEX,
+            engine_type=table.engine_type,
+            file_size=0,
+            row_count=source.row_count,
+            flush_lsn=source.flush_lsn,
         )
         path = self.store.index_path(source.table_id, source.segment_id, new_row.file_id)
         started = time.monotonic()
@@ -607,17 +690,26 @@ class NodeDB:
         crash_point("index.file_written")
         if self.meta.publish_index(new_row.id, source.id, size):
             self.cache.discard(source.id)
-            log.info("built %s index of file %d (%d rows) in %.2f s", INDEX_NAMES.get(table.engine_type),
-                     source.id, segment.ids.size, time.monotonic() - started)
+            log.info(
+                "built %s index of file %d (%d rows) in %.2f s",
+                INDEX_NAMES.get(table.engine_type),
+                source.id,
+                segment.ids.size,
+                time.monotonic() - started,
+            )
 
     # ------------------------------------------------------------------ reads
     def _segment(self, file: FileRow, table: TableRow) -> SegmentData:
         """A file's rows from its segment's raw file (file_id = segment_id), plus its index if it is one."""
+
         def load() -> SegmentData:
-            data = self.store.load_segment(file.table_id, file.segment_id, file.segment_id, table.dimension,
-                                           engine.is_binary(table.metric_type))
+            data = self.store.load_segment(
+                file.table_id, file.segment_id, file.segment_id, table.dimension, engine.is_binary(table.metric_type)
+            )
             if file.file_type == meta.INDEX and file.engine_type not in index.EXACT_TYPES:
-                data.index = index.load(file.engine_type, self.store.index_path(file.table_id, file.segment_id, file.file_id))
+                data.index = index.load(
+                    file.engine_type, self.store.index_path(file.table_id, file.segment_id, file.file_id)
+                )
             return data
 
         return self.cache.get(file.id, load)
@@ -628,7 +720,10 @@ class NodeDB:
         width = row.dimension // 8 if engine.is_binary(row.metric_type) else row.dimension * 4
         needed = sum(f.row_count * (width + 9) for f in files)
         if needed > self.cache.capacity_bytes:
-            raise CacheFailed(f"Cannot preload collection {name}: it needs {needed} bytes but the cache holds {self.cache.capacity_bytes} (cache_config.cpu_cache_capacity)")
+            raise CacheFailed(
+                f"Cannot preload collection {name}: it needs {needed} bytes but the cache holds "
+                f"{self.cache.capacity_bytes} (cache_config.cpu_cache_capacity)"
+            )
         for file in files:
             self._segment(file, row)
 
@@ -648,7 +743,7 @@ class NodeDB:
             order = np.argsort(live_ids)
             rows = order[np.searchsorted(live_ids[order], ids[hit])]
             live_vectors = segment.vectors[live]
-            for position, row_index in zip(np.flatnonzero(hit), rows):
+            for position, row_index in zip(np.flatnonzero(hit), rows, strict=True):
                 found[position] = live_vectors[row_index]
         return engine.is_binary(row.metric_type), found
 
@@ -660,14 +755,17 @@ class NodeDB:
                 return segment.ids[~segment.deleted]
         raise UnexpectedError(f"Segment {segment_name} of collection {name} does not exist")
 
-    def search(self, family: list[TableRow], tags: Sequence[str], queries: np.ndarray, topk: int, params: dict) -> SearchResult:
+    def search(
+        self, family: list[TableRow], tags: Sequence[str], queries: np.ndarray, topk: int, params: dict
+    ) -> SearchResult:
         row = self._search_checks(family, queries, topk, params)
         partitions = [(p.table_id, p.partition_tag) for p in family[1:]]
         files = self.meta.files_of_tables(validation.select_tables(row.table_id, partitions, list(tags)))
         return self._search_files(row, files, queries, topk, params)
 
-    def search_in_files(self, family: list[TableRow], file_ids: Sequence[str], queries: np.ndarray, topk: int,
-                        params: dict) -> SearchResult:
+    def search_in_files(
+        self, family: list[TableRow], file_ids: Sequence[str], queries: np.ndarray, topk: int, params: dict
+    ) -> SearchResult:
         row = self._search_checks(family, queries, topk, params)
         numbers = []
         for raw in file_ids:
@@ -680,8 +778,11 @@ class NodeDB:
         own = {t.table_id for t in family}
         usable = [f for f in rows if f.table_id in own and f.file_type in meta.SEARCHABLE_FILE_TYPES]
         if len(usable) != len(rows):
-            log.warning("SearchInFiles on %s skipped files %s (not searchable or not in the collection)",
-                        row.table_id, sorted({f.id for f in rows} - {f.id for f in usable}))
+            log.warning(
+                "SearchInFiles on %s skipped files %s (not searchable or not in the collection)",
+                row.table_id,
+                sorted({f.id for f in rows} - {f.id for f in usable}),
+            )
         return self._search_files(row, usable, queries, topk, params)
 
     def search_by_ids(self, name: str, tags: Sequence[str], ids: np.ndarray, topk: int, params: dict) -> SearchResult:
@@ -710,7 +811,9 @@ class NodeDB:
         for file in self.meta.files_by_ids(numbers):
             cached = self.cache.peek(file.id)
             if cached is not None:
-                self.cache.set_deleted(file.id, self.store.load_deleted(file.table_id, file.segment_id, cached.ids.size))
+                self.cache.set_deleted(
+                    file.id, self.store.load_deleted(file.table_id, file.segment_id, cached.ids.size)
+                )
 
     def _search_checks(self, family: list[TableRow], queries: np.ndarray, topk: int, params: dict) -> TableRow:
         """topk, then the search parameters against the collection's CURRENT index type, then vectors."""
@@ -720,21 +823,26 @@ class NodeDB:
         self._check_vectors(row, queries)
         return row
 
-    def _search_files(self, row: TableRow, files: Sequence[FileRow], queries: np.ndarray, topk: int,
-                      params: dict) -> SearchResult:
+    def _search_files(
+        self, row: TableRow, files: Sequence[FileRow], queries: np.ndarray, topk: int, params: dict
+    ) -> SearchResult:
         if not files:
             return SearchResult(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
         parts, candidate_ids, candidate_dist = [], [], []
         for file in files:
             segment = self._segment(file, row)
             if segment.index is not None:
-                found, dist = index.search(segment.index, row.metric_type, queries, segment.vectors, segment.ids,
-                                           segment.deleted, topk, params)
+                found, dist = index.search(
+                    segment.index, row.metric_type, queries, segment.vectors, segment.ids, segment.deleted, topk, params
+                )
                 candidate_ids.append(found)
                 candidate_dist.append(dist)
             else:
-                parts.append(engine.search_block(row.metric_type, queries, segment.vectors, segment.ids,
-                                                 segment.deleted, topk, segment.norms))
+                parts.append(
+                    engine.search_block(
+                        row.metric_type, queries, segment.vectors, segment.ids, segment.deleted, topk, segment.norms
+                    )
+                )
         if candidate_ids:  # one ranking over every indexed segment's candidates
             parts.append(engine.select_topk(np.hstack(candidate_dist), np.hstack(candidate_ids), topk, row.metric_type))
         ids, dist = engine.merge_topk(parts, queries.shape[0], topk, row.metric_type)

@@ -5,6 +5,7 @@ product, and the binary metrics on bit sets. Float distances are computed in flo
 returned as float32, so that ranking does not depend on summation order; ties are broken by
 ascending id, so results are reproducible and a brute-force oracle can compare them exactly.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -83,7 +84,7 @@ def select_topk(dist: np.ndarray, ids: np.ndarray, topk: int, metric: int) -> tu
     key = np.where(ids < 0, np.inf, key)
     if m > topk:
         # Everything strictly better than the k-th key is in; at the k-th key ties are settled by id.
-        kth = np.partition(key, topk - 1, axis=1)[:, topk - 1:topk]
+        kth = np.partition(key, topk - 1, axis=1)[:, topk - 1 : topk]
         rows, cols = np.nonzero(key <= kth)
     else:
         rows, cols = np.nonzero(np.ones_like(key, dtype=bool))
@@ -102,8 +103,15 @@ def select_topk(dist: np.ndarray, ids: np.ndarray, topk: int, metric: int) -> tu
     return out_ids, out_dist
 
 
-def search_block(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
-                 excluded: np.ndarray | None, topk: int, norms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search_block(
+    metric: int,
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    row_ids: np.ndarray,
+    excluded: np.ndarray | None,
+    topk: int,
+    norms: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of `queries` against one segment; `excluded` marks deleted rows.
 
     Float metrics on large segments pre-select candidates with one float32 BLAS product and rank
@@ -120,7 +128,7 @@ def search_block(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids:
         step = min(step, 64)  # bounds the (queries x candidates x dim) float64 block
     parts_ids, parts_dist = [], []
     for start in range(0, nq, step):
-        block = queries[start:start + step]
+        block = queries[start : start + step]
         if preselect:
             i, d = _search_preselected(metric, block, vectors, row_ids, topk, norms)
         else:
@@ -146,8 +154,9 @@ def exact_distances(metric: int, queries: np.ndarray, vectors: np.ndarray, candi
     return np.einsum("ijk,ijk->ij", chosen, np.broadcast_to(q, chosen.shape))
 
 
-def _search_preselected(metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
-                        topk: int, norms: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _search_preselected(
+    metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray, topk: int, norms: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Candidates by float32 score (topk + 16 of them), then exact float64 ranking among them.
 
     float32 rounding (~1e-5 relative) can only reorder rows whose distances nearly tie, and the
@@ -173,7 +182,9 @@ def _search_preselected(metric: int, queries: np.ndarray, vectors: np.ndarray, r
     return ids, dist
 
 
-def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], nq: int, topk: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(
+    parts: list[tuple[np.ndarray, np.ndarray]], nq: int, topk: int, metric: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Combine per-segment top-k lists (ids are unique across segments of one collection)."""
     if not parts:
         return select_topk(np.zeros((nq, 0)), np.zeros((nq, 0), dtype=np.int64), topk, metric)

@@ -8,6 +8,7 @@ path returns and approximate indexes (SQ8, PQ) fetch a few times topk candidates
 Binary IVF assigns rows to Hamming k-means lists with faiss and ranks the probed lists exactly,
 which serves every binary metric, not only Hamming.
 """
+
 from __future__ import annotations
 
 import os
@@ -120,8 +121,16 @@ def load(engine_type: int, path: str) -> LoadedIndex:
     return LoadedIndex(engine_type, faiss.read_index(path), size)
 
 
-def search(loaded: LoadedIndex, metric: int, queries: np.ndarray, vectors: np.ndarray, row_ids: np.ndarray,
-           deleted: np.ndarray, topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    loaded: LoadedIndex,
+    metric: int,
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    row_ids: np.ndarray,
+    deleted: np.ndarray,
+    topk: int,
+    params: dict,
+) -> tuple[np.ndarray, np.ndarray]:
     """Candidate hits of `queries` in one indexed segment, with the search params: (ids, exact float64
     distances), nq x c, unordered, id -1 for no hit. The caller ranks all segments' candidates at once."""
     if loaded.engine_type == BIN_IVF_FLAT:
@@ -151,8 +160,16 @@ def search(loaded: LoadedIndex, metric: int, queries: np.ndarray, vectors: np.nd
     return candidate_ids, engine.exact_distances(metric, queries, vectors, found)
 
 
-def _search_binary_ivf(loaded: LoadedIndex, metric: int, queries: np.ndarray, vectors: np.ndarray,
-                       row_ids: np.ndarray, deleted: np.ndarray, topk: int, params: dict) -> tuple[np.ndarray, np.ndarray]:
+def _search_binary_ivf(
+    loaded: LoadedIndex,
+    metric: int,
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    row_ids: np.ndarray,
+    deleted: np.ndarray,
+    topk: int,
+    params: dict,
+) -> tuple[np.ndarray, np.ndarray]:
     """Probe `nprobe` Hamming lists per query, then rank their rows exactly in the collection's metric."""
     index = loaded.index
     nprobe = min(int(params.get("nprobe", 16)), index.nlist)
@@ -190,7 +207,9 @@ def check_index_params(engine_type: int, dimension: int, params: dict) -> None:
     if engine_type == IVF_PQ:
         m = check_range(params, "m", 1, max(PQ_M_VALUES))
         if m not in PQ_M_VALUES or dimension % m:
-            raise IllegalArgument(f"Invalid m: {m}. m must be one of {list(PQ_M_VALUES)} and divide the dimension ({dimension})")
+            raise IllegalArgument(
+                f"Invalid m: {m}. m must be one of {list(PQ_M_VALUES)} and divide the dimension ({dimension})"
+            )
     elif engine_type == NSG:
         check_range(params, "search_length", 10, 300)
         check_range(params, "out_degree", 5, 300)

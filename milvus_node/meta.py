@@ -5,12 +5,13 @@ file_type values and the units (index_file_size in bytes, times in microseconds)
 Milvus'. Each call runs in its own short transaction: on MySQL's REPEATABLE READ a long-lived
 connection would read a stale snapshot of what the writable node has flushed since.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -35,9 +36,7 @@ _BIGINT_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 metadata = sa.MetaData()
 
-environment_table = sa.Table(
-    "Environment", metadata, sa.Column("global_lsn", sa.BigInteger, nullable=False)
-)
+environment_table = sa.Table("Environment", metadata, sa.Column("global_lsn", sa.BigInteger, nullable=False))
 
 tables_table = sa.Table(
     "Tables",
@@ -140,19 +139,36 @@ class FileRow:
 
 def _table_row(row: sa.Row) -> TableRow:
     return TableRow(
-        id=row.id, table_id=row.table_id, state=row.state, dimension=row.dimension,
-        created_on=row.created_on, flag=row.flag or 0, index_file_size=row.index_file_size,
-        engine_type=row.engine_type, index_params=row.index_params, metric_type=row.metric_type,
-        owner_table=row.owner_table, partition_tag=row.partition_tag, version=row.version or "",
+        id=row.id,
+        table_id=row.table_id,
+        state=row.state,
+        dimension=row.dimension,
+        created_on=row.created_on,
+        flag=row.flag or 0,
+        index_file_size=row.index_file_size,
+        engine_type=row.engine_type,
+        index_params=row.index_params,
+        metric_type=row.metric_type,
+        owner_table=row.owner_table,
+        partition_tag=row.partition_tag,
+        version=row.version or "",
     )
 
 
 def _file_row(row: sa.Row) -> FileRow:
     return FileRow(
-        id=row.id, table_id=row.table_id, segment_id=row.segment_id, engine_type=row.engine_type,
-        file_id=row.file_id, file_type=row.file_type, file_size=row.file_size,
-        row_count=row.row_count, updated_time=row.updated_time, created_on=row.created_on,
-        date=row.date, flush_lsn=row.flush_lsn or 0,
+        id=row.id,
+        table_id=row.table_id,
+        segment_id=row.segment_id,
+        engine_type=row.engine_type,
+        file_id=row.file_id,
+        file_type=row.file_type,
+        file_size=row.file_size,
+        row_count=row.row_count,
+        updated_time=row.updated_time,
+        created_on=row.created_on,
+        date=row.date,
+        flush_lsn=row.flush_lsn or 0,
     )
 
 
@@ -212,8 +228,10 @@ class MetaStore:
         """The live rows of a name and of the partitions it owns, in one query."""
         query = (
             sa.select(tables_table)
-            .where(sa.or_(tables_table.c.table_id == name, tables_table.c.owner_table == name),
-                   tables_table.c.state != STATE_TO_DELETE)
+            .where(
+                sa.or_(tables_table.c.table_id == name, tables_table.c.owner_table == name),
+                tables_table.c.state != STATE_TO_DELETE,
+            )
             .order_by(tables_table.c.id)
         )
         with self.engine.connect() as conn:
@@ -238,8 +256,16 @@ class MetaStore:
             return [_table_row(r) for r in conn.execute(query)]
 
     def insert_table(
-        self, *, table_id: str, dimension: int, index_file_size: int, metric_type: int,
-        engine_type: int, index_params: str, owner_table: str = "", partition_tag: str = "",
+        self,
+        *,
+        table_id: str,
+        dimension: int,
+        index_file_size: int,
+        metric_type: int,
+        engine_type: int,
+        index_params: str,
+        owner_table: str = "",
+        partition_tag: str = "",
         flag: int = 0,
     ) -> None:
         """Insert a collection or partition row, replacing a soft-deleted row of the same id."""
@@ -251,10 +277,19 @@ class MetaStore:
             )
             conn.execute(
                 sa.insert(tables_table).values(
-                    table_id=table_id, state=STATE_NORMAL, dimension=dimension, created_on=now_us(),
-                    flag=flag, index_file_size=index_file_size, engine_type=engine_type,
-                    index_params=index_params, metric_type=metric_type, owner_table=owner_table,
-                    partition_tag=partition_tag, version=self.server_version, flush_lsn=0,
+                    table_id=table_id,
+                    state=STATE_NORMAL,
+                    dimension=dimension,
+                    created_on=now_us(),
+                    flag=flag,
+                    index_file_size=index_file_size,
+                    engine_type=engine_type,
+                    index_params=index_params,
+                    metric_type=metric_type,
+                    owner_table=owner_table,
+                    partition_tag=partition_tag,
+                    version=self.server_version,
+                    flush_lsn=0,
                 )
             )
 
@@ -288,23 +323,53 @@ class MetaStore:
 
     # ------------------------------------------------------------------ TableFiles
     def add_file(
-        self, *, table_id: str, segment_id: str, file_id: str, file_type: int, engine_type: int,
-        file_size: int, row_count: int, flush_lsn: int = 0,
+        self,
+        *,
+        table_id: str,
+        segment_id: str,
+        file_id: str,
+        file_type: int,
+        engine_type: int,
+        file_size: int,
+        row_count: int,
+        flush_lsn: int = 0,
     ) -> FileRow:
         stamp = now_us()
         with self.engine.begin() as conn:
             result = conn.execute(
                 sa.insert(table_files_table).values(
-                    table_id=table_id, segment_id=segment_id, engine_type=engine_type, file_id=file_id,
-                    file_type=file_type, file_size=file_size, row_count=row_count, updated_time=stamp,
-                    created_on=stamp, date=legacy_date_key(), flush_lsn=flush_lsn,
+                    table_id=table_id,
+                    segment_id=segment_id,
+                    engine_type=engine_type,
+                    file_id=file_id,
+                    file_type=file_type,
+                    file_size=file_size,
+                    row_count=row_count,
+                    updated_time=stamp,
+                    created_on=stamp,
+                    date=legacy_date_key(),
+                    flush_lsn=flush_lsn,
                 )
             )
             new_id = result.inserted_primary_key[0]
-        return FileRow(new_id, table_id, segment_id, engine_type, file_id, file_type, file_size,
-                       row_count, stamp, stamp, legacy_date_key(), flush_lsn)
+        return FileRow(
+            new_id,
+            table_id,
+            segment_id,
+            engine_type,
+            file_id,
+            file_type,
+            file_size,
+            row_count,
+            stamp,
+            stamp,
+            legacy_date_key(),
+            flush_lsn,
+        )
 
-    def files_of_tables(self, table_ids: Iterable[str], file_types: Sequence[int] = SEARCHABLE_FILE_TYPES) -> list[FileRow]:
+    def files_of_tables(
+        self, table_ids: Iterable[str], file_types: Sequence[int] = SEARCHABLE_FILE_TYPES
+    ) -> list[FileRow]:
         table_ids = list(table_ids)
         if not table_ids:
             return []
@@ -333,16 +398,21 @@ class MetaStore:
             return int(conn.execute(query).scalar() or 0)
 
     def segment_has_rows(self, table_id: str, segment_id: str) -> bool:
-        query = sa.select(table_files_table.c.id).where(
-            table_files_table.c.table_id == table_id, table_files_table.c.segment_id == segment_id).limit(1)
+        query = (
+            sa.select(table_files_table.c.id)
+            .where(table_files_table.c.table_id == table_id, table_files_table.c.segment_id == segment_id)
+            .limit(1)
+        )
         with self.engine.connect() as conn:
             return conn.execute(query).first() is not None
 
     def segment_file_ids(self, table_id: str, segment_id: str) -> list[int]:
         """Live rows (raw, index, backup) of one segment: what retires together when it is rewritten."""
         query = sa.select(table_files_table.c.id).where(
-            table_files_table.c.table_id == table_id, table_files_table.c.segment_id == segment_id,
-            table_files_table.c.file_type.in_([RAW, TO_INDEX, INDEX, BACKUP]))
+            table_files_table.c.table_id == table_id,
+            table_files_table.c.segment_id == segment_id,
+            table_files_table.c.file_type.in_([RAW, TO_INDEX, INDEX, BACKUP]),
+        )
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(query)]
 
@@ -350,27 +420,41 @@ class MetaStore:
         """After deletions were applied to a segment: live row count and a new `updated_time` on its
         raw and index rows (readers reload files whose `updated_time` changed)."""
         stamp = now_us()
-        segment = sa.and_(table_files_table.c.table_id == table_id, table_files_table.c.segment_id == segment_id,
-                          table_files_table.c.file_type != TO_DELETE)
+        segment = sa.and_(
+            table_files_table.c.table_id == table_id,
+            table_files_table.c.segment_id == segment_id,
+            table_files_table.c.file_type != TO_DELETE,
+        )
         with self.engine.begin() as conn:
             conn.execute(sa.update(table_files_table).where(segment).values(row_count=row_count, updated_time=stamp))
-            conn.execute(sa.update(table_files_table)
-                         .where(segment, table_files_table.c.file_id == segment_id).values(file_size=raw_size))
+            conn.execute(
+                sa.update(table_files_table)
+                .where(segment, table_files_table.c.file_id == segment_id)
+                .values(file_size=raw_size)
+            )
 
     def set_file_type(self, file_ids: Sequence[int], file_type: int) -> None:
         if not file_ids:
             return
         with self.engine.begin() as conn:
-            conn.execute(sa.update(table_files_table).where(table_files_table.c.id.in_(list(file_ids)))
-                         .values(file_type=file_type, updated_time=now_us()))
+            conn.execute(
+                sa.update(table_files_table)
+                .where(table_files_table.c.id.in_(list(file_ids)))
+                .values(file_type=file_type, updated_time=now_us())
+            )
 
     def mark_to_index(self, table_ids: Sequence[str], min_size: int) -> None:
         """RAW files at or above the index threshold are queued for an index build (TO_INDEX)."""
         with self.engine.begin() as conn:
-            conn.execute(sa.update(table_files_table)
-                         .where(table_files_table.c.table_id.in_(list(table_ids)), table_files_table.c.file_type == RAW,
-                                table_files_table.c.file_size >= min_size)
-                         .values(file_type=TO_INDEX, updated_time=now_us()))
+            conn.execute(
+                sa.update(table_files_table)
+                .where(
+                    table_files_table.c.table_id.in_(list(table_ids)),
+                    table_files_table.c.file_type == RAW,
+                    table_files_table.c.file_size >= min_size,
+                )
+                .values(file_type=TO_INDEX, updated_time=now_us())
+            )
 
     def drop_index_files(self, table_ids: Sequence[str], raw_engine_type: int) -> list[int]:
         """Index files become TO_DELETE and their raw BACKUP (or queued TO_INDEX) files RAW again,
@@ -378,12 +462,22 @@ class MetaStore:
         stamp = now_us()
         tables = table_files_table.c.table_id.in_(list(table_ids))
         with self.engine.begin() as conn:
-            retired = [r[0] for r in conn.execute(
-                sa.select(table_files_table.c.id).where(tables, table_files_table.c.file_type == INDEX))]
-            conn.execute(sa.update(table_files_table).where(tables, table_files_table.c.file_type.in_([INDEX, NEW_INDEX]))
-                         .values(file_type=TO_DELETE, updated_time=stamp))
-            conn.execute(sa.update(table_files_table).where(tables, table_files_table.c.file_type.in_([BACKUP, TO_INDEX]))
-                         .values(file_type=RAW, engine_type=raw_engine_type, updated_time=stamp))
+            retired = [
+                r[0]
+                for r in conn.execute(
+                    sa.select(table_files_table.c.id).where(tables, table_files_table.c.file_type == INDEX)
+                )
+            ]
+            conn.execute(
+                sa.update(table_files_table)
+                .where(tables, table_files_table.c.file_type.in_([INDEX, NEW_INDEX]))
+                .values(file_type=TO_DELETE, updated_time=stamp)
+            )
+            conn.execute(
+                sa.update(table_files_table)
+                .where(tables, table_files_table.c.file_type.in_([BACKUP, TO_INDEX]))
+                .values(file_type=RAW, engine_type=raw_engine_type, updated_time=stamp)
+            )
         return retired
 
     def publish_index(self, new_id: int, source_id: int, file_size: int) -> bool:
@@ -391,17 +485,24 @@ class MetaStore:
         retired meanwhile (compaction, drop), the new file is retired instead. True when published."""
         stamp = now_us()
         with self.engine.begin() as conn:
-            moved = conn.execute(sa.update(table_files_table)
-                                 .where(table_files_table.c.id == source_id, table_files_table.c.file_type == TO_INDEX)
-                                 .values(file_type=BACKUP, updated_time=stamp)).rowcount
-            conn.execute(sa.update(table_files_table).where(table_files_table.c.id == new_id)
-                         .values(file_type=INDEX if moved else TO_DELETE, file_size=file_size, updated_time=stamp))
+            moved = conn.execute(
+                sa.update(table_files_table)
+                .where(table_files_table.c.id == source_id, table_files_table.c.file_type == TO_INDEX)
+                .values(file_type=BACKUP, updated_time=stamp)
+            ).rowcount
+            conn.execute(
+                sa.update(table_files_table)
+                .where(table_files_table.c.id == new_id)
+                .values(file_type=INDEX if moved else TO_DELETE, file_size=file_size, updated_time=stamp)
+            )
         return bool(moved)
 
     def files_by_ids(self, ids: Sequence[int]) -> list[FileRow]:
         if not ids:
             return []
-        query = sa.select(table_files_table).where(table_files_table.c.id.in_(list(ids))).order_by(table_files_table.c.id)
+        query = (
+            sa.select(table_files_table).where(table_files_table.c.id.in_(list(ids))).order_by(table_files_table.c.id)
+        )
         with self.engine.connect() as conn:
             return [_file_row(r) for r in conn.execute(query)]
 
@@ -428,11 +529,17 @@ class MetaStore:
         stamp = now_us()
         with self.engine.begin() as conn:
             if new_ids:
-                conn.execute(sa.update(table_files_table).where(table_files_table.c.id.in_(list(new_ids)))
-                             .values(file_type=new_type, updated_time=stamp))
+                conn.execute(
+                    sa.update(table_files_table)
+                    .where(table_files_table.c.id.in_(list(new_ids)))
+                    .values(file_type=new_type, updated_time=stamp)
+                )
             if old_ids:
-                conn.execute(sa.update(table_files_table).where(table_files_table.c.id.in_(list(old_ids)))
-                             .values(file_type=TO_DELETE, updated_time=stamp))
+                conn.execute(
+                    sa.update(table_files_table)
+                    .where(table_files_table.c.id.in_(list(old_ids)))
+                    .values(file_type=TO_DELETE, updated_time=stamp)
+                )
 
     def delete_file_rows(self, file_ids: Sequence[int]) -> None:
         if not file_ids:
@@ -450,8 +557,10 @@ class MetaStore:
         """At start-up a writer drops rows of files that were being written (NEW, NEW_MERGE, NEW_INDEX)."""
         shadow = (NEW, NEW_MERGE, NEW_INDEX)
         with self.engine.begin() as conn:
-            rows = [_file_row(r) for r in conn.execute(
-                sa.select(table_files_table).where(table_files_table.c.file_type.in_(shadow)))]
+            rows = [
+                _file_row(r)
+                for r in conn.execute(sa.select(table_files_table).where(table_files_table.c.file_type.in_(shadow)))
+            ]
             conn.execute(sa.delete(table_files_table).where(table_files_table.c.file_type.in_(shadow)))
         return rows
 

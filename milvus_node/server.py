@@ -3,23 +3,23 @@
 Every foreseeable failure leaves as a Milvus `Status` inside an OK gRPC reply (mapped once, in
 `utils.errors.status_of`); only the hybrid RPCs answer gRPC UNIMPLEMENTED, as the base servicer does.
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import logging
 import platform
+from collections.abc import Callable
 from concurrent import futures
-from typing import Callable
 
 import grpc
 import numpy as np
 
 from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import milvus_pb2_grpc
-from utils.errors import IllegalArgument, IllegalRowRecord, MilvusError, status_of
-
 from utils import validation
+from utils.errors import IllegalArgument, IllegalRowRecord, MilvusError, status_of
 
 from . import engine
 from .config import RuntimeConfig
@@ -56,7 +56,7 @@ def records_to_array(records, binary: bool) -> np.ndarray:
     blob = b"".join(r.SerializeToString() for r in records)
     stride = len(blob) // len(records)
     rows = np.frombuffer(blob, dtype=np.uint8).reshape(len(records), stride)
-    return rows[:, stride - 4 * dim:].copy().view("<f4").reshape(len(records), dim)
+    return rows[:, stride - 4 * dim :].copy().view("<f4").reshape(len(records), dim)
 
 
 def _reply_on_error(reply_type: Callable[..., object] | None):
@@ -93,7 +93,9 @@ class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
     # ------------------------------------------------------------------ collections
     @_reply_on_error(None)
     def CreateCollection(self, request, context):
-        self.db.create_collection(request.collection_name, request.dimension, request.index_file_size, request.metric_type)
+        self.db.create_collection(
+            request.collection_name, request.dimension, request.index_file_size, request.metric_type
+        )
         return _OK
 
     @_reply_on_error(pb.BoolReply)
@@ -104,8 +106,11 @@ class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
     def DescribeCollection(self, request, context):
         row = self.db.collection(request.collection_name)
         return pb.CollectionSchema(
-            status=_OK, collection_name=row.table_id, dimension=row.dimension,
-            index_file_size=row.index_file_size // (1 << 20), metric_type=row.metric_type,
+            status=_OK,
+            collection_name=row.table_id,
+            dimension=row.dimension,
+            index_file_size=row.index_file_size // (1 << 20),
+            metric_type=row.metric_type,
         )
 
     @_reply_on_error(pb.CollectionRowCount)
@@ -136,8 +141,12 @@ class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
     @_reply_on_error(pb.IndexParam)
     def DescribeIndex(self, request, context):
         index_type, params = self.db.describe_index(request.collection_name)
-        return pb.IndexParam(status=_OK, collection_name=request.collection_name, index_type=index_type,
-                             extra_params=[pb.KeyValuePair(key="params", value=params)])
+        return pb.IndexParam(
+            status=_OK,
+            collection_name=request.collection_name,
+            index_type=index_type,
+            extra_params=[pb.KeyValuePair(key="params", value=params)],
+        )
 
     @_reply_on_error(None)
     def DropIndex(self, request, context):
@@ -226,8 +235,9 @@ class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
     @staticmethod
     def _result(result) -> pb.TopKQueryResult:
         nq = result.ids.shape[0]
-        return pb.TopKQueryResult(status=_OK, row_num=nq, ids=result.ids.ravel().tolist(),
-                                  distances=result.distances.ravel().tolist())
+        return pb.TopKQueryResult(
+            status=_OK, row_num=nq, ids=result.ids.ravel().tolist(), distances=result.distances.ravel().tolist()
+        )
 
     @_reply_on_error(pb.TopKQueryResult)
     def Search(self, request, context):
@@ -244,8 +254,15 @@ class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
     def SearchByID(self, request, context):
         validation.topk(request.topk)
         params = validation.json_params(request.extra_params, "search")
-        return self._result(self.db.search_by_ids(request.collection_name, list(request.partition_tag_array),
-                                                  np.array(request.id_array, dtype=np.int64), request.topk, params))
+        return self._result(
+            self.db.search_by_ids(
+                request.collection_name,
+                list(request.partition_tag_array),
+                np.array(request.id_array, dtype=np.int64),
+                request.topk,
+                params,
+            )
+        )
 
     # ------------------------------------------------------------------ Cmd
     @_reply_on_error(pb.StringReply)
@@ -265,8 +282,13 @@ class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
         if cmd == "build_commit_id":
             return f"milvus_node-{self.version}"
         if cmd == "get_system_info":
-            return json.dumps({"system_type": platform.system(), "python": platform.python_version(),
-                               "deploy_mode": self.config.get("server_config.deploy_mode")})
+            return json.dumps(
+                {
+                    "system_type": platform.system(),
+                    "python": platform.python_version(),
+                    "deploy_mode": self.config.get("server_config.deploy_mode"),
+                }
+            )
         if words and words[0] == "get_config":
             if len(words) != 2:
                 raise IllegalArgument("Usage: get_config <parent>.<child>")

@@ -6,6 +6,7 @@ count followed by the bytes, as Milvus' codec writes them. A segment directory i
 temporary name, fsynced and renamed into place before its meta row exists, and `deleted_docs` is
 replaced by rename: a reader never sees a half-written file.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,9 @@ class SegmentData:
 
     @property
     def nbytes(self) -> int:
-        extra = (self.norms.nbytes if self.norms is not None else 0) + (self.index.nbytes if self.index is not None else 0)
+        extra = (self.norms.nbytes if self.norms is not None else 0) + (
+            self.index.nbytes if self.index is not None else 0
+        )
         return int(self.ids.nbytes + self.vectors.nbytes + self.deleted.nbytes + extra)
 
     @property
@@ -60,7 +63,7 @@ def _read_blob(path: str) -> bytes:
     (size,) = _HEADER.unpack_from(data)
     if len(data) - _HEADER.size != size:
         raise OSError(f"{path}: expected {size} bytes, found {len(data) - _HEADER.size}")
-    return data[_HEADER.size:]
+    return data[_HEADER.size :]
 
 
 def _fsync_dir(path: str) -> None:
@@ -81,8 +84,7 @@ class SegmentStore:
     def segment_dir(self, table_id: str, segment_id: str) -> str:
         return os.path.join(self.tables_dir, table_id, segment_id)
 
-    def write_segment(self, table_id: str, segment_id: str, file_id: str,
-                      ids: np.ndarray, vectors: np.ndarray) -> int:
+    def write_segment(self, table_id: str, segment_id: str, file_id: str, ids: np.ndarray, vectors: np.ndarray) -> int:
         """Write a new segment atomically; returns the raw data size in bytes."""
         table_dir = os.path.join(self.tables_dir, table_id)
         os.makedirs(table_dir, exist_ok=True)
@@ -114,7 +116,9 @@ class SegmentStore:
         return SegmentData(ids, vectors, self.load_deleted(table_id, segment_id, ids.shape[0]))
 
     def load_deleted(self, table_id: str, segment_id: str, rows: int) -> np.ndarray:
-        offsets = np.frombuffer(_read_blob(os.path.join(self.segment_dir(table_id, segment_id), DELETED_DOCS)), dtype="<i4")
+        offsets = np.frombuffer(
+            _read_blob(os.path.join(self.segment_dir(table_id, segment_id), DELETED_DOCS)), dtype="<i4"
+        )
         deleted = np.zeros(rows, dtype=bool)
         deleted[offsets] = True
         return deleted

@@ -9,6 +9,7 @@ covered once their segments are committed. Record layout: `<length u32><crc32 u3
 body `<lsn u64><kind u8><payload>`; a torn or corrupt tail (short read, bad checksum) ends the
 replay of that file, since nothing after it was acknowledged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,8 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def _unpack_strings(data: memoryview, offset: int) -> tuple[list[str], int]:
     names = []
     for _ in range(count):
         (size,) = struct.unpack_from("<I", data, offset)
-        names.append(bytes(data[offset + 4:offset + 4 + size]).decode())
+        names.append(bytes(data[offset + 4 : offset + 4 + size]).decode())
         offset += 4 + size
     return names, offset
 
@@ -80,8 +81,11 @@ def _decode(body: memoryview) -> Record:
         binary, width = struct.unpack_from("<BQ", body, offset)
         offset += 9
         dtype = np.uint8 if binary else np.dtype("<f4")
-        vectors = np.frombuffer(body, dtype=dtype, offset=offset).reshape(-1, width).astype(
-            np.uint8 if binary else np.float32)
+        vectors = (
+            np.frombuffer(body, dtype=dtype, offset=offset)
+            .reshape(-1, width)
+            .astype(np.uint8 if binary else np.float32)
+        )
     return Record(lsn, kind, names, ids, vectors)
 
 
@@ -97,8 +101,11 @@ class WriteAheadLog:
         self.last_lsn = 0
 
     def _numbers(self) -> list[int]:
-        return sorted(int(name[:-len(_SUFFIX)]) for name in os.listdir(self.dir)
-                      if name.endswith(_SUFFIX) and name[:-len(_SUFFIX)].isdigit())
+        return sorted(
+            int(name[: -len(_SUFFIX)])
+            for name in os.listdir(self.dir)
+            if name.endswith(_SUFFIX) and name[: -len(_SUFFIX)].isdigit()
+        )
 
     def _path(self, number: int) -> str:
         return os.path.join(self.dir, f"{number:012d}{_SUFFIX}")
@@ -115,7 +122,7 @@ class WriteAheadLog:
                     log.warning("WAL %s: torn record header at byte %d ignored", path, offset)
                     break
                 size, crc = _FRAME.unpack_from(data, offset)
-                body = data[offset + _FRAME.size:offset + _FRAME.size + size]
+                body = data[offset + _FRAME.size : offset + _FRAME.size + size]
                 if len(body) != size or zlib.crc32(body) != crc:
                     log.warning("WAL %s: torn or corrupt record at byte %d ignored", path, offset)
                     break
@@ -124,8 +131,9 @@ class WriteAheadLog:
                 yield record
                 offset += _FRAME.size + size
 
-    def append(self, kind: int, names: list[str], ids: np.ndarray | None = None,
-               vectors: np.ndarray | None = None) -> int:
+    def append(
+        self, kind: int, names: list[str], ids: np.ndarray | None = None, vectors: np.ndarray | None = None
+    ) -> int:
         """Write one record durably; returns its LSN. Callers serialize appends with buffer changes."""
         with self._lock:
             if self._file is None:

@@ -1,4 +1,5 @@
 """`python -m mishards`."""
+
 import sys
 
 from mishards.main import main

@@ -3,6 +3,7 @@
 Reads the configuration, checks the writable node's version, starts discovery of the read-only
 nodes and serves the Milvus API until SIGINT or SIGTERM, then shuts down in order.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,25 +42,45 @@ class Mishards:
         """`tracer` replaces the one TRACER_CLASS_NAME names (for embedding and tests)."""
         self.settings = settings
         self.host = settings.server_host
-        self.tracer = tracer or create_tracer(settings.tracer_class_name, settings.tracer_plugin_path,
-                                              settings.tracing_config)
+        self.tracer = tracer or create_tracer(
+            settings.tracer_class_name, settings.tracer_plugin_path, settings.tracing_config
+        )
         self.metrics = Metrics() if settings.metrics_port else None
-        engine = create_engine(settings.sqlalchemy_database_uri, echo=settings.sql_echo, pool_size=settings.pool_size,
-                               pool_recycle=settings.pool_recycle, pool_timeout=settings.pool_timeout,
-                               pool_pre_ping=settings.pool_pre_ping, max_overflow=settings.max_overflow)
+        engine = create_engine(
+            settings.sqlalchemy_database_uri,
+            echo=settings.sql_echo,
+            pool_size=settings.pool_size,
+            pool_recycle=settings.pool_recycle,
+            pool_timeout=settings.pool_timeout,
+            pool_pre_ping=settings.pool_pre_ping,
+            max_overflow=settings.max_overflow,
+        )
         self.meta = MetaReader(engine)
         self.writable = NodeClient("writable", settings.woserver)
-        self.membership = Membership(health=HealthPolicy(
-            interval_s=settings.health_check_interval, timeout_s=settings.health_check_timeout,
-            failures_to_remove=settings.health_check_failures_to_remove,
-            successes_to_restore=settings.health_check_successes_to_restore), writable=self.writable)
+        self.membership = Membership(
+            health=HealthPolicy(
+                interval_s=settings.health_check_interval,
+                timeout_s=settings.health_check_timeout,
+                failures_to_remove=settings.health_check_failures_to_remove,
+                successes_to_restore=settings.health_check_successes_to_restore,
+            ),
+            writable=self.writable,
+        )
         self.router = router = router_factory(settings.router_plugin_path).create(settings.router_class_name)
         self.discovery = discovery_factory(settings.discovery_plugin_path).create(
-            settings.discovery_class_name, config=settings.discovery_config, membership=self.membership)
+            settings.discovery_class_name, config=settings.discovery_config, membership=self.membership
+        )
         self.service = MishardsService(
-            writable=self.writable, membership=self.membership, meta=self.meta,
-            schemas=SchemaCache(self.meta, settings.schema_cache_ttl), router=router, tracer=self.tracer,
-            timeout=settings.timeout, max_retry=settings.max_retry, metrics=self.metrics)
+            writable=self.writable,
+            membership=self.membership,
+            meta=self.meta,
+            schemas=SchemaCache(self.meta, settings.schema_cache_ttl),
+            router=router,
+            tracer=self.tracer,
+            timeout=settings.timeout,
+            max_retry=settings.max_retry,
+            metrics=self.metrics,
+        )
         self.server: grpc.aio.Server | None = None
         self.serving = False
         self.http: ObservabilityServer | None = None
@@ -85,12 +106,21 @@ class Mishards:
         """Serve until `stopping` is set, then shut down in order."""
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(self.settings.max_workers, thread_name_prefix="mishards-db"))
-        self.server, bound = build_server(self.service, self.host, self.settings.server_port if port is None else port,
-                                          self.tracer.server_interceptors())
+        self.server, bound = build_server(
+            self.service,
+            self.host,
+            self.settings.server_port if port is None else port,
+            self.tracer.server_interceptors(),
+        )
         await self.server.start()
         self.serving = True
-        log.info("Mishards serving on %s:%d; writable %s; read-only %s", self.host, bound, self.settings.woserver,
-                 ", ".join(self.membership.names()) or "none yet")
+        log.info(
+            "Mishards serving on %s:%d; writable %s; read-only %s",
+            self.host,
+            bound,
+            self.settings.woserver,
+            ", ".join(self.membership.names()) or "none yet",
+        )
         if self.metrics is not None:
             self.start_http()
         await stopping.wait()
@@ -107,8 +137,14 @@ class Mishards:
     def start_http(self) -> None:
         """The side port (METRICS_PORT): metrics, status page and probes."""
         self.metrics.watch(self.membership, self.writable)
-        source = StatusSource(membership=self.membership, writable=self.writable, router=self.router,
-                              engine=self.meta.engine, conn_stats=self.service.conn_stats, serving=lambda: self.serving)
+        source = StatusSource(
+            membership=self.membership,
+            writable=self.writable,
+            router=self.router,
+            engine=self.meta.engine,
+            conn_stats=self.service.conn_stats,
+            serving=lambda: self.serving,
+        )
         self.http = ObservabilityServer(self.settings.metrics_host, self.settings.metrics_port, self.metrics, source)
         self.http.start()
         log.info("metrics, status page and probes on http://%s:%d/", self.settings.metrics_host, self.http.port)

@@ -3,12 +3,13 @@
 Each call takes a pooled connection for one short statement, so on MySQL's REPEATABLE READ no
 request reads through an old snapshot. The proxy never writes here.
 """
+
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import sqlalchemy as sa
@@ -21,10 +22,11 @@ STATE_TO_DELETE = 1
 
 # Plain SQL on a raw DB-API cursor: the search path runs one of these per request, and going
 # through SQLAlchemy's statement compilation costs ~10x the SQLite query itself.
-_COLLECTION_SQL = ("SELECT table_id, owner_table, partition_tag, metric_type, dimension FROM Tables "
-                   "WHERE (table_id = {p} OR owner_table = {p}) AND state <> 1 ORDER BY id")
-_FILES_SQL = ("SELECT id, updated_time FROM TableFiles WHERE file_type IN (1, 2, 3) AND table_id IN ({ps}) "
-              "ORDER BY id")
+_COLLECTION_SQL = (
+    "SELECT table_id, owner_table, partition_tag, metric_type, dimension FROM Tables "
+    "WHERE (table_id = {p} OR owner_table = {p}) AND state <> 1 ORDER BY id"
+)
+_FILES_SQL = "SELECT id, updated_time FROM TableFiles WHERE file_type IN (1, 2, 3) AND table_id IN ({ps}) ORDER BY id"
 _FILES_BY_ID_SQL = "SELECT id, table_id, file_type, updated_time FROM TableFiles WHERE id IN ({ps})"
 
 
@@ -52,12 +54,27 @@ class FileSet:
         return len(self.ids)
 
 
-def create_engine(uri: str, *, echo: bool, pool_size: int, pool_recycle: int, pool_timeout: int,
-                  pool_pre_ping: bool, max_overflow: int) -> Engine:
+def create_engine(
+    uri: str,
+    *,
+    echo: bool,
+    pool_size: int,
+    pool_recycle: int,
+    pool_timeout: int,
+    pool_pre_ping: bool,
+    max_overflow: int,
+) -> Engine:
     if uri.startswith("sqlite"):
         return sa.create_engine(uri, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
-    return sa.create_engine(uri, echo=echo, pool_size=max(pool_size, 1), pool_recycle=pool_recycle,
-                            pool_timeout=pool_timeout, pool_pre_ping=pool_pre_ping, max_overflow=max_overflow)
+    return sa.create_engine(
+        uri,
+        echo=echo,
+        pool_size=max(pool_size, 1),
+        pool_recycle=pool_recycle,
+        pool_timeout=pool_timeout,
+        pool_pre_ping=pool_pre_ping,
+        max_overflow=max_overflow,
+    )
 
 
 class MetaReader:

@@ -14,6 +14,7 @@ Addresses keep host names: gRPC's DNS resolver resolves them and re-resolves whe
 drops (at most once a second here), and a node that turns unhealthy gets a fresh probe channel,
 so a host name that moves to another IP is followed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -131,10 +132,12 @@ class NodeClient:
         """Ask `Cmd version` (blocking); the version string if supported, else HandshakeError."""
         try:
             raw = self._probe_channel.unary_unary(f"/{SERVICE}/Cmd")(
-                pb.Command(cmd="version").SerializeToString(), timeout=timeout)
+                pb.Command(cmd="version").SerializeToString(), timeout=timeout
+            )
         except grpc.RpcError as exc:
             raise HandshakeError(
-                f"{self.name} ({self.address}) did not answer Cmd version: {exc.code().name}") from None
+                f"{self.name} ({self.address}) did not answer Cmd version: {exc.code().name}"
+            ) from None
         except ValueError:  # the channel was closed meanwhile: the node left
             raise HandshakeError(f"{self.name} ({self.address}) left") from None
         reply = pb.StringReply.FromString(raw)
@@ -143,7 +146,8 @@ class NodeClient:
         if not version_supported(reply.string_reply):
             raise HandshakeError(
                 f"{self.name} ({self.address}) runs Milvus {reply.string_reply!r}; supported: "
-                + ", ".join(f"{v}.x" for v in SUPPORTED_SERVER_VERSIONS))
+                + ", ".join(f"{v}.x" for v in SUPPORTED_SERVER_VERSIONS)
+            )
         self.stats.version = reply.string_reply
         return reply.string_reply
 
@@ -210,8 +214,12 @@ class NodeClient:
         old.close()
 
     async def _left(self, *args, **kwargs) -> bytes:
-        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                   details=f"read-only node {self.name} left")
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details=f"read-only node {self.name} left",
+        )
 
     def close(self) -> None:
         """Close both channels, letting in-flight calls finish; safe from any thread."""
@@ -232,8 +240,12 @@ class Membership:
     (for its state in `Cmd conn_stats`), but never routed to from here.
     """
 
-    def __init__(self, client_factory: Callable[[str, str], NodeClient] = NodeClient,
-                 health: HealthPolicy = HealthPolicy(), writable: NodeClient | None = None) -> None:
+    def __init__(
+        self,
+        client_factory: Callable[[str, str], NodeClient] = NodeClient,
+        health: HealthPolicy = HealthPolicy(),
+        writable: NodeClient | None = None,
+    ) -> None:
         self._factory = client_factory
         self.health = health
         self.writable = writable
@@ -355,7 +367,12 @@ class Membership:
             if flipped:
                 log.info("node %s (%s) is healthy again", name, client.address)
             else:
-                log.warning("node %s (%s) failed %d health checks in a row: %s", name, client.address,
-                            self.health.failures_to_remove, client.stats.last_error)
+                log.warning(
+                    "node %s (%s) failed %d health checks in a row: %s",
+                    name,
+                    client.address,
+                    self.health.failures_to_remove,
+                    client.stats.last_error,
+                )
             if client is not self.writable:
                 self._changed()

@@ -10,6 +10,7 @@ On backends that implement `ReloadSegments` (0.10, and our node), files whose `u
 is newer than what a node last reloaded are reloaded there first, and recorded only after the
 reload succeeded, so deletes are visible on read-only nodes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -94,8 +95,17 @@ class _Request:
 class Scatter:
     """One search over many nodes; `run` returns the merged reply bytes."""
 
-    def __init__(self, *, membership: Membership, writable: NodeClient, router, tracer: Tracer,
-                 reloads: ReloadTracker, max_retry: int, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        membership: Membership,
+        writable: NodeClient,
+        router,
+        tracer: Tracer,
+        reloads: ReloadTracker,
+        max_retry: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.membership = membership
         self.writable = writable
         self.router = router
@@ -104,18 +114,31 @@ class Scatter:
         self.max_retry = max_retry
         self.metrics = metrics
 
-    async def run(self, collection: str, files: FileSet, search_param: bytes, nq: int, topk: int,
-                  descending: bool, deadline: float, span=None, started: float | None = None) -> bytes:
+    async def run(
+        self,
+        collection: str,
+        files: FileSet,
+        search_param: bytes,
+        nq: int,
+        topk: int,
+        descending: bool,
+        deadline: float,
+        span=None,
+        started: float | None = None,
+    ) -> bytes:
         """`started` (time.monotonic() when the request arrived) times the access log line."""
         started = time.monotonic() if started is None else started
         nodes = self.membership.all()
         unhealthy = {name for name, client in nodes.items() if not client.stats.healthy}
         with self.tracer.span("get_routing", span):
             groups = self._assign(files.ids, nodes, unhealthy)
-        request = _Request(collection, search_param, nq, dict(zip(files.ids, files.updated.tolist())), deadline, nodes)
+        request = _Request(
+            collection, search_param, nq, dict(zip(files.ids, files.updated.tolist(), strict=True)), deadline, nodes
+        )
         with self.tracer.span("do_search", span):
-            replies = await self._serve_all([_Job(node, file_ids, 0) for node, file_ids in groups.items()],
-                                            frozenset(), request)
+            replies = await self._serve_all(
+                [_Job(node, file_ids, 0) for node, file_ids in groups.items()], frozenset(), request
+            )
         with self.tracer.span("do_merge", span):
             if self.metrics is None:
                 ids, distances = merge_topk(replies, nq, topk, descending)
@@ -125,8 +148,15 @@ class Scatter:
                 self.metrics.merge.observe(time.perf_counter() - merge_started)
                 self.metrics.fanout.observe(len(groups))
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info("search collection=%s nq=%d topk=%d files=%d nodes=%s time=%.1fms", collection, nq, topk,
-                            len(files), ",".join(groups), (time.monotonic() - started) * 1000)
+            access_log.info(
+                "search collection=%s nq=%d topk=%d files=%d nodes=%s time=%.1fms",
+                collection,
+                nq,
+                topk,
+                len(files),
+                ",".join(groups),
+                (time.monotonic() - started) * 1000,
+            )
         return wire.encode_topk_result(ids, distances)
 
     async def _serve_all(self, jobs: list[_Job], tried: frozenset[str], request: _Request) -> list:
@@ -164,7 +194,8 @@ class Scatter:
         if job.node == WRITABLE:
             raise ConnectFailed(
                 f"no node could search {len(job.file_ids)} file(s): every read-only node failed, "
-                f"and the writable node {self.writable.address} too ({self.writable.stats.last_error})")
+                f"and the writable node {self.writable.address} too ({self.writable.stats.last_error})"
+            )
         try:
             groups = self.router.assign(job.file_ids, list(nodes), excluded)
         except NoAvailableNode:
@@ -194,22 +225,23 @@ class Scatter:
         if not self.tracer.enabled:  # no span, no f-string: the untraced path allocates nothing here
             outcome = await self._call(job, client, request, None)
         else:
-            with self.tracer.span(f"search_{client.address}", node=job.node, files=len(job.file_ids),
-                                  attempt=job.attempt) as span:
+            with self.tracer.span(
+                f"search_{client.address}", node=job.node, files=len(job.file_ids), attempt=job.attempt
+            ) as span:
                 outcome = await self._call(job, client, request, self.tracer.outgoing_metadata())
                 if not outcome[0]:
                     self.tracer.set_error(span, outcome[1])
         return outcome
 
-    async def _call(self, job: _Job, client: NodeClient, request: _Request,
-                    metadata: Metadata | None) -> tuple[bool, bytes | str]:
+    async def _call(
+        self, job: _Job, client: NodeClient, request: _Request, metadata: Metadata | None
+    ) -> tuple[bool, bytes | str]:
         deadline = request.deadline
         client.stats.files_routed += len(job.file_ids)
         started = time.monotonic()
         try:
             if client.supports_reload and job.node != WRITABLE:
-                error = await self._reload_stale(job, client, request.collection, request.updated, deadline,
-                                                 metadata)
+                error = await self._reload_stale(job, client, request.collection, request.updated, deadline, metadata)
                 if error:
                     self._observe(job, time.monotonic() - started, False)
                     return False, error
@@ -235,19 +267,28 @@ class Scatter:
         if job.attempt:
             series.retries += 1
 
-    async def _reload_stale(self, job: _Job, client: NodeClient, collection: str, updated: dict[str, int],
-                            deadline: float, metadata: Metadata | None) -> str:
+    async def _reload_stale(
+        self,
+        job: _Job,
+        client: NodeClient,
+        collection: str,
+        updated: dict[str, int],
+        deadline: float,
+        metadata: Metadata | None,
+    ) -> str:
         """Reload files changed since this node last reloaded them; an error text, or "" when fine."""
         ids = np.array(job.file_ids, dtype=np.int64)
         times = np.array([updated[f] for f in job.file_ids], dtype=np.int64)
         stale = self.reloads.stale(job.node, ids, times)
         if not stale.any():
             return ""
-        request = pb.ReLoadSegmentsParam(collection_name=collection,
-                                         segment_id_array=[str(i) for i in ids[stale].tolist()])
+        request = pb.ReLoadSegmentsParam(
+            collection_name=collection, segment_id_array=[str(i) for i in ids[stale].tolist()]
+        )
         try:
-            raw = await client.rpc("ReloadSegments")(request.SerializeToString(), timeout=self._timeout(job, deadline),
-                                                     metadata=metadata)
+            raw = await client.rpc("ReloadSegments")(
+                request.SerializeToString(), timeout=self._timeout(job, deadline), metadata=metadata
+            )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a 0.9 backend: nothing to reload
                 client.supports_reload = False

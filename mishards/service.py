@@ -6,13 +6,15 @@ read-only nodes (see `search`). Every failure the proxy can foresee becomes a Mi
 in a reply of the method's own type; the hybrid RPCs are not registered, so gRPC answers
 UNIMPLEMENTED for them.
 """
+
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
 import time
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -24,7 +26,12 @@ from milvus_grpc import status_pb2
 from tracer import Tracer
 from utils import validation
 from utils.errors import (
-    ConnectFailed, IllegalArgument, IllegalVectorId, MilvusError, collection_missing, status_of,
+    ConnectFailed,
+    IllegalArgument,
+    IllegalVectorId,
+    MilvusError,
+    collection_missing,
+    status_of,
 )
 
 from .core import wire
@@ -42,8 +49,12 @@ _SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["MilvusService"]
 VECTOR_METHODS = [m.name for m in _SERVICE_DESCRIPTOR.methods if m.index < 26]  # 1..25 + ReloadSegments
 REPLY_TYPES = {m.name: message_factory.GetMessageClass(m.output_type) for m in _SERVICE_DESCRIPTOR.methods}
 REQUEST_TYPES = {m.name: m.input_type.name for m in _SERVICE_DESCRIPTOR.methods}
-INVALIDATES_SCHEMA = {"CreateCollection": pb.CollectionSchema, "DropCollection": pb.CollectionName,
-                      "CreatePartition": pb.PartitionParam, "DropPartition": pb.PartitionParam}
+INVALIDATES_SCHEMA = {
+    "CreateCollection": pb.CollectionSchema,
+    "DropCollection": pb.CollectionName,
+    "CreatePartition": pb.PartitionParam,
+    "DropPartition": pb.PartitionParam,
+}
 
 
 def error_reply(method: str, error: BaseException) -> bytes:
@@ -56,8 +67,19 @@ def error_reply(method: str, error: BaseException) -> bytes:
 
 
 class MishardsService:
-    def __init__(self, *, writable: NodeClient, membership: Membership, meta: MetaReader, schemas: SchemaCache,
-                 router, tracer: Tracer, timeout: float, max_retry: int, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        writable: NodeClient,
+        membership: Membership,
+        meta: MetaReader,
+        schemas: SchemaCache,
+        router,
+        tracer: Tracer,
+        timeout: float,
+        max_retry: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.writable = writable
         self.membership = membership
         self.meta = meta
@@ -66,8 +88,15 @@ class MishardsService:
         self.timeout = timeout
         self.reloads = ReloadTracker()
         self.metrics = metrics
-        self.scatter = Scatter(membership=membership, writable=writable, router=router, tracer=tracer,
-                               reloads=self.reloads, max_retry=max_retry, metrics=metrics)
+        self.scatter = Scatter(
+            membership=membership,
+            writable=writable,
+            router=router,
+            tracer=tracer,
+            reloads=self.reloads,
+            max_retry=max_retry,
+            metrics=metrics,
+        )
         self.backend_version = ""
         self._meta_inline = meta.engine.dialect.name == "sqlite"  # sub-millisecond: no thread hop
         self._special: dict[str, Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]] = {
@@ -114,7 +143,9 @@ class MishardsService:
             except MilvusError as exc:
                 return error_reply(method, exc)
             except DecodeError:
-                return error_reply(method, IllegalArgument(f"{method}: the request is not a valid {REQUEST_TYPES[method]} message"))
+                return error_reply(
+                    method, IllegalArgument(f"{method}: the request is not a valid {REQUEST_TYPES[method]} message")
+                )
             except Exception as exc:  # noqa: BLE001 - a bug must still answer with a Status
                 log.exception("%s failed", method)
                 return error_reply(method, exc)
@@ -130,8 +161,9 @@ class MishardsService:
         """Send the request bytes to the writable node and return its reply bytes unchanged."""
         start = time.monotonic()
         try:
-            reply = await self.writable.rpc(method)(request, timeout=self.budget(context),
-                                                    metadata=self.tracer.outgoing_metadata())
+            reply = await self.writable.rpc(method)(
+                request, timeout=self.budget(context), metadata=self.tracer.outgoing_metadata()
+            )
         except grpc.RpcError as exc:
             error = f"{exc.code().name}: {exc.details() or ''}".strip()
             if exc.code() == grpc.StatusCode.INTERNAL and "deserializ" in (exc.details() or ""):
@@ -151,11 +183,26 @@ class MishardsService:
     # ------------------------------------------------------------------ search
     async def search(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         param = pb.SearchParam.FromString(request)
-        return await self._search(param.collection_name, list(param.partition_tag_array), param.topk,
-                            len(param.query_record_array), request, context, None)
+        return await self._search(
+            param.collection_name,
+            list(param.partition_tag_array),
+            param.topk,
+            len(param.query_record_array),
+            request,
+            context,
+            None,
+        )
 
-    async def _search(self, name: str, tags: list[str], topk: int, nq: int, search_param: bytes,
-                      context: grpc.aio.ServicerContext, file_ids: list[str] | None) -> bytes:
+    async def _search(
+        self,
+        name: str,
+        tags: list[str],
+        topk: int,
+        nq: int,
+        search_param: bytes,
+        context: grpc.aio.ServicerContext,
+        file_ids: list[str] | None,
+    ) -> bytes:
         started = time.monotonic()
         validation.collection_name(name)
         validation.topk(topk)
@@ -172,8 +219,9 @@ class MishardsService:
             if file_ids is not None:
                 return wire.encode_topk_result(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
             return await self.forward("Search", search_param, context)
-        return await self.scatter.run(name, files, search_param, nq, topk, is_descending(collection.metric_type),
-                                      deadline, started=started)
+        return await self.scatter.run(
+            name, files, search_param, nq, topk, is_descending(collection.metric_type), deadline, started=started
+        )
 
     def _given_files(self, table_ids: list[str], file_ids: list[str]) -> FileSet:
         """SearchInFiles through the proxy: the named files that are searchable files of the collection."""
@@ -186,15 +234,25 @@ class MishardsService:
         if not rows:
             raise MilvusError("Invalid file id")
         own = set(table_ids)
-        usable = sorted((file_id, updated) for file_id, table_id, file_type, updated in rows
-                        if table_id in own and file_type in (1, 2, 3))
+        usable = sorted(
+            (file_id, updated)
+            for file_id, table_id, file_type, updated in rows
+            if table_id in own and file_type in (1, 2, 3)
+        )
         return FileSet([str(i) for i, _ in usable], np.array([t for _, t in usable], dtype=np.int64))
 
     async def search_in_files(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         param = pb.SearchInFilesParam.FromString(request)
         inner = param.search_param
-        return await self._search(inner.collection_name, [], inner.topk, len(inner.query_record_array),
-                                  inner.SerializeToString(), context, list(param.file_id_array))
+        return await self._search(
+            inner.collection_name,
+            [],
+            inner.topk,
+            len(inner.query_record_array),
+            inner.SerializeToString(),
+            context,
+            list(param.file_id_array),
+        )
 
     async def search_by_id(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Vectors of the ids from the writable node, then an ordinary fan-out search with them."""
@@ -216,11 +274,22 @@ class MishardsService:
         out_ids = np.full((nq, topk), -1, dtype=np.int64)
         out_dist = np.full((nq, topk), padding_distance(is_descending(collection.metric_type)), dtype=np.float32)
         if found:
-            query = pb.SearchParam(collection_name=param.collection_name, partition_tag_array=param.partition_tag_array,
-                                   query_record_array=[vectors.vectors_data[i] for i in found], topk=topk,
-                                   extra_params=param.extra_params)
-            reply = await self._search(param.collection_name, list(param.partition_tag_array), topk, len(found),
-                                       query.SerializeToString(), context, None)
+            query = pb.SearchParam(
+                collection_name=param.collection_name,
+                partition_tag_array=param.partition_tag_array,
+                query_record_array=[vectors.vectors_data[i] for i in found],
+                topk=topk,
+                extra_params=param.extra_params,
+            )
+            reply = await self._search(
+                param.collection_name,
+                list(param.partition_tag_array),
+                topk,
+                len(found),
+                query.SerializeToString(),
+                context,
+                None,
+            )
             code, reason, row_num, ids, distances = wire.decode_topk_result(reply)
             if code != 0:
                 raise MilvusError(reason, code)
@@ -231,8 +300,9 @@ class MishardsService:
         return wire.encode_topk_result(out_ids, out_dist)
 
     # ------------------------------------------------------------------ cluster-wide calls
-    async def _everywhere(self, method: str, request: bytes, context: grpc.aio.ServicerContext,
-                          include_writable: bool) -> bytes:
+    async def _everywhere(
+        self, method: str, request: bytes, context: grpc.aio.ServicerContext, include_writable: bool
+    ) -> bytes:
         """Send one request to the writable and/or every healthy read-only node in parallel; first error wins."""
         targets: dict[str, NodeClient] = dict(self.membership.healthy())
         if include_writable:
@@ -240,9 +310,11 @@ class MishardsService:
         timeout = self.budget(context)
         names = list(targets)
         metadata = self.tracer.outgoing_metadata()
-        replies = await asyncio.gather(*(targets[n].rpc(method)(request, timeout=timeout, metadata=metadata)
-                                         for n in names), return_exceptions=True)
-        for name, reply in zip(names, replies):
+        replies = await asyncio.gather(
+            *(targets[n].rpc(method)(request, timeout=timeout, metadata=metadata) for n in names),
+            return_exceptions=True,
+        )
+        for name, reply in zip(names, replies, strict=True):
             if isinstance(reply, grpc.RpcError):
                 if reply.code() == grpc.StatusCode.UNIMPLEMENTED and method == "ReloadSegments":
                     continue  # a 0.9 read-only node has nothing to reload
@@ -266,7 +338,9 @@ class MishardsService:
     async def cmd(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         command = pb.Command.FromString(request).cmd.strip()
         if command == "conn_stats":
-            return pb.StringReply(status=status_of(None), string_reply=json.dumps(self.conn_stats())).SerializeToString()
+            return pb.StringReply(
+                status=status_of(None), string_reply=json.dumps(self.conn_stats())
+            ).SerializeToString()
         if command == "version" and self.backend_version:
             # answered here so clients can connect (and search) while the writable node is down
             return pb.StringReply(status=status_of(None), string_reply=self.backend_version).SerializeToString()
@@ -276,14 +350,29 @@ class MishardsService:
         def describe(client: NodeClient) -> dict:
             s = client.stats
             health = s.last_health
-            return {"address": client.address, "state": client.state, "healthy": s.healthy, "version": s.version,
-                    "last_error": s.last_error, "last_change": round(s.last_change, 3), "calls": s.calls,
-                    "failures": s.failures, "failovers": s.failovers, "files_routed": s.files_routed,
-                    "latency_ms": round(s.latency_ms_ewma, 3),
-                    "last_health_check": None if health is None else {
-                        "ok": health.ok, "at": round(health.at, 3), "latency_ms": round(health.latency_ms, 3),
-                        "error": health.error},
-                    "checks_failed_in_a_row": s.failures_in_a_row, "checks_passed_in_a_row": s.successes_in_a_row}
+            return {
+                "address": client.address,
+                "state": client.state,
+                "healthy": s.healthy,
+                "version": s.version,
+                "last_error": s.last_error,
+                "last_change": round(s.last_change, 3),
+                "calls": s.calls,
+                "failures": s.failures,
+                "failovers": s.failovers,
+                "files_routed": s.files_routed,
+                "latency_ms": round(s.latency_ms_ewma, 3),
+                "last_health_check": None
+                if health is None
+                else {
+                    "ok": health.ok,
+                    "at": round(health.at, 3),
+                    "latency_ms": round(health.latency_ms, 3),
+                    "error": health.error,
+                },
+                "checks_failed_in_a_row": s.failures_in_a_row,
+                "checks_passed_in_a_row": s.successes_in_a_row,
+            }
 
         return {
             "writable": describe(self.writable),
@@ -297,8 +386,11 @@ def build_server(service: MishardsService, host: str, port: int, interceptors=()
     server = grpc.aio.server(
         handlers=[service.generic_handler()],
         interceptors=list(interceptors),
-        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
-                 ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_send_message_length", -1),
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ],
     )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -5,6 +5,7 @@ Values come from the environment, then from a `.env` file found upward from this
 `.env.example` (resolved from the package, not the current directory). Where the user's guide
 and the original code disagree, the guide's tables win (`DEBUG` defaults to true there).
 """
+
 from __future__ import annotations
 
 import os
@@ -169,7 +170,9 @@ def _read(env: Env, testing: bool) -> Settings:
         log_path=env.str("LOG_PATH", "/tmp/mishards"),
         log_name=env.str("LOG_NAME", "logfile"),
         router_plugin_path=env.str("ROUTER_PLUGIN_PATH", ""),
-        router_class_name=env.str("ROUTER_CLASS_TEST_NAME" if testing else "ROUTER_CLASS_NAME", "FileBasedHashRingRouter"),
+        router_class_name=env.str(
+            "ROUTER_CLASS_TEST_NAME" if testing else "ROUTER_CLASS_NAME", "FileBasedHashRingRouter"
+        ),
         discovery_plugin_path=env.str("DISCOVERY_PLUGIN_PATH", ""),
         discovery_class_name=env.str("DISCOVERY_CLASS_NAME", "static"),
         discovery_config={k: v for k, v in prefixed.items() if k.startswith("DISCOVERY_")},

@@ -9,6 +9,7 @@ is 1.
 Environment: MILVUS_RUN_PROXY_PORT (19530), MILVUS_RUN_WO_PORT (19540), MILVUS_RUN_RO_PORTS
 ("19541,19542"), MILVUS_RUN_DATA_DIR (.run/cluster), MILVUS_RUN_START_TIMEOUT_S (30).
 """
+
 from __future__ import annotations
 
 import os
@@ -49,17 +50,34 @@ class Shutdown(Exception):
 
 def node(name: str, role: str, port: int, data_dir: Path, meta_uri: str) -> Service:
     argv = [
-        sys.executable, "-m", "milvus_node", "--role", role, "--port", str(port),
-        "--meta-uri", meta_uri, "--data-dir", str(data_dir), "--host", LOCALHOST,
+        sys.executable,
+        "-m",
+        "milvus_node",
+        "--role",
+        role,
+        "--port",
+        str(port),
+        "--meta-uri",
+        meta_uri,
+        "--data-dir",
+        str(data_dir),
+        "--host",
+        LOCALHOST,
     ]
     return Service(name, role, port, argv)
 
 
 def proxy(port: int, wo_port: int, ro_ports: list[int], data_dir: Path, meta_uri: str) -> Service:
     env = dict(
-        os.environ, WOSERVER=f"tcp://{LOCALHOST}:{wo_port}", SQLALCHEMY_DATABASE_URI=meta_uri,
-        DISCOVERY_CLASS_NAME="static", DISCOVERY_STATIC_HOSTS=",".join(f"{LOCALHOST}:{p}" for p in ro_ports),
-        SERVER_HOST=LOCALHOST, SERVER_PORT=str(port), LOG_PATH=str(data_dir / "logs"), LOG_NAME="mishards",
+        os.environ,
+        WOSERVER=f"tcp://{LOCALHOST}:{wo_port}",
+        SQLALCHEMY_DATABASE_URI=meta_uri,
+        DISCOVERY_CLASS_NAME="static",
+        DISCOVERY_STATIC_HOSTS=",".join(f"{LOCALHOST}:{p}" for p in ro_ports),
+        SERVER_HOST=LOCALHOST,
+        SERVER_PORT=str(port),
+        LOG_PATH=str(data_dir / "logs"),
+        LOG_NAME="mishards",
     )
     env.setdefault("LOG_LEVEL", "INFO")
     return Service("mishards", "proxy", port, [sys.executable, "-m", "mishards"], env)
@@ -70,19 +88,17 @@ def services(data_dir: Path, proxy_port: int, wo_port: int, ro_ports: list[int])
     meta_uri = f"sqlite:///{data_dir / 'db' / 'meta.sqlite'}"
     return [
         node("writable", "writable", wo_port, data_dir, meta_uri),
-        *(node(f"readonly-{i}", "readonly", port, data_dir, meta_uri)
-          for i, port in enumerate(ro_ports, start=1)),
+        *(node(f"readonly-{i}", "readonly", port, data_dir, meta_uri) for i, port in enumerate(ro_ports, start=1)),
         proxy(proxy_port, wo_port, ro_ports, data_dir, meta_uri),
     ]
 
 
 def print_table(running: list[tuple[Service, ManagedProcess]]) -> None:
     rows = [("NAME", "ROLE", "ADDRESS", "PID", "LOG")]
-    rows += [(s.name, s.role, f"{LOCALHOST}:{s.port}", str(p.pid), str(p.log_path))
-             for s, p in running]
+    rows += [(s.name, s.role, f"{LOCALHOST}:{s.port}", str(p.pid), str(p.log_path)) for s, p in running]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     print("Ctrl-C stops the cluster.", flush=True)
 
 
@@ -114,8 +130,11 @@ def main() -> int:
     try:
         for service in plan:
             proc = ManagedProcess(
-                service.name, service.argv, cmd_version_probe(f"{LOCALHOST}:{service.port}"),
-                log_path=data_dir / "logs" / f"{service.name}.log", env=service.env,
+                service.name,
+                service.argv,
+                cmd_version_probe(f"{LOCALHOST}:{service.port}"),
+                log_path=data_dir / "logs" / f"{service.name}.log",
+                env=service.env,
                 start_timeout_s=start_timeout_s,
             )
             running.append((service, proc))
@@ -124,9 +143,11 @@ def main() -> int:
         while True:
             for service, proc in running:
                 if not proc.alive():
-                    print(f"{service.name} exited with code {proc.returncode}; stopping the cluster\n"
-                          f"--- last lines of {proc.log_path} ---\n{log_tail(proc.log_path)}",
-                          file=sys.stderr)
+                    print(
+                        f"{service.name} exited with code {proc.returncode}; stopping the cluster\n"
+                        f"--- last lines of {proc.log_path} ---\n{log_tail(proc.log_path)}",
+                        file=sys.stderr,
+                    )
                     return 1
             time.sleep(0.5)
     except ProcessStartError as exc:

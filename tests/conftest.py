@@ -1,4 +1,5 @@
 """Shared fixtures: MySQL from `scripts/test.sh` (or skip), a fresh database per test, data dirs."""
+
 from __future__ import annotations
 
 import os

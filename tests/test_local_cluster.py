@@ -1,4 +1,5 @@
 """`make run` (scripts/local_cluster.py): starts the nodes, stops them all on SIGTERM or a death."""
+
 from __future__ import annotations
 
 import os
@@ -22,14 +23,19 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """The script on free ports; yields (process, pid per service, ports, stderr file) once up."""
     ports = [free_port() for _ in range(4)]
     env = dict(
-        os.environ, MILVUS_RUN_DATA_DIR=str(tmp_path / "cluster"), MILVUS_RUN_WO_PORT=str(ports[0]),
-        MILVUS_RUN_RO_PORTS=f"{ports[1]},{ports[2]}", MILVUS_RUN_PROXY_PORT=str(ports[3]),
+        os.environ,
+        MILVUS_RUN_DATA_DIR=str(tmp_path / "cluster"),
+        MILVUS_RUN_WO_PORT=str(ports[0]),
+        MILVUS_RUN_RO_PORTS=f"{ports[1]},{ports[2]}",
+        MILVUS_RUN_PROXY_PORT=str(ports[3]),
     )
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "scripts" / "local_cluster.py")],
-            env=env, stdout=stdout, stderr=stderr,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
         )
     try:
         deadline = time.monotonic() + 90
@@ -38,7 +44,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             time.sleep(0.2)
         lines = out.read_text().splitlines()
         assert READY_LINE in lines, err.read_text()
-        pids = {line.split()[0]: int(line.split()[3]) for line in lines[1:lines.index(READY_LINE)]}
+        pids = {line.split()[0]: int(line.split()[3]) for line in lines[1 : lines.index(READY_LINE)]}
         assert set(pids) == {"writable", "readonly-1", "readonly-2", "mishards"}
         yield proc, pids, ports, err
     finally:
@@ -56,8 +62,12 @@ def search_through_the_proxy(address: str) -> None:
 
     vectors = np.random.default_rng(0).random((20, 8)).astype(np.float32)
     with milvus_stub(address) as stub:
-        assert stub.CreateCollection(pb.CollectionSchema(collection_name="run", dimension=8, index_file_size=1,
-                                                         metric_type=1)).error_code == 0
+        assert (
+            stub.CreateCollection(
+                pb.CollectionSchema(collection_name="run", dimension=8, index_file_size=1, metric_type=1)
+            ).error_code
+            == 0
+        )
         ids = stub.Insert(pb.InsertParam(collection_name="run", row_record_array=records(vectors))).vector_id_array
         assert stub.Flush(pb.FlushParam()).error_code == 0
         reply = stub.Search(search_param("run", vectors[3:4], 1))

@@ -1,4 +1,5 @@
 """Self-test of tests/support/processes.py and the MySQL fixture, with a tiny gRPC server script."""
+
 from __future__ import annotations
 
 import signal
@@ -41,9 +42,11 @@ server.stop(grace=None)
 def tiny(tmp_path: Path, code: str = TINY_SERVER, start_timeout_s: float = 20.0) -> ManagedProcess:
     port = free_port()
     return ManagedProcess(
-        name="tiny", argv=[sys.executable, "-c", code, str(port)],
+        name="tiny",
+        argv=[sys.executable, "-c", code, str(port)],
         probe=cmd_version_probe(f"127.0.0.1:{port}", timeout_s=0.5),
-        log_path=tmp_path / "tiny.log", start_timeout_s=start_timeout_s,
+        log_path=tmp_path / "tiny.log",
+        start_timeout_s=start_timeout_s,
     )
 
 

@@ -4,6 +4,7 @@ wire-protocol.md §12.1: ours is the 0.2.12 (Milvus 0.9.1) descriptor plus the 0
 RPC and its ReLoadSegmentsParam message. The wheels' modules need the pure-Python protobuf
 backend, so their descriptors are dumped by a child process and parsed here on upb.
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -26,30 +27,81 @@ PKG = "milvus.grpc"
 SERVICE = f"/{PKG}.MilvusService"
 
 VECTOR_MESSAGES = [
-    "KeyValuePair", "CollectionName", "CollectionNameList", "CollectionSchema", "PartitionParam",
-    "PartitionList", "RowRecord", "InsertParam", "VectorIds", "SearchParam", "SearchInFilesParam",
-    "SearchByIDParam", "TopKQueryResult", "StringReply", "BoolReply", "CollectionRowCount",
-    "Command", "IndexParam", "FlushParam", "DeleteByIDParam", "CollectionInfo", "VectorsIdentity",
-    "VectorsData", "GetVectorIDsParam",
+    "KeyValuePair",
+    "CollectionName",
+    "CollectionNameList",
+    "CollectionSchema",
+    "PartitionParam",
+    "PartitionList",
+    "RowRecord",
+    "InsertParam",
+    "VectorIds",
+    "SearchParam",
+    "SearchInFilesParam",
+    "SearchByIDParam",
+    "TopKQueryResult",
+    "StringReply",
+    "BoolReply",
+    "CollectionRowCount",
+    "Command",
+    "IndexParam",
+    "FlushParam",
+    "DeleteByIDParam",
+    "CollectionInfo",
+    "VectorsIdentity",
+    "VectorsData",
+    "GetVectorIDsParam",
 ]
 VECTOR_RPCS = [
-    "CreateCollection", "HasCollection", "DescribeCollection", "CountCollection",
-    "ShowCollections", "ShowCollectionInfo", "DropCollection", "CreateIndex", "DescribeIndex",
-    "DropIndex", "CreatePartition", "HasPartition", "ShowPartitions", "DropPartition", "Insert",
-    "GetVectorsByID", "GetVectorIDs", "Search", "SearchByID", "SearchInFiles", "Cmd",
-    "DeleteByID", "PreloadCollection", "Flush", "Compact",
+    "CreateCollection",
+    "HasCollection",
+    "DescribeCollection",
+    "CountCollection",
+    "ShowCollections",
+    "ShowCollectionInfo",
+    "DropCollection",
+    "CreateIndex",
+    "DescribeIndex",
+    "DropIndex",
+    "CreatePartition",
+    "HasPartition",
+    "ShowPartitions",
+    "DropPartition",
+    "Insert",
+    "GetVectorsByID",
+    "GetVectorIDs",
+    "Search",
+    "SearchByID",
+    "SearchInFiles",
+    "Cmd",
+    "DeleteByID",
+    "PreloadCollection",
+    "Flush",
+    "Compact",
 ]
 RELOAD_KEYS = {f"message {PKG}.ReLoadSegmentsParam", f"rpc {SERVICE}/ReloadSegments"}
 
 # wire-protocol.md §11: the 0.2.12 -> 0.2.14 delta, less the two ReloadSegments keys we carry.
 HYBRID_DELTA_0_2_14 = {
     *(f"rpc {SERVICE}/{name}" for name in ["HybridSearchPB", "HybridSearch", "GetEntityByID"]),
-    *(f"message {PKG}.{name}" for name in [
-        "VectorFieldRecord", "VectorParam", "HSearchParamPB",  # added
-        "VectorFieldValue",  # removed
-        "FieldValue", "TermQuery", "HSearchParam", "HSearchInSegmentsParam", "AttrRecord",
-        "HEntity", "HQueryResult", "HInsertParam", "HEntityIdentity",  # changed
-    ]),
+    *(
+        f"message {PKG}.{name}"
+        for name in [
+            "VectorFieldRecord",
+            "VectorParam",
+            "HSearchParamPB",  # added
+            "VectorFieldValue",  # removed
+            "FieldValue",
+            "TermQuery",
+            "HSearchParam",
+            "HSearchInSegmentsParam",
+            "AttrRecord",
+            "HEntity",
+            "HQueryResult",
+            "HInsertParam",
+            "HEntityIdentity",  # changed
+        ]
+    ),
 }
 
 # Runs in a child with the pure-Python backend; skips milvus/__init__.py (it imports the client).
@@ -69,13 +121,16 @@ def wheel_files(version: str) -> FileDescriptors:
     env.pop("PYTHONPATH", None)
     raw = subprocess.run(
         [sys.executable, "-c", DUMP, str(extracted_wheel(version))],
-        env=env, check=True, capture_output=True, timeout=120,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
     ).stdout
     files = []
     while raw:
         size = int.from_bytes(raw[:4], "big")
-        files.append(descriptor_pb2.FileDescriptorProto.FromString(raw[4:4 + size]))
-        raw = raw[4 + size:]
+        files.append(descriptor_pb2.FileDescriptorProto.FromString(raw[4 : 4 + size]))
+        raw = raw[4 + size :]
     return files
 
 
@@ -97,15 +152,23 @@ def shape(files: FileDescriptors) -> Shape:
             result[f"enum {p}.{enum.name}"] = [(v.name, v.number) for v in enum.value]
         for message in f.message_type:
             result[f"message {p}.{message.name}"] = [
-                (fd.number, fd.name, fd.type, fd.type_name, fd.label,
-                 message.oneof_decl[fd.oneof_index].name if fd.HasField("oneof_index") else "")
+                (
+                    fd.number,
+                    fd.name,
+                    fd.type,
+                    fd.type_name,
+                    fd.label,
+                    message.oneof_decl[fd.oneof_index].name if fd.HasField("oneof_index") else "",
+                )
                 for fd in message.field
             ]
         for service in f.service:
             for method in service.method:
                 result[f"rpc /{p}.{service.name}/{method.name}"] = (
-                    method.input_type, method.output_type,
-                    method.client_streaming, method.server_streaming,
+                    method.input_type,
+                    method.output_type,
+                    method.client_streaming,
+                    method.server_streaming,
                 )
     return result
 
@@ -139,15 +202,12 @@ def test_files_have_the_wire_names(files_0_2_12: FileDescriptors) -> None:
     reference = {f.name: f for f in files_0_2_12}
     for fdp in project_files():
         assert fdp.name in reference
-        assert (fdp.package, fdp.syntax, list(fdp.dependency)) == (
-            PKG, "proto3", list(reference[fdp.name].dependency))
+        assert (fdp.package, fdp.syntax, list(fdp.dependency)) == (PKG, "proto3", list(reference[fdp.name].dependency))
         assert [s.name for s in fdp.service] == [s.name for s in reference[fdp.name].service]
     assert [s.name for s in milvus_pb2.DESCRIPTOR.services_by_name.values()] == ["MilvusService"]
 
 
-def test_against_0_2_12_only_reload_segments_is_added(
-    ours: Shape, ref_0_2_12: Shape, ref_0_2_14: Shape
-) -> None:
+def test_against_0_2_12_only_reload_segments_is_added(ours: Shape, ref_0_2_12: Shape, ref_0_2_14: Shape) -> None:
     assert differing(ours, ref_0_2_12) == RELOAD_KEYS
     for key in RELOAD_KEYS:
         assert key not in ref_0_2_12
@@ -173,7 +233,9 @@ def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stubs")
     subprocess.run(
         ["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(out)],
-        env=dict(os.environ, PYTHON=sys.executable), check=True, timeout=120,
+        env=dict(os.environ, PYTHON=sys.executable),
+        check=True,
+        timeout=120,
     )
     return out
 

@@ -2,6 +2,7 @@
 
 If these fail, failures of client-facing tests say nothing about the node or the proxy.
 """
+
 from __future__ import annotations
 
 import time
@@ -36,16 +37,12 @@ class TinyMilvus(milvus_pb2_grpc.MilvusServiceServicer):
     def Cmd(self, request: milvus_pb2.Command, context: grpc.ServicerContext) -> milvus_pb2.StringReply:
         return milvus_pb2.StringReply(status=OK, string_reply=self.version)
 
-    def HasCollection(
-        self, request: milvus_pb2.CollectionName, context: grpc.ServicerContext
-    ) -> milvus_pb2.BoolReply:
+    def HasCollection(self, request: milvus_pb2.CollectionName, context: grpc.ServicerContext) -> milvus_pb2.BoolReply:
         if request.collection_name == "slow":
             time.sleep(3)
         return milvus_pb2.BoolReply(status=OK, bool_reply=True)
 
-    def Search(
-        self, request: milvus_pb2.SearchParam, context: grpc.ServicerContext
-    ) -> milvus_pb2.TopKQueryResult:
+    def Search(self, request: milvus_pb2.SearchParam, context: grpc.ServicerContext) -> milvus_pb2.TopKQueryResult:
         """Row r holds ids r*10+1 .. r*10+topk, except that the last row is cut by a -1."""
         nq, k = len(request.query_record_array), request.topk
         ids = [r * 10 + j + 1 for r in range(nq) for j in range(k)]
@@ -53,11 +50,11 @@ class TinyMilvus(milvus_pb2_grpc.MilvusServiceServicer):
         distances = [float(len(request.query_record_array[0].float_data))] * (nq * k)
         return milvus_pb2.TopKQueryResult(status=OK, row_num=nq, ids=ids, distances=distances)
 
-    def DescribeIndex(
-        self, request: milvus_pb2.CollectionName, context: grpc.ServicerContext
-    ) -> milvus_pb2.IndexParam:
+    def DescribeIndex(self, request: milvus_pb2.CollectionName, context: grpc.ServicerContext) -> milvus_pb2.IndexParam:
         return milvus_pb2.IndexParam(
-            status=OK, collection_name=request.collection_name, index_type=2,
+            status=OK,
+            collection_name=request.collection_name,
+            index_type=2,
             extra_params=[milvus_pb2.KeyValuePair(key="params", value='{"nlist":16}')],
         )
 
@@ -95,9 +92,7 @@ def test_search_decodes_rows_and_numpy_args(client: PymilvusClient) -> None:
     vectors = np.zeros((2, 4), dtype=np.float32)
     status, result = client.search("demo", 3, vectors, params={"nprobe": 1})
     assert status.OK()
-    assert result == SearchResult(
-        ids=[[1, 2, 3], [11, 12]], distances=[[4.0, 4.0, 4.0], [4.0, 4.0]], shape=(2, 3)
-    )
+    assert result == SearchResult(ids=[[1, 2, 3], [11, 12]], distances=[[4.0, 4.0, 4.0], [4.0, 4.0]], shape=(2, 3))
 
 
 def test_objects_become_dicts_with_int_enums(client: PymilvusClient) -> None:

@@ -10,6 +10,7 @@ handler, so the search path pays nothing when tracing is off.
 Built-in plugins are imported only when selected: `jaeger` (jaeger-client, the original's
 choice) and `opentelemetry` (OTLP export). `TRACER_PLUGIN_PATH` adds directories of others.
 """
+
 from __future__ import annotations
 
 import contextlib

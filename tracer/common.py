@@ -1,4 +1,5 @@
 """What the tracer plugins share: reading `TRACING_*` settings, and describing payloads for span logs."""
+
 from __future__ import annotations
 
 from google.protobuf import message_factory, text_format

@@ -4,6 +4,7 @@ Code raises a `MilvusError` subclass that says what went wrong; the gRPC layer t
 `Status` with `status_of`. The families follow the request handler's `ErrorMap` of Milvus 0.9.1,
 so a client sees the code a real server would send.
 """
+
 from __future__ import annotations
 
 from milvus_grpc import status_pb2

@@ -1,4 +1,5 @@
 """Logging set-up: console plus a size-rotated file under LOG_PATH (the original never rotated)."""
+
 from __future__ import annotations
 
 import logging
@@ -23,16 +24,20 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
-def configure(level: str, log_path: str = "", log_name: str = "logfile",
-              max_bytes: int = 100 * 1024 * 1024, backups: int = 5) -> None:
+def configure(
+    level: str, log_path: str = "", log_name: str = "logfile", max_bytes: int = 100 * 1024 * 1024, backups: int = 5
+) -> None:
     formatter = _RedactingFormatter(FORMAT)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     problem = ""
     if log_path:
         try:
             os.makedirs(log_path, exist_ok=True)
-            handlers.append(logging.handlers.RotatingFileHandler(
-                os.path.join(log_path, f"{log_name}.log"), maxBytes=max_bytes, backupCount=backups))
+            handlers.append(
+                logging.handlers.RotatingFileHandler(
+                    os.path.join(log_path, f"{log_name}.log"), maxBytes=max_bytes, backupCount=backups
+                )
+            )
         except OSError as exc:
             problem = f"cannot write logs under LOG_PATH={log_path}: {exc}; logging to stderr only"
     root = logging.getLogger()

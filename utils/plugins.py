@@ -6,13 +6,15 @@ one directory or several separated by `os.pathsep` or commas): every module ther
 case-insensitively (`static`, `kubernetes`, `Jaeger`, `FileBasedHashRingRouter`). Each module
 is executed exactly once.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
 import sys
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -3,16 +3,21 @@
 Shared by the node, which enforces them like a Milvus server, and the proxy, which must answer
 bad input with the code a single Milvus server would send before it routes anything.
 """
+
 from __future__ import annotations
 
 import json
 import re
 
 from utils.errors import (
-    IllegalArgument, IllegalCollectionName, IllegalDimension, IllegalIndexType, IllegalMetricType,
-    IllegalTopK, PartitionError,
+    IllegalArgument,
+    IllegalCollectionName,
+    IllegalDimension,
+    IllegalIndexType,
+    IllegalMetricType,
+    IllegalTopK,
+    PartitionError,
 )
-
 
 MAX_NAME_LENGTH = 255
 MAX_DIMENSION = 32768
@@ -24,8 +29,16 @@ DEFAULT_PARTITION_TAG = "_default"
 BINARY_METRICS = frozenset({3, 4, 5, 6, 7})  # HAMMING .. SUPERSTRUCTURE
 
 # IndexType values a client can send (pymilvus IndexType); 7..10 are server-internal engine types.
-INDEX_TYPE_NAMES = {1: "FLAT", 2: "IVF_FLAT", 3: "IVF_SQ8", 4: "RNSG", 5: "IVF_SQ8H", 6: "IVF_PQ",
-                    11: "HNSW", 12: "ANNOY"}
+INDEX_TYPE_NAMES = {
+    1: "FLAT",
+    2: "IVF_FLAT",
+    3: "IVF_SQ8",
+    4: "RNSG",
+    5: "IVF_SQ8H",
+    6: "IVF_PQ",
+    11: "HNSW",
+    12: "ANNOY",
+}
 
 _NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -38,20 +51,27 @@ def collection_name(name: str) -> None:
     if not (name[0] == "_" or name[0].isascii() and name[0].isalpha()):
         raise IllegalCollectionName(f"The first character of a collection name must be an underscore or letter: {name}")
     if not _NAME_PATTERN.fullmatch(name):
-        raise IllegalCollectionName(
-            f"Collection name can only contain numbers, letters, and underscores: {name}")
+        raise IllegalCollectionName(f"Collection name can only contain numbers, letters, and underscores: {name}")
 
 
 def dimension(dim: int, metric: int) -> None:
     if dim <= 0 or dim > MAX_DIMENSION:
-        raise IllegalDimension(f"Invalid collection dimension: {dim}. The collection dimension must be within the range of 1 ~ {MAX_DIMENSION}")
+        raise IllegalDimension(
+            f"Invalid collection dimension: {dim}. "
+            f"The collection dimension must be within the range of 1 ~ {MAX_DIMENSION}"
+        )
     if metric in BINARY_METRICS and dim % 8 != 0:
-        raise IllegalDimension(f"Invalid collection dimension: {dim}. The collection dimension must be a multiple of 8 for binary metrics")
+        raise IllegalDimension(
+            f"Invalid collection dimension: {dim}. The collection dimension must be a multiple of 8 for binary metrics"
+        )
 
 
 def index_file_size(size_mb: int) -> None:
     if size_mb <= 0 or size_mb > MAX_INDEX_FILE_SIZE_MB:
-        raise IllegalArgument(f"Invalid index file size: {size_mb}. The index file size must be within the range of 1 ~ {MAX_INDEX_FILE_SIZE_MB}")
+        raise IllegalArgument(
+            f"Invalid index file size: {size_mb}. "
+            f"The index file size must be within the range of 1 ~ {MAX_INDEX_FILE_SIZE_MB}"
+        )
 
 
 def metric_type(metric: int) -> None:
@@ -89,7 +109,10 @@ def partition_tag(tag: str) -> str:
     if not trimmed:
         raise PartitionError("Partition tag should not be empty")
     if len(trimmed) > MAX_NAME_LENGTH:
-        raise PartitionError(f"Invalid partition tag: {trimmed}. The length of a partition tag must be less than {MAX_NAME_LENGTH} characters")
+        raise PartitionError(
+            f"Invalid partition tag: {trimmed}. "
+            f"The length of a partition tag must be less than {MAX_NAME_LENGTH} characters"
+        )
     return trimmed
 
 

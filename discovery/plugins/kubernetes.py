@@ -23,6 +23,7 @@ Settings (every `DISCOVERY_KUBERNETES_*`; the original's names and defaults):
 | `_KUBECONFIG` | the client's default (`~/.kube/config`, `$KUBECONFIG`) | kubeconfig file |
 | `_TOKEN_FILE`, `_CA_FILE`, `_NAMESPACE_FILE` | in `SERVICE_ACCOUNT_DIR` | in-cluster files (tests set them) |
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,7 +86,8 @@ class KubernetesConfig:
         in_cluster_text = get("IN_CLUSTER", "false").lower()
         if in_cluster_text not in ("true", "false", "1", "0", "yes", "no"):
             raise DiscoveryConfigError(
-                f"DISCOVERY_KUBERNETES_IN_CLUSTER must be true or false, got {in_cluster_text!r}")
+                f"DISCOVERY_KUBERNETES_IN_CLUSTER must be true or false, got {in_cluster_text!r}"
+            )
         pattern_text = get("POD_PATT")
         try:
             pattern = re.compile(pattern_text) if pattern_text else None
@@ -95,12 +97,19 @@ class KubernetesConfig:
         if port > 65535:
             raise DiscoveryConfigError(f"DISCOVERY_KUBERNETES_PORT must be a port number, got {port}")
         namespace = get("NAMESPACE") or _read_namespace_file(get("NAMESPACE_FILE", f"{SERVICE_ACCOUNT_DIR}/namespace"))
-        return cls(namespace=namespace, in_cluster=in_cluster_text in ("true", "1", "yes"),
-                   poll_interval=number("POLL_INTERVAL", "5", float), pod_pattern=pattern,
-                   label_selector=get("LABEL_SELECTOR"), port=port, watch_timeout=number("WATCH_TIMEOUT", "60", int),
-                   port_annotation=get("PORT_ANNOTATION"), kubeconfig=get("KUBECONFIG"),
-                   token_file=get("TOKEN_FILE", f"{SERVICE_ACCOUNT_DIR}/token"),
-                   ca_file=get("CA_FILE", f"{SERVICE_ACCOUNT_DIR}/ca.crt"))
+        return cls(
+            namespace=namespace,
+            in_cluster=in_cluster_text in ("true", "1", "yes"),
+            poll_interval=number("POLL_INTERVAL", "5", float),
+            pod_pattern=pattern,
+            label_selector=get("LABEL_SELECTOR"),
+            port=port,
+            watch_timeout=number("WATCH_TIMEOUT", "60", int),
+            port_annotation=get("PORT_ANNOTATION"),
+            kubeconfig=get("KUBECONFIG"),
+            token_file=get("TOKEN_FILE", f"{SERVICE_ACCOUNT_DIR}/token"),
+            ca_file=get("CA_FILE", f"{SERVICE_ACCOUNT_DIR}/ca.crt"),
+        )
 
 
 def _read_namespace_file(path: str) -> str:
@@ -111,7 +120,8 @@ def _read_namespace_file(path: str) -> str:
     except OSError as exc:
         raise DiscoveryConfigError(
             f"DISCOVERY_KUBERNETES_NAMESPACE is not set and the in-cluster namespace file {path} "
-            f"cannot be read: {exc.strerror}") from None
+            f"cannot be read: {exc.strerror}"
+        ) from None
     if not namespace:
         raise DiscoveryConfigError(f"DISCOVERY_KUBERNETES_NAMESPACE is not set and {path} is empty")
     return namespace
@@ -123,13 +133,15 @@ def _api_client(config: KubernetesConfig) -> k8s_client.ApiClient:
     try:
         if config.in_cluster:
             InClusterConfigLoader(token_filename=config.token_file, cert_filename=config.ca_file).load_and_set(
-                configuration)
+                configuration
+            )
         else:
             k8s_config.load_kube_config(config_file=config.kubeconfig or None, client_configuration=configuration)
     except (k8s_config.ConfigException, OSError) as exc:
         mode = "in-cluster" if config.in_cluster else "kubeconfig"
-        raise DiscoveryConfigError(f"DISCOVERY_KUBERNETES_IN_CLUSTER={config.in_cluster}: cannot load the "
-                                   f"{mode} configuration: {exc}") from None
+        raise DiscoveryConfigError(
+            f"DISCOVERY_KUBERNETES_IN_CLUSTER={config.in_cluster}: cannot load the {mode} configuration: {exc}"
+        ) from None
     return k8s_client.ApiClient(configuration)
 
 
@@ -160,8 +172,11 @@ class KubernetesDiscovery:
         self._thread = threading.Thread(target=self._run, name="discovery-kubernetes", daemon=True)
         self._thread.start()
         if not self._synced.wait(FIRST_SYNC_WAIT_S):
-            log.warning("no pod list from the Kubernetes API within %.0f s; serving without read-only nodes "
-                        "for now, discovery keeps trying", FIRST_SYNC_WAIT_S)
+            log.warning(
+                "no pod list from the Kubernetes API within %.0f s; serving without read-only nodes "
+                "for now, discovery keeps trying",
+                FIRST_SYNC_WAIT_S,
+            )
 
     def stop(self) -> None:
         """End the loop (interrupting a watch that waits for data) and leave the membership."""
@@ -224,8 +239,12 @@ class KubernetesDiscovery:
     def _api_failed(self, error: str) -> None:
         kind = error.split(":")[0]
         if kind != self._failing_since:
-            log.warning("kubernetes discovery: %s; keeping %d node(s), retrying with backoff up to %g s",
-                        error, len(self.nodes), self.config.poll_interval)
+            log.warning(
+                "kubernetes discovery: %s; keeping %d node(s), retrying with backoff up to %g s",
+                error,
+                len(self.nodes),
+                self.config.poll_interval,
+            )
             self._failing_since = kind
         else:
             log.debug("kubernetes discovery still failing: %s", error)
@@ -238,8 +257,10 @@ class KubernetesDiscovery:
     def _relist(self) -> str:
         """List the pods, reconcile the membership with them, return the list's resourceVersion."""
         pods = self.api.list_namespaced_pod(
-            self.config.namespace, label_selector=self.config.label_selector or None,
-            _request_timeout=(CONNECT_TIMEOUT_S, 2 * self.config.poll_interval + 1))
+            self.config.namespace,
+            label_selector=self.config.label_selector or None,
+            _request_timeout=(CONNECT_TIMEOUT_S, 2 * self.config.poll_interval + 1),
+        )
         ready = {}
         for pod in pods.items:
             address = self._address_if_ready(pod)
@@ -257,10 +278,14 @@ class KubernetesDiscovery:
         self._watch = k8s_watch.Watch()
         try:
             for event in self._watch.stream(
-                    self.api.list_namespaced_pod, self.config.namespace,
-                    label_selector=self.config.label_selector or None, resource_version=resource_version,
-                    timeout_seconds=self.config.watch_timeout, allow_watch_bookmarks=True,
-                    _request_timeout=(CONNECT_TIMEOUT_S, self.config.watch_timeout + self.config.poll_interval)):
+                self.api.list_namespaced_pod,
+                self.config.namespace,
+                label_selector=self.config.label_selector or None,
+                resource_version=resource_version,
+                timeout_seconds=self.config.watch_timeout,
+                allow_watch_bookmarks=True,
+                _request_timeout=(CONNECT_TIMEOUT_S, self.config.watch_timeout + self.config.poll_interval),
+            ):
                 if self._stop.is_set():
                     return
                 self._apply(event["type"], event["object"])

@@ -4,6 +4,7 @@ Host names are kept, not resolved once at start as the original did: gRPC resolv
 re-resolves them when a connection drops, and the membership's health checks renew a failing
 node's probe channel, so a name that moves to another IP is followed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,7 +55,8 @@ class StaticDiscovery:
         nodes = parse_hosts(config.get("DISCOVERY_STATIC_HOSTS", ""), int(port_text))
         if not nodes:
             raise DiscoveryConfigError(
-                "DISCOVERY_STATIC_HOSTS is empty: no address is specified for the read-only nodes")
+                "DISCOVERY_STATIC_HOSTS is empty: no address is specified for the read-only nodes"
+            )
         return cls(nodes, membership)
 
     def start(self) -> None:

@@ -28,6 +28,7 @@ just the candidates that can still make the cut. Inputs of at most SMALL_MERGE_C
 candidates take a pure-Python path, which beats numpy's fixed per-call costs there.
 faiss.merge_knn_results is faster still but neither drops repeated ids nor breaks ties by id.
 """
+
 from __future__ import annotations
 
 import sys
@@ -111,7 +112,7 @@ def _merge_small(blocks: list[NodeResult], nq: int, width: int, descending: bool
         ranked = sorted(
             (distance != distance, 0.0 if distance != distance else sign * distance, vector_id, distance)
             for ids, distances in node_rows
-            for vector_id, distance in zip(ids[row], distances[row])
+            for vector_id, distance in zip(ids[row], distances[row], strict=True)
             if vector_id != PADDING_ID
         )
         seen: set[int] = set()

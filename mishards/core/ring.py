@@ -11,6 +11,7 @@ same assignment as the original proxy. Lookups are batched with numpy because on
 tens to thousands of files; only the md5 of each file id stays a per-file call (hashlib has no
 batch form), and uses CPython's built-in md5, measured 2.5x faster than OpenSSL's on short keys.
 """
+
 from __future__ import annotations
 
 from bisect import bisect_right
@@ -83,7 +84,7 @@ class ConsistentHashRing:
         grouped_files = np.array(file_ids, dtype=object)[by_owner]
         owners_present = np.flatnonzero(group_sizes)
         groups = np.split(grouped_files, np.cumsum(group_sizes[owners_present])[:-1])
-        return {self._names[owner]: group.tolist() for owner, group in zip(owners_present, groups)}
+        return {self._names[owner]: group.tolist() for owner, group in zip(owners_present, groups, strict=True)}
 
     def _assign_small(self, file_ids: Sequence[str]) -> dict[str, list[str]]:
         """The same assignment for a handful of files with bisect: numpy's per-call cost dominates there."""

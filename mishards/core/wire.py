@@ -12,6 +12,7 @@ Touching vectors from Python is what costs (building a 100 x 768 request field b
 
 Everything here produces what the generated ``milvus_pb2`` code would serialize, byte for byte.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -85,9 +86,7 @@ def search_in_files_request(file_ids: list[str], search_param_bytes: bytes) -> b
     return b"".join(pieces)
 
 
-def encode_topk_result(
-    ids: np.ndarray, distances: np.ndarray, status: status_pb2.Status | None = None
-) -> bytes:
+def encode_topk_result(ids: np.ndarray, distances: np.ndarray, status: status_pb2.Status | None = None) -> bytes:
     """A serialized ``TopKQueryResult`` from (nq, k) arrays; ``row_num`` is nq.
 
     `status` None leaves the field out (clients read an absent status as SUCCESS); an error reply

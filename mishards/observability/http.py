@@ -11,6 +11,7 @@ gRPC event loop, and they only read the proxy's state.
 | `/healthz` | 200 while the process serves HTTP (liveness) |
 | `/readyz` | 200 when the gRPC server serves and some node can answer, else 503 with the reason |
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,9 @@ class ObservabilityServer:
         self._server.metrics = metrics
         self._server.source = source
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="mishards-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.5}, name="mishards-http", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()

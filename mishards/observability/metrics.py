@@ -6,6 +6,7 @@ collector when `/metrics` is scraped; a `list(...)` snapshot of each dict keeps 
 safe against series added meanwhile. Membership size and health are read from the membership at
 scrape time, so they cost nothing per request.
 """
+
 from __future__ import annotations
 
 from bisect import bisect_left
@@ -112,10 +113,12 @@ class Metrics:
     def collect(self) -> Iterator[Metric]:
         rpcs, nodes, meta = list(self._rpcs.items()), list(self._nodes.items()), list(self._meta.items())
         requests = CounterMetricFamily("mishards_requests", "RPCs answered, by method", labels=["method"])
-        errors = CounterMetricFamily("mishards_request_errors",
-                                     "RPCs answered with a non-zero Milvus status, by method", labels=["method"])
-        latency = HistogramMetricFamily("mishards_request_duration_seconds", "RPC latency in the proxy, by method",
-                                        labels=["method"])
+        errors = CounterMetricFamily(
+            "mishards_request_errors", "RPCs answered with a non-zero Milvus status, by method", labels=["method"]
+        )
+        latency = HistogramMetricFamily(
+            "mishards_request_duration_seconds", "RPC latency in the proxy, by method", labels=["method"]
+        )
         for method, series in rpcs:
             requests.add_metric([method], series.requests)
             errors.add_metric([method], series.errors)
@@ -123,16 +126,18 @@ class Metrics:
             latency.add_metric([method], buckets, total)
         yield from (requests, errors, latency)
 
-        node_latency = HistogramMetricFamily("mishards_node_call_duration_seconds",
-                                             "Search calls to a backend node (reloads included), by node",
-                                             labels=["node"])
+        node_latency = HistogramMetricFamily(
+            "mishards_node_call_duration_seconds",
+            "Search calls to a backend node (reloads included), by node",
+            labels=["node"],
+        )
         node_errors = CounterMetricFamily("mishards_node_errors", "Failed calls to a backend node", labels=["node"])
-        node_retries = CounterMetricFamily("mishards_node_retries",
-                                           "File groups a node searched after another node failed them",
-                                           labels=["node"])
-        node_failovers = CounterMetricFamily("mishards_node_failovers",
-                                             "File groups moved away from a node after it failed them",
-                                             labels=["node"])
+        node_retries = CounterMetricFamily(
+            "mishards_node_retries", "File groups a node searched after another node failed them", labels=["node"]
+        )
+        node_failovers = CounterMetricFamily(
+            "mishards_node_failovers", "File groups moved away from a node after it failed them", labels=["node"]
+        )
         for name, series in nodes:
             buckets, total = series.latency.cumulative()
             node_latency.add_metric([name], buckets, total)
@@ -147,9 +152,11 @@ class Metrics:
         merge = HistogramMetricFamily("mishards_merge_duration_seconds", "Time to merge the nodes' top-k lists")
         buckets, total = self.merge.cumulative()
         merge.add_metric([], buckets, total)
-        meta_latency = HistogramMetricFamily("mishards_meta_query_duration_seconds",
-                                             "Meta DB reads on the search path (cache hits included), by query",
-                                             labels=["query"])
+        meta_latency = HistogramMetricFamily(
+            "mishards_meta_query_duration_seconds",
+            "Meta DB reads on the search path (cache hits included), by query",
+            labels=["query"],
+        )
         for query, series in meta:
             buckets, total = series.cumulative()
             meta_latency.add_metric([query], buckets, total)

@@ -5,6 +5,7 @@ the call failed (gRPC itself says OK), so the wrapper reads that status from the
 the whole message for `Status` replies, else field 1 found by skipping over the other fields
 (a top-k reply is not decoded).
 """
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,11 @@ from .metrics import Metrics
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 SERVICE = "milvus.grpc.MilvusService"
-_STATUS_REPLIES = {m.name for m in pb.DESCRIPTOR.services_by_name["MilvusService"].methods
-                   if m.output_type.full_name == status_pb2.Status.DESCRIPTOR.full_name}
+_STATUS_REPLIES = {
+    m.name
+    for m in pb.DESCRIPTOR.services_by_name["MilvusService"].methods
+    if m.output_type.full_name == status_pb2.Status.DESCRIPTOR.full_name
+}
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -53,7 +57,7 @@ def status_field(reply: bytes) -> bytes | None:
             if pos + length > end:
                 raise DecodeError("truncated field")
             if field == 1:
-                return reply[pos:pos + length]
+                return reply[pos : pos + length]
             pos += length
         else:
             raise DecodeError(f"unexpected wire type {wire_type}")

@@ -5,6 +5,7 @@ assigned by the proxy's own router over the current read-only nodes, unhealthy o
 Built on the HTTP thread when the page is asked for, never on the search path. No secret is
 shown: nodes by address, the meta DB by dialect only.
 """
+
 from __future__ import annotations
 
 import html
@@ -25,14 +26,23 @@ WRITABLE = "<writable>"
 _FILES_SQL = sa.text(
     "SELECT CASE WHEN t.owner_table = '' OR t.owner_table IS NULL THEN t.table_id ELSE t.owner_table END, "
     "f.id, f.row_count, f.file_size FROM TableFiles f JOIN Tables t ON t.table_id = f.table_id "
-    "WHERE f.file_type IN (1, 2, 3) AND t.state <> 1 ORDER BY f.id")
+    "WHERE f.file_type IN (1, 2, 3) AND t.state <> 1 ORDER BY f.id"
+)
 
 
 class StatusSource:
     """Reads the proxy's state for the status page and the probes."""
 
-    def __init__(self, *, membership: Membership, writable: NodeClient, router: Any, engine: Engine,
-                 conn_stats: Callable[[], dict], serving: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        *,
+        membership: Membership,
+        writable: NodeClient,
+        router: Any,
+        engine: Engine,
+        conn_stats: Callable[[], dict],
+        serving: Callable[[], bool],
+    ) -> None:
         self.membership = membership
         self.writable = writable
         self.router = router
@@ -52,8 +62,10 @@ class StatusSource:
         stats = self.conn_stats()
         rows = [{"name": self.writable.name, "role": "writable", **stats["writable"]}]
         rows += [{"name": name, "role": "readonly", **row} for name, row in stats["readonly"].items()]
-        rows += [{"name": name, "role": "readonly", "address": address, "healthy": False, "waiting": True}
-                 for name, address in sorted(stats["waiting"].items())]
+        rows += [
+            {"name": name, "role": "readonly", "address": address, "healthy": False, "waiting": True}
+            for name, address in sorted(stats["waiting"].items())
+        ]
         for row in rows:  # `health` colours the row; `state` keeps the membership's own word when it has one
             row["health"] = "waiting" if row.get("waiting") else ("healthy" if row["healthy"] else "unhealthy")
             row["state"] = row.get("state") or row["health"]
@@ -74,10 +86,18 @@ class StatusSource:
                 groups = self.router.assign(list(by_id), list(nodes), unhealthy)
             except NoAvailableNode:
                 groups = {WRITABLE: list(by_id)}
-            spread = [{"node": node, "files": len(ids), "rows": sum(by_id[i][0] for i in ids),
-                       "bytes": sum(by_id[i][1] for i in ids)} for node, ids in sorted(groups.items())]
-            out.append({"collection": collection, "files": len(entries), "rows": sum(e[1] for e in entries),
-                        "spread": spread})
+            spread = [
+                {
+                    "node": node,
+                    "files": len(ids),
+                    "rows": sum(by_id[i][0] for i in ids),
+                    "bytes": sum(by_id[i][1] for i in ids),
+                }
+                for node, ids in sorted(groups.items())
+            ]
+            out.append(
+                {"collection": collection, "files": len(entries), "rows": sum(e[1] for e in entries), "spread": spread}
+            )
         return out
 
     def snapshot(self) -> dict:
@@ -86,9 +106,15 @@ class StatusSource:
             collections, meta_error = self.collections(), ""
         except Exception as exc:  # noqa: BLE001 - the page must still show the nodes
             collections, meta_error = [], redact(f"{exc.__class__.__name__}: {exc}")[:500]
-        return {"generated_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ready": ready, "ready_reason": reason,
-                "meta_db": self.engine.dialect.name, "meta_error": meta_error, "nodes": self.nodes(),
-                "collections": collections}
+        return {
+            "generated_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "ready": ready,
+            "ready_reason": reason,
+            "meta_db": self.engine.dialect.name,
+            "meta_error": meta_error,
+            "nodes": self.nodes(),
+            "collections": collections,
+        }
 
 
 _STYLE = """
@@ -114,40 +140,61 @@ def _cell(value: Any, numeric: bool = False) -> str:
 
 def render_html(snapshot: dict) -> str:
     """The snapshot as a page a person reads; refreshes itself every 5 seconds."""
-    readiness = ('<span class="ready">ready</span>' if snapshot["ready"]
-                 else f'<span class="notready">not ready: {html.escape(snapshot["ready_reason"])}</span>')
-    parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">',
-             f"<title>Mishards status</title><style>{_STYLE}</style></head><body>",
-             "<h1>Mishards status</h1>",
-             f'<div class="sub">{readiness} &middot; meta DB: {html.escape(snapshot["meta_db"])} &middot; '
-             f'{html.escape(snapshot["generated_at"])} &middot; <a href="/status.json">JSON</a> &middot; '
-             '<a href="/metrics">metrics</a></div>',
-             "<h2>Nodes</h2><table><tr><th>node</th><th>role</th><th>address</th><th>state</th><th>version</th>"
-             "<th>calls</th><th>failures</th><th>failovers</th><th>files routed</th><th>latency ms</th>"
-             "<th>last error</th></tr>"]
+    readiness = (
+        '<span class="ready">ready</span>'
+        if snapshot["ready"]
+        else f'<span class="notready">not ready: {html.escape(snapshot["ready_reason"])}</span>'
+    )
+    parts = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">',
+        f"<title>Mishards status</title><style>{_STYLE}</style></head><body>",
+        "<h1>Mishards status</h1>",
+        f'<div class="sub">{readiness} &middot; meta DB: {html.escape(snapshot["meta_db"])} &middot; '
+        f'{html.escape(snapshot["generated_at"])} &middot; <a href="/status.json">JSON</a> &middot; '
+        '<a href="/metrics">metrics</a></div>',
+        "<h2>Nodes</h2><table><tr><th>node</th><th>role</th><th>address</th><th>state</th><th>version</th>"
+        "<th>calls</th><th>failures</th><th>failovers</th><th>files routed</th><th>latency ms</th>"
+        "<th>last error</th></tr>",
+    ]
     for node in snapshot["nodes"]:
-        parts.append("<tr>" + _cell(node["name"]) + _cell(node["role"]) + _cell(node["address"])
-                     + f'<td><span class="state {node["health"]}">{html.escape(str(node["state"]))}</span></td>'
-                     + _cell(node.get("version", "")) + _cell(node.get("calls", 0), True)
-                     + _cell(node.get("failures", 0), True) + _cell(node.get("failovers", 0), True)
-                     + _cell(node.get("files_routed", 0), True) + _cell(node.get("latency_ms", ""), True)
-                     + f'<td class="err">{html.escape(node.get("last_error", ""))}</td></tr>')
+        parts.append(
+            "<tr>"
+            + _cell(node["name"])
+            + _cell(node["role"])
+            + _cell(node["address"])
+            + f'<td><span class="state {node["health"]}">{html.escape(str(node["state"]))}</span></td>'
+            + _cell(node.get("version", ""))
+            + _cell(node.get("calls", 0), True)
+            + _cell(node.get("failures", 0), True)
+            + _cell(node.get("failovers", 0), True)
+            + _cell(node.get("files_routed", 0), True)
+            + _cell(node.get("latency_ms", ""), True)
+            + f'<td class="err">{html.escape(node.get("last_error", ""))}</td></tr>'
+        )
     parts.append("</table><h2>Collections: files per node (as routed now)</h2>")
     if snapshot["meta_error"]:
         parts.append(f'<p class="err">meta DB unreadable: {html.escape(snapshot["meta_error"])}</p>')
     elif not snapshot["collections"]:
         parts.append('<p class="sub">no collection has searchable (flushed) files yet</p>')
     else:
-        parts.append("<table><tr><th>collection</th><th>node</th><th>files</th><th>rows</th><th>MB</th>"
-                     "<th>share of files</th></tr>")
+        parts.append(
+            "<table><tr><th>collection</th><th>node</th><th>files</th><th>rows</th><th>MB</th>"
+            "<th>share of files</th></tr>"
+        )
         for entry in snapshot["collections"]:
             for i, spread in enumerate(entry["spread"]):
                 share = 100.0 * spread["files"] / max(entry["files"], 1)
-                name = f'{entry["collection"]} ({entry["files"]} files, {entry["rows"]} rows)' if i == 0 else ""
-                parts.append("<tr>" + _cell(name) + _cell(spread["node"]) + _cell(spread["files"], True)
-                             + _cell(spread["rows"], True) + _cell(f'{spread["bytes"] / 1e6:.2f}', True)
-                             + f'<td><span class="bar"><span style="width:{share:.0f}%"></span></span> '
-                             f"{share:.0f}%</td></tr>")
+                name = f"{entry['collection']} ({entry['files']} files, {entry['rows']} rows)" if i == 0 else ""
+                parts.append(
+                    "<tr>"
+                    + _cell(name)
+                    + _cell(spread["node"])
+                    + _cell(spread["files"], True)
+                    + _cell(spread["rows"], True)
+                    + _cell(f"{spread['bytes'] / 1e6:.2f}", True)
+                    + f'<td><span class="bar"><span style="width:{share:.0f}%"></span></span> '
+                    f"{share:.0f}%</td></tr>"
+                )
         parts.append("</table>")
     parts.append("</body></html>")
     return "".join(parts)

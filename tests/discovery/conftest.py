@@ -3,6 +3,7 @@
 The read-only nodes stand for pods (see fake_kube.py); each test starts its own proxy (and fake
 API server) in front of them, so the nodes and the data are made once per module.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ class NodeCluster:
     def restart_readonly(self, index: int) -> NodeProcess:
         """Start read-only node `index` again on its old port (after it was stopped)."""
         old = self.readonly[index]
-        self.readonly[index] = NodeProcess("readonly", self.meta_uri, self.data_dir, log_dir=self.log_dir,
-                                           port=old.port)
+        self.readonly[index] = NodeProcess(
+            "readonly", self.meta_uri, self.data_dir, log_dir=self.log_dir, port=old.port
+        )
         self.started.append(self.readonly[index])
         self.readonly[index].start()
         return self.readonly[index]
@@ -62,11 +64,20 @@ def nodes(tmp_path_factory) -> Iterator[NodeCluster]:
         vectors = rng.random((1200, DIM)).astype(np.float32)
         ids = np.arange(1200, dtype=np.int64) * 3 + 2
         with milvus_stub(writable.address) as stub:
-            assert stub.CreateCollection(pb.CollectionSchema(collection_name=COLLECTION, dimension=DIM,
-                                                             index_file_size=1024, metric_type=1)).error_code == 0
+            assert (
+                stub.CreateCollection(
+                    pb.CollectionSchema(collection_name=COLLECTION, dimension=DIM, index_file_size=1024, metric_type=1)
+                ).error_code
+                == 0
+            )
             for part in np.array_split(np.arange(1200), 12):
-                reply = stub.Insert(pb.InsertParam(collection_name=COLLECTION, row_record_array=records(vectors[part]),
-                                                   row_id_array=ids[part].tolist()))
+                reply = stub.Insert(
+                    pb.InsertParam(
+                        collection_name=COLLECTION,
+                        row_record_array=records(vectors[part]),
+                        row_id_array=ids[part].tolist(),
+                    )
+                )
                 assert reply.status.error_code == 0
                 assert stub.Flush(pb.FlushParam(collection_name_array=[COLLECTION])).error_code == 0
         yield NodeCluster(meta, data, base, writable, readonly, vectors, ids, started)

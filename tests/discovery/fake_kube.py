@@ -10,6 +10,7 @@ Each fake pod stands for a real `milvus_node` process on 127.0.0.1. Several pods
 so every pod carries a test-only annotation (`PORT_ANNOTATION`) with its node's port; the proxy
 reads it through `DISCOVERY_KUBERNETES_PORT_ANNOTATION`.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,24 +30,52 @@ STALL_LIMIT_S = 60.0
 
 
 def status_object(code: int, reason: str, message: str) -> dict:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 def self_signed_cert(directory: Path) -> tuple[Path, Path]:
     """A certificate for IP 127.0.0.1 (and its key) made with openssl."""
     cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return cert, key
 
 
 class FakeKubeAPI:
     """Pods in one namespace, a global resourceVersion counter and the change history."""
 
-    def __init__(self, namespace: str = "mishards", token: str = "test-token",
-                 tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self, namespace: str = "mishards", token: str = "test-token", tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.namespace = namespace
         self.token = token
         self.tls = tls
@@ -78,8 +107,9 @@ class FakeKubeAPI:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(certfile=str(self.tls[0]), keyfile=str(self.tls[1]))
             self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="fake-kube-api", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="fake-kube-api", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -104,33 +134,61 @@ class FakeKubeAPI:
             self._thread.join(timeout=5)
 
     def kubeconfig(self, path: Path) -> Path:
-        path.write_text(json.dumps({  # JSON is YAML
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": self.token}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": self.namespace}}],
-            "current-context": "fake"}))
+        path.write_text(
+            json.dumps(
+                {  # JSON is YAML
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "fake", "user": {"token": self.token}}],
+                    "contexts": [
+                        {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": self.namespace}}
+                    ],
+                    "current-context": "fake",
+                }
+            )
+        )
         return path
 
     # ------------------------------------------------------------------ pods
-    def put_pod(self, name: str, *, port: int, ready: bool = True, ip: str | None = "127.0.0.1",
-                phase: str = "Running", labels: dict | None = None, notify: bool = True) -> None:
+    def put_pod(
+        self,
+        name: str,
+        *,
+        port: int,
+        ready: bool = True,
+        ip: str | None = "127.0.0.1",
+        phase: str = "Running",
+        labels: dict | None = None,
+        notify: bool = True,
+    ) -> None:
         """Create or update a pod; `notify=False` changes it without telling watchers (seen only by a re-list)."""
         with self.cond:
             kind = "MODIFIED" if name in self.pods else "ADDED"
             self.resource_version += 1
-            status: dict = {"phase": phase, "conditions": [
-                {"type": "Ready", "status": "True" if ready else "False"},
-                {"type": "ContainersReady", "status": "True" if ready else "False"}]}
+            status: dict = {
+                "phase": phase,
+                "conditions": [
+                    {"type": "Ready", "status": "True" if ready else "False"},
+                    {"type": "ContainersReady", "status": "True" if ready else "False"},
+                ],
+            }
             if ip:
                 status["podIP"] = ip
-            pod = {"apiVersion": "v1", "kind": "Pod",
-                   "metadata": {"name": name, "namespace": self.namespace, "uid": f"u-{name}",
-                                "resourceVersion": str(self.resource_version),
-                                "labels": dict(LABELS if labels is None else labels),
-                                "annotations": {PORT_ANNOTATION: str(port)}},
-                   "spec": {"containers": [{"name": "milvus", "image": "milvusdb/milvus:0.9.1-cpu"}]},
-                   "status": status}
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": name,
+                    "namespace": self.namespace,
+                    "uid": f"u-{name}",
+                    "resourceVersion": str(self.resource_version),
+                    "labels": dict(LABELS if labels is None else labels),
+                    "annotations": {PORT_ANNOTATION: str(port)},
+                },
+                "spec": {"containers": [{"name": "milvus", "image": "milvusdb/milvus:0.9.1-cpu"}]},
+                "status": status,
+            }
             self.pods[name] = pod
             if notify:
                 self.history.append((self.resource_version, kind, pod))
@@ -175,8 +233,7 @@ class FakeKubeAPI:
     # ------------------------------------------------------------------ queries
     def matching(self, selector: str) -> list[dict]:
         wanted = [part.split("=", 1) for part in selector.split(",") if part]
-        return [pod for pod in self.pods.values()
-                if all(pod["metadata"]["labels"].get(k) == v for k, v in wanted)]
+        return [pod for pod in self.pods.values() if all(pod["metadata"]["labels"].get(k) == v for k, v in wanted)]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -219,8 +276,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(fake.fail_status, status_object(fake.fail_status, "InternalError", "fake outage"))
             return
         parts = url.path.strip("/").split("/")
-        if parts[:3] != ["api", "v1", "namespaces"] or len(parts) < 5 or parts[4] != "pods" \
-                or parts[3] != fake.namespace:
+        if (
+            parts[:3] != ["api", "v1", "namespaces"]
+            or len(parts) < 5
+            or parts[4] != "pods"
+            or parts[3] != fake.namespace
+        ):
             self._send_json(404, status_object(404, "NotFound", f"{url.path} not found"))
             return
         if len(parts) == 6:
@@ -236,9 +297,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with fake.cond:
             fake.list_requests += 1
-            body = {"apiVersion": "v1", "kind": "PodList",
-                    "metadata": {"resourceVersion": str(fake.resource_version)},
-                    "items": fake.matching(query.get("labelSelector", ""))}
+            body = {
+                "apiVersion": "v1",
+                "kind": "PodList",
+                "metadata": {"resourceVersion": str(fake.resource_version)},
+                "items": fake.matching(query.get("labelSelector", "")),
+            }
         self._send_json(200, body)
 
     def _chunk(self, payload: bytes) -> None:
@@ -283,8 +347,11 @@ class _Handler(BaseHTTPRequestHandler):
                         expire_seen = fake.expire_generation
                         finished = True
                     else:
-                        events = [{"type": kind, "object": pod} for rv, kind, pod in fake.history
-                                  if rv > sent_rv and all(pod["metadata"]["labels"].get(k) == v for k, v in wanted)]
+                        events = [
+                            {"type": kind, "object": pod}
+                            for rv, kind, pod in fake.history
+                            if rv > sent_rv and all(pod["metadata"]["labels"].get(k) == v for k, v in wanted)
+                        ]
                         sent_rv = fake.history[-1][0] if fake.history and fake.history[-1][0] > sent_rv else sent_rv
                         finished = time.monotonic() >= deadline
                         if not events and not finished:

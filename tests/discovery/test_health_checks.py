@@ -1,4 +1,5 @@
 """Active health checks with real node processes behind static discovery (host names, not IPs)."""
+
 from __future__ import annotations
 
 from tests.support.processes import LOCALHOST
@@ -12,18 +13,30 @@ def test_a_stopped_node_leaves_and_rejoins_after_consecutive_successes(nodes: No
     port: after HEALTH_CHECK_SUCCESSES_TO_RESTORE passed checks it is routed files again."""
     names = [f"localhost:{node.port}" for node in nodes.readonly]
     proxy = MishardsProcess(
-        woserver=f"localhost:{nodes.writable.port}", meta_uri=nodes.meta_uri, ro_addresses=names,
-        log_dir=nodes.log_dir, extra_env={"HEALTH_CHECK_INTERVAL": "0.3", "HEALTH_CHECK_TIMEOUT": "0.5",
-                                          "HEALTH_CHECK_FAILURES_TO_REMOVE": "2",
-                                          "HEALTH_CHECK_SUCCESSES_TO_RESTORE": "3", "TIMEOUT": "10"}).start()
+        woserver=f"localhost:{nodes.writable.port}",
+        meta_uri=nodes.meta_uri,
+        ro_addresses=names,
+        log_dir=nodes.log_dir,
+        extra_env={
+            "HEALTH_CHECK_INTERVAL": "0.3",
+            "HEALTH_CHECK_TIMEOUT": "0.5",
+            "HEALTH_CHECK_FAILURES_TO_REMOVE": "2",
+            "HEALTH_CHECK_SUCCESSES_TO_RESTORE": "3",
+            "TIMEOUT": "10",
+        },
+    ).start()
     victim, name = nodes.readonly[0], names[0]
 
     def node_stats() -> dict:
         return conn_stats(proxy.address)["readonly"][name]
 
     try:
-        wait_for("every node passed a health check", lambda: all(
-            (node["last_health_check"] or {}).get("ok") for node in conn_stats(proxy.address)["readonly"].values()))
+        wait_for(
+            "every node passed a health check",
+            lambda: all(
+                (node["last_health_check"] or {}).get("ok") for node in conn_stats(proxy.address)["readonly"].values()
+            ),
+        )
         stats = conn_stats(proxy.address)
         assert set(stats["readonly"]) == set(names)
         assert {node["state"] for node in stats["readonly"].values()} == {"healthy"}
@@ -58,10 +71,17 @@ def test_a_stopped_node_leaves_and_rejoins_after_consecutive_successes(nodes: No
 def test_health_checks_alone_take_a_silent_node_out_and_back(nodes: NodeCluster):
     """Without any search traffic, a frozen node (SIGSTOP) leaves after the failure threshold."""
     proxy = MishardsProcess(
-        woserver=nodes.writable.address, meta_uri=nodes.meta_uri, ro_addresses=[n.address for n in nodes.readonly],
-        log_dir=nodes.log_dir, extra_env={"HEALTH_CHECK_INTERVAL": "0.3", "HEALTH_CHECK_TIMEOUT": "0.3",
-                                          "HEALTH_CHECK_FAILURES_TO_REMOVE": "3",
-                                          "HEALTH_CHECK_SUCCESSES_TO_RESTORE": "2"}).start()
+        woserver=nodes.writable.address,
+        meta_uri=nodes.meta_uri,
+        ro_addresses=[n.address for n in nodes.readonly],
+        log_dir=nodes.log_dir,
+        extra_env={
+            "HEALTH_CHECK_INTERVAL": "0.3",
+            "HEALTH_CHECK_TIMEOUT": "0.3",
+            "HEALTH_CHECK_FAILURES_TO_REMOVE": "3",
+            "HEALTH_CHECK_SUCCESSES_TO_RESTORE": "2",
+        },
+    ).start()
     victim = nodes.readonly[1]
 
     def victim_stats() -> dict:

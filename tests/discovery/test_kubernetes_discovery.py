@@ -4,6 +4,7 @@ real read-only node processes as the pods, and searches checked against an oracl
 After every change the proxy's membership (`Cmd conn_stats`) must equal the set of Ready pods
 whose names fully match POD_PATT, within a bounded time, and no search may fail or be incomplete.
 """
+
 from __future__ import annotations
 
 import time
@@ -35,13 +36,21 @@ def converge(proxy: MishardsProcess, expected: set[str], what: str) -> None:
         stats = conn_stats(proxy.address)
         return members(proxy.address) == expected and set(stats["readonly"]) == expected and not stats["waiting"]
 
-    wait_for(f"{what}: membership == {sorted(expected)} (last: {sorted(conn_stats(proxy.address)['readonly'])})",
-             matches, CONVERGE_S)
+    wait_for(
+        f"{what}: membership == {sorted(expected)} (last: {sorted(conn_stats(proxy.address)['readonly'])})",
+        matches,
+        CONVERGE_S,
+    )
 
 
 def start_proxy(nodes: NodeCluster, env: dict[str, str]) -> MishardsProcess:
-    return MishardsProcess(woserver=nodes.writable.address, meta_uri=nodes.meta_uri, ro_addresses=[],
-                           log_dir=nodes.log_dir, extra_env={**COMMON_ENV, **env}).start()
+    return MishardsProcess(
+        woserver=nodes.writable.address,
+        meta_uri=nodes.meta_uri,
+        ro_addresses=[],
+        log_dir=nodes.log_dir,
+        extra_env={**COMMON_ENV, **env},
+    ).start()
 
 
 def test_kubeconfig_over_http_follows_every_pod_change(nodes: NodeCluster, tmp_path):
@@ -58,8 +67,13 @@ def test_kubeconfig_over_http_follows_every_pod_change(nodes: NodeCluster, tmp_p
         fake.put_pod("ro-1", port=ports[1])
         fake.put_pod("ro-7", port=ports[2], labels={"app": "elsewhere"})  # outside the selector
         fake.put_pod("ro-8", port=ports[2], ip=None)  # scheduled, no IP yet
-        proxy = start_proxy(nodes, {"DISCOVERY_KUBERNETES_NAMESPACE": "mishards",
-                                    "DISCOVERY_KUBERNETES_KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig"))})
+        proxy = start_proxy(
+            nodes,
+            {
+                "DISCOVERY_KUBERNETES_NAMESPACE": "mishards",
+                "DISCOVERY_KUBERNETES_KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig")),
+            },
+        )
         converge(proxy, {"ro-0", "ro-1"}, "start")
         with SearchStream(proxy.address, nodes) as searches:
             fake.put_pod("ro-2", port=ports[2], ready=False)
@@ -68,8 +82,10 @@ def test_kubeconfig_over_http_follows_every_pod_change(nodes: NodeCluster, tmp_p
             fake.put_pod("ro-2", port=ports[2])
             converge(proxy, {"ro-0", "ro-1", "ro-2"}, "pod became Ready")
             routed = conn_stats(proxy.address)["readonly"]["ro-2"]["files_routed"]
-            wait_for("the new pod receives files",
-                     lambda: conn_stats(proxy.address)["readonly"]["ro-2"]["files_routed"] > routed)
+            wait_for(
+                "the new pod receives files",
+                lambda: conn_stats(proxy.address)["readonly"]["ro-2"]["files_routed"] > routed,
+            )
 
             fake.put_pod("ro-1", port=ports[1], ready=False)
             converge(proxy, {"ro-0", "ro-2"}, "pod became not Ready")
@@ -148,12 +164,17 @@ def test_in_cluster_config_over_https(nodes: NodeCluster, in_cluster_files):
         fake.put_pod("ro-1", port=ports[1], ready=False)
         fake.put_pod("other-1", port=ports[1])
         # no DISCOVERY_KUBERNETES_NAMESPACE: the in-cluster namespace file names it
-        proxy = start_proxy(nodes, {
-            "DISCOVERY_KUBERNETES_IN_CLUSTER": "True",
-            "KUBERNETES_SERVICE_HOST": LOCALHOST, "KUBERNETES_SERVICE_PORT": str(fake.port),
-            "DISCOVERY_KUBERNETES_TOKEN_FILE": str(account / "token"),
-            "DISCOVERY_KUBERNETES_CA_FILE": str(cert),
-            "DISCOVERY_KUBERNETES_NAMESPACE_FILE": str(account / "namespace")})
+        proxy = start_proxy(
+            nodes,
+            {
+                "DISCOVERY_KUBERNETES_IN_CLUSTER": "True",
+                "KUBERNETES_SERVICE_HOST": LOCALHOST,
+                "KUBERNETES_SERVICE_PORT": str(fake.port),
+                "DISCOVERY_KUBERNETES_TOKEN_FILE": str(account / "token"),
+                "DISCOVERY_KUBERNETES_CA_FILE": str(cert),
+                "DISCOVERY_KUBERNETES_NAMESPACE_FILE": str(account / "namespace"),
+            },
+        )
         converge(proxy, {"ro-0"}, "start")
         with SearchStream(proxy.address, nodes) as searches:
             fake.put_pod("ro-1", port=ports[1])

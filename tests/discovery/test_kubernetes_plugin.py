@@ -1,5 +1,6 @@
 """The kubernetes plugin in-process (real client, fake API server): settings, a loop that
 survives any exception, re-lists after faults, and a prompt, clean stop."""
+
 from __future__ import annotations
 
 import threading
@@ -46,12 +47,18 @@ def eventually(predicate, timeout_s: float = 10.0) -> bool:
 
 def test_settings_keep_the_original_names_and_defaults(tmp_path):
     config = KubernetesConfig.from_settings({"DISCOVERY_KUBERNETES_NAMESPACE": "xp"})
-    assert (config.namespace, config.in_cluster, config.poll_interval, config.port, config.label_selector) == \
-        ("xp", False, 5.0, 19530, "")
+    assert (config.namespace, config.in_cluster, config.poll_interval, config.port, config.label_selector) == (
+        "xp",
+        False,
+        5.0,
+        19530,
+        "",
+    )
     assert config.pod_pattern is None and config.watch_timeout == 60 and config.port_annotation == ""
     assert config.token_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    pattern = KubernetesConfig.from_settings({"DISCOVERY_KUBERNETES_NAMESPACE": "xp",
-                                              "DISCOVERY_KUBERNETES_POD_PATT": ".*-ro-servers-.*"}).pod_pattern
+    pattern = KubernetesConfig.from_settings(
+        {"DISCOVERY_KUBERNETES_NAMESPACE": "xp", "DISCOVERY_KUBERNETES_POD_PATT": ".*-ro-servers-.*"}
+    ).pod_pattern
     assert pattern.fullmatch("mishards-ro-servers-0") and not pattern.fullmatch("mishards-wo-servers-0")
     # the namespace falls back to the in-cluster namespace file (the original's NameError, fixed)
     (tmp_path / "namespace").write_text("from-file\n")
@@ -60,14 +67,17 @@ def test_settings_keep_the_original_names_and_defaults(tmp_path):
     assert KubernetesConfig.from_settings({**fallback, "DISCOVERY_KUBERNETES_IN_CLUSTER": "TRUE"}).in_cluster
 
 
-@pytest.mark.parametrize("settings, named", [
-    ({"DISCOVERY_KUBERNETES_NAMESPACE_FILE": "/nonexistent/namespace"}, "DISCOVERY_KUBERNETES_NAMESPACE"),
-    ({"DISCOVERY_KUBERNETES_NAMESPACE": "x", "DISCOVERY_KUBERNETES_IN_CLUSTER": "maybe"}, "_IN_CLUSTER"),
-    ({"DISCOVERY_KUBERNETES_NAMESPACE": "x", "DISCOVERY_KUBERNETES_POD_PATT": "ro-("}, "_POD_PATT"),
-    ({"DISCOVERY_KUBERNETES_NAMESPACE": "x", "DISCOVERY_KUBERNETES_POLL_INTERVAL": "soon"}, "_POLL_INTERVAL"),
-    ({"DISCOVERY_KUBERNETES_NAMESPACE": "x", "DISCOVERY_KUBERNETES_PORT": "70000"}, "_PORT"),
-    ({"DISCOVERY_KUBERNETES_NAMESPACE": "x", "DISCOVERY_KUBERNETES_KUBECONFIG": "/nonexistent"}, "_IN_CLUSTER"),
-])
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({"DISCOVERY_KUBERNETES_NAMESPACE_FILE": "/nonexistent/namespace"}, "DISCOVERY_KUBERNETES_NAMESPACE"),
+        ({"DISCOVERY_KUBERNETES_NAMESPACE": "x", "DISCOVERY_KUBERNETES_IN_CLUSTER": "maybe"}, "_IN_CLUSTER"),
+        ({"DISCOVERY_KUBERNETES_NAMESPACE": "x", "DISCOVERY_KUBERNETES_POD_PATT": "ro-("}, "_POD_PATT"),
+        ({"DISCOVERY_KUBERNETES_NAMESPACE": "x", "DISCOVERY_KUBERNETES_POLL_INTERVAL": "soon"}, "_POLL_INTERVAL"),
+        ({"DISCOVERY_KUBERNETES_NAMESPACE": "x", "DISCOVERY_KUBERNETES_PORT": "70000"}, "_PORT"),
+        ({"DISCOVERY_KUBERNETES_NAMESPACE": "x", "DISCOVERY_KUBERNETES_KUBECONFIG": "/nonexistent"}, "_IN_CLUSTER"),
+    ],
+)
 def test_bad_settings_stop_start_up_naming_the_variable(settings, named):
     with pytest.raises(DiscoveryConfigError, match=named):
         discovery_factory().create("kubernetes", config=settings, membership=RecordingMembership())
@@ -77,12 +87,19 @@ def test_bad_settings_stop_start_up_naming_the_variable(settings, named):
 def fake_and_discovery(tmp_path):
     fake = FakeKubeAPI().start()
     membership = RecordingMembership()
-    discovery: KubernetesDiscovery = discovery_factory().create("Kubernetes", membership=membership, config={
-        "DISCOVERY_KUBERNETES_KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig")),
-        "DISCOVERY_KUBERNETES_NAMESPACE": "mishards", "DISCOVERY_KUBERNETES_POD_PATT": r"ro-\d+",
-        "DISCOVERY_KUBERNETES_LABEL_SELECTOR": "tier=ro-servers",
-        "DISCOVERY_KUBERNETES_PORT_ANNOTATION": PORT_ANNOTATION,
-        "DISCOVERY_KUBERNETES_POLL_INTERVAL": "0.5", "DISCOVERY_KUBERNETES_WATCH_TIMEOUT": "2"})
+    discovery: KubernetesDiscovery = discovery_factory().create(
+        "Kubernetes",
+        membership=membership,
+        config={
+            "DISCOVERY_KUBERNETES_KUBECONFIG": str(fake.kubeconfig(tmp_path / "kubeconfig")),
+            "DISCOVERY_KUBERNETES_NAMESPACE": "mishards",
+            "DISCOVERY_KUBERNETES_POD_PATT": r"ro-\d+",
+            "DISCOVERY_KUBERNETES_LABEL_SELECTOR": "tier=ro-servers",
+            "DISCOVERY_KUBERNETES_PORT_ANNOTATION": PORT_ANNOTATION,
+            "DISCOVERY_KUBERNETES_POLL_INTERVAL": "0.5",
+            "DISCOVERY_KUBERNETES_WATCH_TIMEOUT": "2",
+        },
+    )
     yield fake, membership, discovery
     discovery.stop()
     fake.stop()

@@ -5,6 +5,7 @@ Crashes in the middle of a flush, an index build, a compaction or a merge are pl
 After every restart, every acknowledged row is counted and stored exactly once and searchable,
 and no deleted id comes back.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,14 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if k != "MILVUS_NODE_CRASH_AT"}
         if crash_at:
             env["MILVUS_NODE_CRASH_AT"] = crash_at
-        self.node = NodeProcess("writable", self.meta, self.base / "data", log_dir=self.base, env=env,
-                                extra_args=["--auto-flush-interval", "0", "--merge-after", "-1", *extra]).start()
+        self.node = NodeProcess(
+            "writable",
+            self.meta,
+            self.base / "data",
+            log_dir=self.base,
+            env=env,
+            extra_args=["--auto-flush-interval", "0", "--merge-after", "-1", *extra],
+        ).start()
         return self.node
 
     def call(self, method: str, request, timeout: float = 60):
@@ -53,9 +60,11 @@ class Cluster:
         ids = list(range(self.next_id, self.next_id + n))
         self.next_id += n
         vectors = self.rng.random((n, dim)).astype(np.float32)
-        reply = self.call("Insert", pb.InsertParam(collection_name=NAME, row_record_array=records(vectors), row_id_array=ids))
+        reply = self.call(
+            "Insert", pb.InsertParam(collection_name=NAME, row_record_array=records(vectors), row_id_array=ids)
+        )
         assert reply.status.error_code == 0, reply.status
-        self.vectors.update(zip(ids, vectors))
+        self.vectors.update(zip(ids, vectors, strict=True))
 
     def delete(self, ids: list[int]) -> None:
         assert self.call("DeleteByID", pb.DeleteByIDParam(collection_name=NAME, id_array=ids)).error_code == 0
@@ -95,17 +104,21 @@ class Cluster:
         stored = []
         for partition in info["partitions"]:
             for segment in partition["segments"]:
-                got = self.call("GetVectorIDs", pb.GetVectorIDsParam(collection_name=NAME, segment_name=segment["name"]))
+                got = self.call(
+                    "GetVectorIDs", pb.GetVectorIDsParam(collection_name=NAME, segment_name=segment["name"])
+                )
                 stored.extend(got.vector_id_array)
         assert sorted(stored) == live, "every acknowledged row exactly once, no deleted row"
         sample = live[:: max(1, len(live) // 20)]
-        reply = self.call("Search", search_param(NAME, np.stack([self.vectors[i] for i in sample]), 1,
-                                                 params='{"nprobe": 64}'))
+        reply = self.call(
+            "Search", search_param(NAME, np.stack([self.vectors[i] for i in sample]), 1, params='{"nprobe": 64}')
+        )
         assert [row[0] for row in result_rows(reply)[0]] == sample
         gone = sorted(self.deleted)[:20]
         if gone:
-            reply = self.call("Search", search_param(NAME, np.stack([self.vectors[i] for i in gone]), 5,
-                                                     params='{"nprobe": 64}'))
+            reply = self.call(
+                "Search", search_param(NAME, np.stack([self.vectors[i] for i in gone]), 5, params='{"nprobe": 64}')
+            )
             assert not set(np.ravel(result_rows(reply)[0]).tolist()) & self.deleted
             got = self.call("GetVectorsByID", pb.VectorsIdentity(collection_name=NAME, id_array=gone))
             assert all(not r.float_data for r in got.vectors_data)
@@ -115,8 +128,13 @@ class Cluster:
 def cluster(tmp_path):
     c = Cluster(tmp_path)
     c.start()
-    assert c.call("CreateCollection", pb.CollectionSchema(collection_name=NAME, dimension=DIM, index_file_size=1,
-                                                           metric_type=1)).error_code == 0
+    assert (
+        c.call(
+            "CreateCollection",
+            pb.CollectionSchema(collection_name=NAME, dimension=DIM, index_file_size=1, metric_type=1),
+        ).error_code
+        == 0
+    )
     yield c
     if c.node is not None:
         c.node.stop()
@@ -172,7 +190,9 @@ def test_kill_9_during_index_build(cluster):
     cluster.flush()
     cluster.node.stop()
     cluster.start(crash_at="index.file_written")
-    index = pb.IndexParam(collection_name=NAME, index_type=2, extra_params=[pb.KeyValuePair(key="params", value='{"nlist": 64}')])
+    index = pb.IndexParam(
+        collection_name=NAME, index_type=2, extra_params=[pb.KeyValuePair(key="params", value='{"nlist": 64}')]
+    )
     cluster.crash_during("CreateIndex", index)
     cluster.start()
     deadline = time.monotonic() + 30  # the index thread rebuilds the TO_INDEX file left behind

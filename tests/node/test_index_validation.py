@@ -1,6 +1,7 @@
 """The remaining validation rules of milvus-semantics.md §8/§9 on a real node: index parameters,
 search parameters per the collection's current index type, unavailable index types, the 256 MB
 insert limit, set_config keys and values. Each case asserts the Milvus code and the reason."""
+
 from __future__ import annotations
 
 import json
@@ -21,11 +22,19 @@ NSG_OK = {"search_length": 45, "out_degree": 50, "candidate_pool_size": 300, "kn
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory):
     data = tmp_path_factory.mktemp("index-validation")
-    with NodeProcess("single", f"sqlite:///{data}/meta.sqlite", data, log_dir=data,
-                     extra_args=["--auto-flush-interval", "0"]) as node, milvus_stub(node.address) as s:
+    with (
+        NodeProcess(
+            "single", f"sqlite:///{data}/meta.sqlite", data, log_dir=data, extra_args=["--auto-flush-interval", "0"]
+        ) as node,
+        milvus_stub(node.address) as s,
+    ):
         for name, dim, metric in (("f16", 16, 1), ("bits", 16, 3)):
-            assert s.CreateCollection(pb.CollectionSchema(collection_name=name, dimension=dim, index_file_size=1,
-                                                          metric_type=metric)).error_code == E.SUCCESS
+            assert (
+                s.CreateCollection(
+                    pb.CollectionSchema(collection_name=name, dimension=dim, index_file_size=1, metric_type=metric)
+                ).error_code
+                == E.SUCCESS
+            )
         vectors = np.random.default_rng(0).random((300, 16)).astype(np.float32)
         assert s.Insert(pb.InsertParam(collection_name="f16", row_record_array=records(vectors))).status.error_code == 0
         assert s.Flush(pb.FlushParam(collection_name_array=["f16"])).error_code == 0
@@ -33,29 +42,37 @@ def stub(tmp_path_factory):
 
 
 def create_index(stub, name: str, kind: int, params: dict):
-    return stub.CreateIndex(pb.IndexParam(collection_name=name, index_type=kind,
-                                          extra_params=[pb.KeyValuePair(key="params", value=json.dumps(params))]))
+    return stub.CreateIndex(
+        pb.IndexParam(
+            collection_name=name,
+            index_type=kind,
+            extra_params=[pb.KeyValuePair(key="params", value=json.dumps(params))],
+        )
+    )
 
 
-@pytest.mark.parametrize("kind, params, reason", [
-    (2, {}, "Parameter list must contain: nlist"),
-    (2, {"nlist": 0}, "Invalid nlist value: 0. Valid range is [1, 999999]"),
-    (3, {"nlist": 1000000}, "Invalid nlist value: 1000000. Valid range is [1, 999999]"),
-    (2, {"nlist": "16"}, "Invalid nlist: '16' is not an integer"),
-    (6, {"nlist": 16}, "Parameter list must contain: m"),
-    (6, {"nlist": 16, "m": 5}, "Invalid m: 5"),
-    (6, {"nlist": 16, "m": 12}, "divide the dimension (16)"),
-    (11, {"efConstruction": 200}, "Parameter list must contain: M"),
-    (11, {"M": 4, "efConstruction": 200}, "Invalid M value: 4. Valid range is [5, 48]"),
-    (11, {"M": 49, "efConstruction": 200}, "Invalid M value: 49. Valid range is [5, 48]"),
-    (11, {"M": 16, "efConstruction": 99}, "Invalid efConstruction value: 99. Valid range is [100, 500]"),
-    (11, {"M": 16, "efConstruction": 501}, "Invalid efConstruction value: 501. Valid range is [100, 500]"),
-    (4, {**NSG_OK, "search_length": 9}, "Invalid search_length value: 9. Valid range is [10, 300]"),
-    (4, {**NSG_OK, "out_degree": 301}, "Invalid out_degree value: 301. Valid range is [5, 300]"),
-    (4, {**NSG_OK, "candidate_pool_size": 49}, "Invalid candidate_pool_size value: 49. Valid range is [50, 1000]"),
-    (4, {**NSG_OK, "knng": 4}, "Invalid knng value: 4. Valid range is [5, 300]"),
-    (4, {k: v for k, v in NSG_OK.items() if k != "knng"}, "Parameter list must contain: knng"),
-])
+@pytest.mark.parametrize(
+    "kind, params, reason",
+    [
+        (2, {}, "Parameter list must contain: nlist"),
+        (2, {"nlist": 0}, "Invalid nlist value: 0. Valid range is [1, 999999]"),
+        (3, {"nlist": 1000000}, "Invalid nlist value: 1000000. Valid range is [1, 999999]"),
+        (2, {"nlist": "16"}, "Invalid nlist: '16' is not an integer"),
+        (6, {"nlist": 16}, "Parameter list must contain: m"),
+        (6, {"nlist": 16, "m": 5}, "Invalid m: 5"),
+        (6, {"nlist": 16, "m": 12}, "divide the dimension (16)"),
+        (11, {"efConstruction": 200}, "Parameter list must contain: M"),
+        (11, {"M": 4, "efConstruction": 200}, "Invalid M value: 4. Valid range is [5, 48]"),
+        (11, {"M": 49, "efConstruction": 200}, "Invalid M value: 49. Valid range is [5, 48]"),
+        (11, {"M": 16, "efConstruction": 99}, "Invalid efConstruction value: 99. Valid range is [100, 500]"),
+        (11, {"M": 16, "efConstruction": 501}, "Invalid efConstruction value: 501. Valid range is [100, 500]"),
+        (4, {**NSG_OK, "search_length": 9}, "Invalid search_length value: 9. Valid range is [10, 300]"),
+        (4, {**NSG_OK, "out_degree": 301}, "Invalid out_degree value: 301. Valid range is [5, 300]"),
+        (4, {**NSG_OK, "candidate_pool_size": 49}, "Invalid candidate_pool_size value: 49. Valid range is [50, 1000]"),
+        (4, {**NSG_OK, "knng": 4}, "Invalid knng value: 4. Valid range is [5, 300]"),
+        (4, {k: v for k, v in NSG_OK.items() if k != "knng"}, "Parameter list must contain: knng"),
+    ],
+)
 def test_index_parameter_rules(stub, kind, params, reason):
     status = create_index(stub, "f16", kind, params)
     assert status.error_code == E.ILLEGAL_ARGUMENT and reason in status.reason, status
@@ -72,7 +89,10 @@ def test_gpu_and_annoy_index_types_are_unavailable(stub, kind):
 def test_binary_collections_take_flat_and_ivf_flat_only(stub):
     for kind in (3, 4, 6, 11):
         status = create_index(stub, "bits", kind, {"nlist": 16})
-        assert status.error_code == E.ILLEGAL_INDEX_TYPE and status.reason == "Invalid index type for collection metric type"
+        assert (
+            status.error_code == E.ILLEGAL_INDEX_TYPE
+            and status.reason == "Invalid index type for collection metric type"
+        )
     status = create_index(stub, "bits", 2, {})
     assert status.error_code == E.ILLEGAL_ARGUMENT and status.reason == "Parameter list must contain: nlist"
 
@@ -84,21 +104,50 @@ def search_status(stub, params: dict, topk: int = 10, name: str = "f16"):
 
 def in_files_status(stub, params: dict, topk: int = 10):
     queries = np.random.default_rng(1).random((2, 16)).astype(np.float32)
-    request = pb.SearchInFilesParam(file_id_array=["1"], search_param=search_param("f16", queries, topk, params=json.dumps(params)))
+    request = pb.SearchInFilesParam(
+        file_id_array=["1"], search_param=search_param("f16", queries, topk, params=json.dumps(params))
+    )
     return stub.SearchInFiles(request).status
 
 
-@pytest.mark.parametrize("kind, build, bad, reason, good", [
-    (2, {"nlist": 16}, {}, "Parameter list must contain: nprobe", {"nprobe": 4}),
-    (2, {"nlist": 16}, {"nprobe": 0}, "Invalid nprobe value: 0. Valid range is [1, 999999]", {"nprobe": 999999}),
-    (3, {"nlist": 16}, {"nprobe": 1000000}, "Invalid nprobe value: 1000000. Valid range is [1, 999999]", {"nprobe": 1}),
-    (6, {"nlist": 16, "m": 4}, {"ef": 20}, "Parameter list must contain: nprobe", {"nprobe": 8}),
-    (11, {"M": 8, "efConstruction": 100}, {"ef": 9}, "Invalid ef value: 9. Valid range is [10, 4096]", {"ef": 10}),
-    (11, {"M": 8, "efConstruction": 100}, {"ef": 4097}, "Invalid ef value: 4097. Valid range is [10, 4096]", {"ef": 4096}),
-    (11, {"M": 8, "efConstruction": 100}, {"nprobe": 8}, "Parameter list must contain: ef", {"ef": 64}),
-    (4, NSG_OK, {"search_length": 9}, "Invalid search_length value: 9. Valid range is [10, 300]", {"search_length": 10}),
-    (4, NSG_OK, {"search_length": 301}, "Invalid search_length value: 301. Valid range is [10, 300]", {"search_length": 300}),
-])
+@pytest.mark.parametrize(
+    "kind, build, bad, reason, good",
+    [
+        (2, {"nlist": 16}, {}, "Parameter list must contain: nprobe", {"nprobe": 4}),
+        (2, {"nlist": 16}, {"nprobe": 0}, "Invalid nprobe value: 0. Valid range is [1, 999999]", {"nprobe": 999999}),
+        (
+            3,
+            {"nlist": 16},
+            {"nprobe": 1000000},
+            "Invalid nprobe value: 1000000. Valid range is [1, 999999]",
+            {"nprobe": 1},
+        ),
+        (6, {"nlist": 16, "m": 4}, {"ef": 20}, "Parameter list must contain: nprobe", {"nprobe": 8}),
+        (11, {"M": 8, "efConstruction": 100}, {"ef": 9}, "Invalid ef value: 9. Valid range is [10, 4096]", {"ef": 10}),
+        (
+            11,
+            {"M": 8, "efConstruction": 100},
+            {"ef": 4097},
+            "Invalid ef value: 4097. Valid range is [10, 4096]",
+            {"ef": 4096},
+        ),
+        (11, {"M": 8, "efConstruction": 100}, {"nprobe": 8}, "Parameter list must contain: ef", {"ef": 64}),
+        (
+            4,
+            NSG_OK,
+            {"search_length": 9},
+            "Invalid search_length value: 9. Valid range is [10, 300]",
+            {"search_length": 10},
+        ),
+        (
+            4,
+            NSG_OK,
+            {"search_length": 301},
+            "Invalid search_length value: 301. Valid range is [10, 300]",
+            {"search_length": 300},
+        ),
+    ],
+)
 def test_search_parameters_follow_the_current_index_type(stub, kind, build, bad, reason, good):
     assert create_index(stub, "f16", kind, build).error_code == E.SUCCESS
     try:
@@ -126,10 +175,13 @@ def test_insert_limit_is_256_mb(tmp_path):
     from milvus_node.storage import SegmentStore
     from utils.errors import IllegalRowRecord
 
-    settings = parse_settings(["--data-dir", str(tmp_path), "--meta-uri", f"sqlite:///{tmp_path}/meta.sqlite",
-                               "--auto-flush-interval", "0"], environ={})
-    db = NodeDB(MetaStore(create_meta_engine(settings.meta_uri)), SegmentStore(str(tmp_path)), "single",
-                RuntimeConfig(settings))
+    settings = parse_settings(
+        ["--data-dir", str(tmp_path), "--meta-uri", f"sqlite:///{tmp_path}/meta.sqlite", "--auto-flush-interval", "0"],
+        environ={},
+    )
+    db = NodeDB(
+        MetaStore(create_meta_engine(settings.meta_uri)), SegmentStore(str(tmp_path)), "single", RuntimeConfig(settings)
+    )
     db.meta.ensure_schema(create=True)
     db.create_collection("big", 1024, 1024, 1)
     over = np.zeros((65537, 1024), dtype=np.float32)  # 256 MB + 4 KB (np.zeros maps pages lazily)
@@ -139,17 +191,23 @@ def test_insert_limit_is_256_mb(tmp_path):
     assert info.value.reason == "The amount of data inserted each time cannot exceed 256 MB"
 
 
-@pytest.mark.parametrize("command, reason", [
-    ("set_config a.b 1", "Invalid config key: a.b"),
-    ("get_config cache_config", "Invalid config key: cache_config"),
-    ("set_config server_config.port 1", "Config server_config.port cannot be changed at run time"),
-    ("set_config db_config.auto_flush_interval -1", "Invalid value '-1' for config db_config.auto_flush_interval"),
-    ("set_config db_config.auto_flush_interval x", "Invalid value 'x' for config db_config.auto_flush_interval"),
-    ("set_config cache_config.cpu_cache_capacity 0", "Invalid value '0' for config cache_config.cpu_cache_capacity"),
-    ("set_config cache_config.cpu_cache_capacity 100000", "exceeds system memory"),
-    ("set_config cache_config.cache_insert_data maybe", "must be true or false"),
-    ("set_config cache_config.cpu_cache_capacity", "Usage: set_config <parent>.<child> <value>"),
-])
+@pytest.mark.parametrize(
+    "command, reason",
+    [
+        ("set_config a.b 1", "Invalid config key: a.b"),
+        ("get_config cache_config", "Invalid config key: cache_config"),
+        ("set_config server_config.port 1", "Config server_config.port cannot be changed at run time"),
+        ("set_config db_config.auto_flush_interval -1", "Invalid value '-1' for config db_config.auto_flush_interval"),
+        ("set_config db_config.auto_flush_interval x", "Invalid value 'x' for config db_config.auto_flush_interval"),
+        (
+            "set_config cache_config.cpu_cache_capacity 0",
+            "Invalid value '0' for config cache_config.cpu_cache_capacity",
+        ),
+        ("set_config cache_config.cpu_cache_capacity 100000", "exceeds system memory"),
+        ("set_config cache_config.cache_insert_data maybe", "must be true or false"),
+        ("set_config cache_config.cpu_cache_capacity", "Usage: set_config <parent>.<child> <value>"),
+    ],
+)
 def test_set_config_rules(stub, command, reason):
     status = stub.Cmd(pb.Command(cmd=command)).status
     assert status.error_code == E.ILLEGAL_ARGUMENT and reason in status.reason, status
@@ -174,10 +232,13 @@ def test_preload_beyond_the_cache_fails_with_cache_failed(tmp_path):
     from milvus_node.storage import SegmentStore
     from utils.errors import CacheFailed
 
-    settings = parse_settings(["--data-dir", str(tmp_path), "--meta-uri", f"sqlite:///{tmp_path}/meta.sqlite",
-                               "--auto-flush-interval", "0"], environ={})
-    db = NodeDB(MetaStore(create_meta_engine(settings.meta_uri)), SegmentStore(str(tmp_path)), "single",
-                RuntimeConfig(settings))
+    settings = parse_settings(
+        ["--data-dir", str(tmp_path), "--meta-uri", f"sqlite:///{tmp_path}/meta.sqlite", "--auto-flush-interval", "0"],
+        environ={},
+    )
+    db = NodeDB(
+        MetaStore(create_meta_engine(settings.meta_uri)), SegmentStore(str(tmp_path)), "single", RuntimeConfig(settings)
+    )
     db.meta.ensure_schema(create=True)
     db.create_collection("p", 16, 1024, 1)
     db.insert("p", "", np.zeros((1000, 16), dtype=np.float32), None)

@@ -5,6 +5,7 @@ Data: 20k vectors drawn around 256 random centres (normalised, so IP and L2 agre
 near). Uniformly random 128-d vectors have no neighbourhood structure, and no ANN index reaches
 0.95 on them at default parameters (IVF_FLAT nlist 128 / nprobe 16 measured 0.40).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,15 +27,24 @@ FLOAT_CASES = {
     "IVF_SQ8": (3, IVF, {"nprobe": 16}),
     "IVF_PQ": (6, {"nlist": 128, "m": 8}, {"nprobe": 16}),
     "HNSW": (11, {"M": 16, "efConstruction": 200}, {"ef": 64}),
-    "RNSG": (4, {"search_length": 45, "out_degree": 50, "candidate_pool_size": 300, "knng": 100}, {"search_length": 45}),
+    "RNSG": (
+        4,
+        {"search_length": 45, "out_degree": 50, "candidate_pool_size": 300, "knng": 100},
+        {"search_length": 45},
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     data = tmp_path_factory.mktemp("indexes")
-    with NodeProcess("single", f"sqlite:///{data}/meta.sqlite", data, log_dir=data,
-                     extra_args=["--auto-flush-interval", "0", "--merge-after", "-1"]) as process:
+    with NodeProcess(
+        "single",
+        f"sqlite:///{data}/meta.sqlite",
+        data,
+        log_dir=data,
+        extra_args=["--auto-flush-interval", "0", "--merge-after", "-1"],
+    ) as process:
         yield process
 
 
@@ -54,28 +64,36 @@ def file_types(node: NodeProcess, table_id: str) -> list[tuple[int, int]]:
     engine = sa.create_engine(node.meta_uri)
     try:
         with engine.connect() as conn:
-            return sorted(tuple(r) for r in conn.execute(sa.text(
-                "SELECT file_type, engine_type FROM TableFiles WHERE table_id = :t"), {"t": table_id}))
+            return sorted(
+                tuple(r)
+                for r in conn.execute(
+                    sa.text("SELECT file_type, engine_type FROM TableFiles WHERE table_id = :t"), {"t": table_id}
+                )
+            )
     finally:
         engine.dispose()
 
 
 def recall(metric: int, got_ids, queries, data, ids, want) -> float:
     """Tie-aware recall@k: a hit counts when its exact distance is within the oracle's k-th."""
-    by_id = dict(zip(ids.tolist(), range(len(ids))))
+    by_id = dict(zip(ids.tolist(), range(len(ids)), strict=True))
     hits = 0
-    for row, (q, expected) in enumerate(zip(queries, want)):
+    for row, (q, expected) in enumerate(zip(queries, want, strict=True)):
         kth = expected[-1][1]
         for hit in got_ids[row]:
-            (_, dist), = oracle.brute_force(metric, q[None], data[by_id[hit]][None], [hit], 1)[0:1][0]
+            ((_, dist),) = oracle.brute_force(metric, q[None], data[by_id[hit]][None], [hit], 1)[0:1][0]
             hits += dist >= kth - 1e-6 if metric == oracle.IP else dist <= kth + 1e-6
     return hits / (len(want) * TOPK)
 
 
 def load(stub, name: str, metric: int, data: np.ndarray) -> np.ndarray:
     dim = data.shape[1] * 8 if data.dtype == np.uint8 else data.shape[1]
-    assert stub.CreateCollection(pb.CollectionSchema(collection_name=name, dimension=dim, index_file_size=1,
-                                                     metric_type=metric)).error_code == 0
+    assert (
+        stub.CreateCollection(
+            pb.CollectionSchema(collection_name=name, dimension=dim, index_file_size=1, metric_type=metric)
+        ).error_code
+        == 0
+    )
     ids = []
     for part in np.array_split(data, 4):
         reply = stub.Insert(pb.InsertParam(collection_name=name, row_record_array=records(part)))
@@ -88,8 +106,11 @@ def load(stub, name: str, metric: int, data: np.ndarray) -> np.ndarray:
 def index_param(name: str, index_type: int, params: dict) -> pb.IndexParam:
     import json
 
-    return pb.IndexParam(collection_name=name, index_type=index_type,
-                         extra_params=[pb.KeyValuePair(key="params", value=json.dumps(params))])
+    return pb.IndexParam(
+        collection_name=name,
+        index_type=index_type,
+        extra_params=[pb.KeyValuePair(key="params", value=json.dumps(params))],
+    )
 
 
 def check_index(node, name, metric, data, index_type, build, search, min_recall):
@@ -104,7 +125,9 @@ def check_index(node, name, metric, data, index_type, build, search, min_recall)
         status = stub.CreateIndex(index_param(name, index_type, build), timeout=120)
         assert status.error_code == 0, status
         exact = index_type == 1
-        assert file_types(node, name) == ([(RAW, flat_engine)] if exact else [(INDEX, engine_type), (BACKUP, flat_engine)])
+        assert file_types(node, name) == (
+            [(RAW, flat_engine)] if exact else [(INDEX, engine_type), (BACKUP, flat_engine)]
+        )
         described = stub.DescribeIndex(pb.CollectionName(collection_name=name))
         assert described.index_type == index_type
         assert [(p.key, json.loads(p.value)) for p in described.extra_params] == [("params", build)]
@@ -136,7 +159,9 @@ def test_float_index_recall_and_file_types(node, kind, metric):
     check_index(node, f"f_{kind}_{metric}", metric, data, index_type, build, search, 1.0 if index_type == 1 else 0.95)
 
 
-@pytest.mark.parametrize("metric", [3, 4, 5, 6, 7], ids=["HAMMING", "JACCARD", "TANIMOTO", "SUBSTRUCTURE", "SUPERSTRUCTURE"])
+@pytest.mark.parametrize(
+    "metric", [3, 4, 5, 6, 7], ids=["HAMMING", "JACCARD", "TANIMOTO", "SUBSTRUCTURE", "SUPERSTRUCTURE"]
+)
 @pytest.mark.parametrize("kind", ["FLAT", "IVF_FLAT"])
 def test_binary_index_recall_and_file_types(node, kind, metric):
     if kind == "IVF_FLAT" and metric in (6, 7):
@@ -153,13 +178,16 @@ def test_index_covers_partitions_and_new_segments_are_indexed_in_the_background(
         ids = load(stub, "bg", oracle.L2, data[:6000])
         assert stub.CreatePartition(pb.PartitionParam(collection_name="bg", tag="p")).error_code == 0
         assert stub.CreateIndex(index_param("bg", 2, IVF)).error_code == 0
-        reply = stub.Insert(pb.InsertParam(collection_name="bg", partition_tag="p", row_record_array=records(data[6000:])))
+        reply = stub.Insert(
+            pb.InsertParam(collection_name="bg", partition_tag="p", row_record_array=records(data[6000:]))
+        )
         ids = np.concatenate([ids, np.array(reply.vector_id_array, dtype=np.int64)])
         assert stub.Flush(pb.FlushParam(collection_name_array=["bg"])).error_code == 0
         engine = sa.create_engine(node.meta_uri)
         with engine.connect() as conn:
-            partition = conn.execute(sa.text("SELECT table_id, engine_type, index_params FROM Tables "
-                                             "WHERE owner_table = 'bg'")).one()
+            partition = conn.execute(
+                sa.text("SELECT table_id, engine_type, index_params FROM Tables WHERE owner_table = 'bg'")
+            ).one()
         engine.dispose()
         assert partition.engine_type == 2 and partition.index_params == '{"nlist":128}'
         import time

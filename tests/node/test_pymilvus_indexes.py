@@ -1,4 +1,5 @@
 """Indexes through the real pymilvus 0.2.12 client: create/describe/drop, search params and their errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,10 @@ ILLEGAL_ARGUMENT, ILLEGAL_INDEX_TYPE = 5, 8
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     data = tmp_path_factory.mktemp("pymilvus-indexes")
-    with NodeProcess("single", f"sqlite:///{data}/meta.sqlite", data, extra_args=["--merge-after", "-1"]) as node, \
-            PymilvusClient(node.host, node.port) as c:
+    with (
+        NodeProcess("single", f"sqlite:///{data}/meta.sqlite", data, extra_args=["--merge-after", "-1"]) as node,
+        PymilvusClient(node.host, node.port) as c,
+    ):
         yield c
 
 

@@ -3,9 +3,8 @@
 Search results are compared with a brute-force oracle: ids equal, distances within 1e-4, for L2,
 IP and each binary metric, with partitions, deletes and user ids.
 """
-from __future__ import annotations
 
-import json
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -61,7 +60,7 @@ def test_server_commands(client):
     status, reply = client.call("_cmd", "rm -rf test")
     assert status.OK() and reply == "Unknown command"
     assert client.set_config("db_config", "auto_flush_interval", "2")[0].OK()
-    assert client.get_config("db_config", "auto_flush_interval") [1] == "2"
+    assert client.get_config("db_config", "auto_flush_interval")[1] == "2"
     assert client.set_config("db_config", "auto_flush_interval", "1")[0].OK()
     status, _ = client.set_config("db_config", "auto_flush_interval", "soon")
     assert status.code == 5
@@ -71,13 +70,18 @@ def test_server_commands(client):
 
 def test_collection_lifecycle(client, collection):
     assert client.has_collection(collection)[1] is False
-    assert client.create_collection({"collection_name": collection, "dimension": 16,
-                                     "index_file_size": 32, "metric_type": 2}).OK()
+    assert client.create_collection(
+        {"collection_name": collection, "dimension": 16, "index_file_size": 32, "metric_type": 2}
+    ).OK()
     assert client.has_collection(collection)[1] is True
     status, schema = client.get_collection_info(collection)
     assert status.OK()
-    assert (schema["collection_name"], schema["dimension"], schema["index_file_size"], schema["metric_type"]) == \
-        (collection, 16, 32, 2)
+    assert (schema["collection_name"], schema["dimension"], schema["index_file_size"], schema["metric_type"]) == (
+        collection,
+        16,
+        32,
+        2,
+    )
     assert collection in client.list_collections()[1]
     assert client.create_collection({"collection_name": collection, "dimension": 16}).code == 9
     assert client.drop_collection(collection).OK()
@@ -100,8 +104,9 @@ def test_float_search_matches_oracle_with_partitions_deletes_and_user_ids(client
     data = {"_default": float_data(300, dim, 1), "red": float_data(200, dim, 2), "blue": float_data(150, dim, 3)}
     ids = {"_default": np.arange(0, 300) * 2, "red": np.arange(1000, 1200) * 3, "blue": np.arange(5000, 5150)}
     for tag, vectors in data.items():
-        status, got = client.insert(collection, as_records(vectors), ids=ids[tag].tolist(),
-                                    partition_tag=None if tag == "_default" else tag)
+        status, got = client.insert(
+            collection, as_records(vectors), ids=ids[tag].tolist(), partition_tag=None if tag == "_default" else tag
+        )
         assert status.OK() and got == ids[tag].tolist()
     assert client.count_entities(collection)[1] == 0, "unflushed data is not counted"
     assert client.flush([collection]).OK()
@@ -117,17 +122,24 @@ def test_float_search_matches_oracle_with_partitions_deletes_and_user_ids(client
         return data[tag][keep], ids[tag][keep]
 
     queries = np.vstack([float_data(4, dim, 9), data["red"][7:8], data["_default"][:2]])
-    cases = {None: ["_default", "red", "blue"], ("red",): ["red"], ("_default",): ["_default"],
-             ("b.*",): ["blue"], ("red", "_default"): ["red", "_default"]}
+    cases = {
+        None: ["_default", "red", "blue"],
+        ("red",): ["red"],
+        ("_default",): ["_default"],
+        ("b.*",): ["blue"],
+        ("red", "_default"): ["red", "_default"],
+    }
     for tags, covered in cases.items():
         vectors = np.vstack([live(t)[0] for t in covered])
         row_ids = np.concatenate([live(t)[1] for t in covered])
-        status, result = client.search(collection, 10, queries.tolist(), partition_tags=list(tags) if tags else None,
-                                       params={"nprobe": 16})
+        status, result = client.search(
+            collection, 10, queries.tolist(), partition_tags=list(tags) if tags else None, params={"nprobe": 16}
+        )
         assert status.OK(), status
         assert result.shape == (len(queries), 10)
-        oracle.assert_same_result(result.ids, result.distances,
-                                  oracle.brute_force(metric, queries, vectors, row_ids, 10))
+        oracle.assert_same_result(
+            result.ids, result.distances, oracle.brute_force(metric, queries, vectors, row_ids, 10)
+        )
 
     status, _ = client.search(collection, 10, queries.tolist(), partition_tags=["no_such_tag"])
     assert status.code == UNEXPECTED_ERROR
@@ -227,14 +239,20 @@ def test_search_in_segment_by_file_id(client, collection, node):
     assert client.flush([collection]).OK()
     engine = sa.create_engine(node.meta_uri)
     with engine.connect() as conn:
-        file_ids = [r[0] for r in conn.execute(sa.text(
-            "SELECT id FROM TableFiles WHERE table_id = :t AND file_type = 1 ORDER BY id"), {"t": collection})]
+        file_ids = [
+            r[0]
+            for r in conn.execute(
+                sa.text("SELECT id FROM TableFiles WHERE table_id = :t AND file_type = 1 ORDER BY id"),
+                {"t": collection},
+            )
+        ]
     engine.dispose()
     assert len(file_ids) == 2
     status, result = client.search_in_segment(collection, [file_ids[1]], vectors[:3].tolist(), 5)
     assert status.OK(), status
-    oracle.assert_same_result(result.ids, result.distances,
-                              oracle.brute_force(oracle.L2, vectors[:3], vectors[20:], ids_b, 5))
+    oracle.assert_same_result(
+        result.ids, result.distances, oracle.brute_force(oracle.L2, vectors[:3], vectors[20:], ids_b, 5)
+    )
     status, _ = client.search_in_segment(collection, [987654321], vectors[:1].tolist(), 5)
     assert status.code == UNEXPECTED_ERROR
 

@@ -3,6 +3,7 @@
 The same cases run against a `single` node and through Mishards in front of a writable and a
 read-only node: the proxy must answer bad input exactly as one Milvus server would.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -28,9 +29,11 @@ def _target(kind: str, data: Path):
         return
     from tests.proxy.conftest import MishardsProcess
 
-    with NodeProcess("writable", meta, data, log_dir=data) as writable, \
-         NodeProcess("readonly", meta, data, log_dir=data) as ro, \
-         MishardsProcess(woserver=writable.address, meta_uri=meta, ro_addresses=[ro.address], log_dir=data) as proxy:
+    with (
+        NodeProcess("writable", meta, data, log_dir=data) as writable,
+        NodeProcess("readonly", meta, data, log_dir=data) as ro,
+        MishardsProcess(woserver=writable.address, meta_uri=meta, ro_addresses=[ro.address], log_dir=data) as proxy,
+    ):
         yield proxy.address
 
 
@@ -52,10 +55,17 @@ def floats(n, dim=8):
     return np.random.default_rng(n).random((n, dim)).astype(np.float32)
 
 
-@pytest.mark.parametrize("name, why", [
-    ("", "empty"), ("a" * 256, "longer than 255"), ("1abc", "starts with a digit"), ("ab-c", "has a dash"),
-    ("ab c", "has a blank"), ("名字", "not ASCII"),
-])
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("", "empty"),
+        ("a" * 256, "longer than 255"),
+        ("1abc", "starts with a digit"),
+        ("ab-c", "has a dash"),
+        ("ab c", "has a blank"),
+        ("名字", "not ASCII"),
+    ],
+)
 def test_collection_name_rules(stub, name, why):
     assert stub.CreateCollection(schema(name, 8)).error_code == E.ILLEGAL_COLLECTION_NAME, why
     assert stub.HasCollection(pb.CollectionName(collection_name=name)).status.error_code == E.ILLEGAL_COLLECTION_NAME
@@ -92,15 +102,25 @@ def test_missing_collection_everywhere(stub):
     assert status.error_code == E.COLLECTION_NOT_EXISTS and "does not exist" in status.reason
     assert stub.HasCollection(name).status.error_code == E.SUCCESS
     assert stub.HasCollection(name).bool_reply is False
-    for reply in (stub.CountCollection(name), stub.ShowCollectionInfo(name), stub.DescribeIndex(name),
-                  stub.ShowPartitions(name), stub.Search(search_param("nope", floats(1), 1)),
-                  stub.Insert(pb.InsertParam(collection_name="nope", row_record_array=records(floats(1)))),
-                  stub.GetVectorsByID(pb.VectorsIdentity(collection_name="nope", id_array=[1]))):
+    for reply in (
+        stub.CountCollection(name),
+        stub.ShowCollectionInfo(name),
+        stub.DescribeIndex(name),
+        stub.ShowPartitions(name),
+        stub.Search(search_param("nope", floats(1), 1)),
+        stub.Insert(pb.InsertParam(collection_name="nope", row_record_array=records(floats(1)))),
+        stub.GetVectorsByID(pb.VectorsIdentity(collection_name="nope", id_array=[1])),
+    ):
         assert reply.status.error_code == E.COLLECTION_NOT_EXISTS
-    for status in (stub.DropCollection(name), stub.PreloadCollection(name), stub.DropIndex(name),
-                   stub.Compact(name), stub.Flush(pb.FlushParam(collection_name_array=["nope"])),
-                   stub.DeleteByID(pb.DeleteByIDParam(collection_name="nope", id_array=[1])),
-                   stub.CreatePartition(pb.PartitionParam(collection_name="nope", tag="t"))):
+    for status in (
+        stub.DropCollection(name),
+        stub.PreloadCollection(name),
+        stub.DropIndex(name),
+        stub.Compact(name),
+        stub.Flush(pb.FlushParam(collection_name_array=["nope"])),
+        stub.DeleteByID(pb.DeleteByIDParam(collection_name="nope", id_array=[1])),
+        stub.CreatePartition(pb.PartitionParam(collection_name="nope", tag="t")),
+    ):
         assert status.error_code == E.COLLECTION_NOT_EXISTS
 
 
@@ -108,7 +128,9 @@ def test_missing_collection_everywhere(stub):
 def test_topk_rules(stub, topk):
     status = stub.Search(search_param("floats", floats(1), topk)).status
     assert status.error_code == E.ILLEGAL_TOPK and "1 ~ 2048" in status.reason
-    reply = stub.SearchInFiles(pb.SearchInFilesParam(file_id_array=["1"], search_param=search_param("floats", floats(1), topk)))
+    reply = stub.SearchInFiles(
+        pb.SearchInFilesParam(file_id_array=["1"], search_param=search_param("floats", floats(1), topk))
+    )
     assert reply.status.error_code == E.ILLEGAL_TOPK
 
 
@@ -140,38 +162,56 @@ def test_id_rules(stub):
     assert stub.Insert(mismatch).status.error_code == E.ILLEGAL_VECTOR_ID
     negative = pb.InsertParam(collection_name="ids", row_record_array=vectors, row_id_array=[1, -2, 3])
     assert stub.Insert(negative).status.error_code == E.ILLEGAL_VECTOR_ID
-    assert stub.Insert(pb.InsertParam(collection_name="ids", row_record_array=vectors,
-                                      row_id_array=[1, 2, 3])).status.error_code == E.SUCCESS
+    assert (
+        stub.Insert(
+            pb.InsertParam(collection_name="ids", row_record_array=vectors, row_id_array=[1, 2, 3])
+        ).status.error_code
+        == E.SUCCESS
+    )
     status = stub.Insert(pb.InsertParam(collection_name="ids", row_record_array=vectors)).status
     assert status.error_code == E.ILLEGAL_VECTOR_ID and "user-defined" in status.reason
     assert stub.CreateCollection(schema("auto_ids", 8)).error_code == E.SUCCESS
-    assert stub.Insert(pb.InsertParam(collection_name="auto_ids", row_record_array=vectors)).status.error_code == E.SUCCESS
-    status = stub.Insert(pb.InsertParam(collection_name="auto_ids", row_record_array=vectors, row_id_array=[7, 8, 9])).status
+    assert (
+        stub.Insert(pb.InsertParam(collection_name="auto_ids", row_record_array=vectors)).status.error_code == E.SUCCESS
+    )
+    status = stub.Insert(
+        pb.InsertParam(collection_name="auto_ids", row_record_array=vectors, row_id_array=[7, 8, 9])
+    ).status
     assert status.error_code == E.ILLEGAL_VECTOR_ID and "auto-generated" in status.reason
 
 
-@pytest.mark.parametrize("tag, reason", [
-    ("", "empty"), ("   ", "empty"), ("t" * 256, "length"), ("_default", "built-in"), ("p", "Duplicate"),
-    (" p ", "Duplicate"),
-])
+@pytest.mark.parametrize(
+    "tag, reason",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("t" * 256, "length"),
+        ("_default", "built-in"),
+        ("p", "Duplicate"),
+        (" p ", "Duplicate"),
+    ],
+)
 def test_partition_tag_rules(stub, tag, reason):
     status = stub.CreatePartition(pb.PartitionParam(collection_name="floats", tag=tag))
     assert status.error_code == E.UNEXPECTED_ERROR and reason in status.reason
 
 
 def test_partition_limit(tmp_path, monkeypatch):
-    from utils import validation
     from milvus_node.config import RuntimeConfig, parse_settings
     from milvus_node.db import NodeDB
     from milvus_node.meta import MetaStore, create_meta_engine
     from milvus_node.storage import SegmentStore
+    from utils import validation
     from utils.errors import PartitionError
 
     monkeypatch.setattr(validation, "MAX_PARTITIONS", 3)
-    settings = parse_settings(["--data-dir", str(tmp_path), "--meta-uri", f"sqlite:///{tmp_path}/meta.sqlite",
-                               "--auto-flush-interval", "0"], environ={})
-    db = NodeDB(MetaStore(create_meta_engine(settings.meta_uri)), SegmentStore(str(tmp_path)),
-                "single", RuntimeConfig(settings))
+    settings = parse_settings(
+        ["--data-dir", str(tmp_path), "--meta-uri", f"sqlite:///{tmp_path}/meta.sqlite", "--auto-flush-interval", "0"],
+        environ={},
+    )
+    db = NodeDB(
+        MetaStore(create_meta_engine(settings.meta_uri)), SegmentStore(str(tmp_path)), "single", RuntimeConfig(settings)
+    )
     db.meta.ensure_schema(create=True)
     db.create_collection("c", 4, 1024, 1)
     for tag in ("a", "b", "c"):
@@ -181,17 +221,23 @@ def test_partition_limit(tmp_path, monkeypatch):
 
 
 def test_unknown_partition_on_insert_and_search(stub):
-    reply = stub.Insert(pb.InsertParam(collection_name="floats", row_record_array=records(floats(1)), partition_tag="zz"))
+    reply = stub.Insert(
+        pb.InsertParam(collection_name="floats", row_record_array=records(floats(1)), partition_tag="zz")
+    )
     assert reply.status.error_code == E.UNEXPECTED_ERROR
     assert stub.Search(search_param("floats", floats(1), 3, tags=["zz"])).status.error_code == E.UNEXPECTED_ERROR
     assert stub.Search(search_param("floats", floats(1), 3, tags=["p"])).status.error_code == E.SUCCESS
-    assert stub.DropPartition(pb.PartitionParam(collection_name="floats", tag="_default")).error_code == E.UNEXPECTED_ERROR
+    assert (
+        stub.DropPartition(pb.PartitionParam(collection_name="floats", tag="_default")).error_code == E.UNEXPECTED_ERROR
+    )
     assert stub.DropPartition(pb.PartitionParam(collection_name="floats", tag="zz")).error_code == E.UNEXPECTED_ERROR
 
 
 def test_index_rules(stub):
     def index(name, kind, params="{}"):
-        return pb.IndexParam(collection_name=name, index_type=kind, extra_params=[pb.KeyValuePair(key="params", value=params)])
+        return pb.IndexParam(
+            collection_name=name, index_type=kind, extra_params=[pb.KeyValuePair(key="params", value=params)]
+        )
 
     for kind in (0, 7, 8, 9, 10, 13, -1):
         assert stub.CreateIndex(index("floats", kind)).error_code == E.ILLEGAL_INDEX_TYPE
@@ -220,8 +266,12 @@ def test_cmd_rules(stub):
     assert stub.Cmd(pb.Command(cmd="whatever")).string_reply == "Unknown command"
     assert stub.Cmd(pb.Command(cmd="get_config a.b")).status.error_code == E.ILLEGAL_ARGUMENT
     assert stub.Cmd(pb.Command(cmd="set_config server_config.port 1")).status.error_code == E.ILLEGAL_ARGUMENT
-    assert stub.Cmd(pb.Command(cmd="set_config db_config.auto_flush_interval -1")).status.error_code == E.ILLEGAL_ARGUMENT
-    assert stub.Cmd(pb.Command(cmd="set_config cache_config.cpu_cache_capacity 0")).status.error_code == E.ILLEGAL_ARGUMENT
+    assert (
+        stub.Cmd(pb.Command(cmd="set_config db_config.auto_flush_interval -1")).status.error_code == E.ILLEGAL_ARGUMENT
+    )
+    assert (
+        stub.Cmd(pb.Command(cmd="set_config cache_config.cpu_cache_capacity 0")).status.error_code == E.ILLEGAL_ARGUMENT
+    )
 
 
 def test_hybrid_rpcs_are_unimplemented(stub):

@@ -6,6 +6,7 @@ proxies as subprocesses, both with `TRACER_CLASS_NAME=jaeger` reporting to our U
 only read-only "node" is `proxy`, so a search through `front` shows whether the trace context
 reaches the nodes: `proxy`'s server span must be a child of `front`'s `search_<proxy>` span.
 """
+
 from __future__ import annotations
 
 import socket
@@ -58,8 +59,16 @@ def decode_batch(datagram: bytes) -> list[Span]:
         tags = {}
         for tag in s.tags or ():
             tags[tag.key] = next((v for v in (tag.vStr, tag.vBool, tag.vLong, tag.vDouble) if v is not None), None)
-        spans.append(Span(batch.process.serviceName, s.operationName, s.traceIdLow & MASK, s.spanId & MASK,
-                          s.parentSpanId & MASK, tags))
+        spans.append(
+            Span(
+                batch.process.serviceName,
+                s.operationName,
+                s.traceIdLow & MASK,
+                s.spanId & MASK,
+                s.parentSpanId & MASK,
+                tags,
+            )
+        )
     return spans
 
 
@@ -132,8 +141,12 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
 
 
 def tracing_env(sink: SpanSink) -> dict[str, str]:
-    return {"TRACER_CLASS_NAME": "jaeger", "TRACING_REPORTING_HOST": LOCALHOST,
-            "TRACING_REPORTING_PORT": str(sink.port), "JAEGER_TAGS": "ip=127.0.0.1"}
+    return {
+        "TRACER_CLASS_NAME": "jaeger",
+        "TRACING_REPORTING_HOST": LOCALHOST,
+        "TRACING_REPORTING_PORT": str(sink.port),
+        "JAEGER_TAGS": "ip=127.0.0.1",
+    }
 
 
 def load_data(address: str) -> tuple[np.ndarray, np.ndarray]:
@@ -141,11 +154,18 @@ def load_data(address: str) -> tuple[np.ndarray, np.ndarray]:
     vectors = rng.random((ROWS, DIM)).astype(np.float32)
     ids = np.arange(ROWS, dtype=np.int64) * 3 + 1
     with milvus_stub(address) as stub:
-        assert stub.CreateCollection(pb.CollectionSchema(collection_name=COLLECTION, dimension=DIM,
-                                                         index_file_size=1024, metric_type=1)).error_code == 0
+        assert (
+            stub.CreateCollection(
+                pb.CollectionSchema(collection_name=COLLECTION, dimension=DIM, index_file_size=1024, metric_type=1)
+            ).error_code
+            == 0
+        )
         for part in np.array_split(np.arange(ROWS), SEGMENTS):
-            reply = stub.Insert(pb.InsertParam(collection_name=COLLECTION, row_record_array=records(vectors[part]),
-                                               row_id_array=ids[part].tolist()))
+            reply = stub.Insert(
+                pb.InsertParam(
+                    collection_name=COLLECTION, row_record_array=records(vectors[part]), row_id_array=ids[part].tolist()
+                )
+            )
             assert reply.status.error_code == 0, reply.status
             assert stub.Flush(pb.FlushParam(collection_name_array=[COLLECTION])).error_code == 0
     return vectors, ids
@@ -168,12 +188,21 @@ def observed(tmp_path_factory) -> ObservedCluster:
         procs.extend(ro)
         vectors, ids = load_data(writable.address)
         http_port = free_port()
-        proxy = MishardsProcess(woserver=writable.address, meta_uri=meta, ro_addresses=[n.address for n in ro],
-                                log_dir=base, extra_env={**tracing_env(sink), "METRICS_HOST": LOCALHOST,
-                                                         "METRICS_PORT": str(http_port)}).start()
+        proxy = MishardsProcess(
+            woserver=writable.address,
+            meta_uri=meta,
+            ro_addresses=[n.address for n in ro],
+            log_dir=base,
+            extra_env={**tracing_env(sink), "METRICS_HOST": LOCALHOST, "METRICS_PORT": str(http_port)},
+        ).start()
         procs.append(proxy)
-        front = MishardsProcess(woserver=writable.address, meta_uri=meta, ro_addresses=[proxy.address],
-                                log_dir=base, extra_env={**tracing_env(sink), "TRACING_SERVICE_NAME": "front"}).start()
+        front = MishardsProcess(
+            woserver=writable.address,
+            meta_uri=meta,
+            ro_addresses=[proxy.address],
+            log_dir=base,
+            extra_env={**tracing_env(sink), "TRACING_SERVICE_NAME": "front"},
+        ).start()
         procs.append(front)
         yield ObservedCluster(writable, ro, proxy, front, f"http://{LOCALHOST}:{http_port}", sink, vectors, ids, base)
     finally:

@@ -1,4 +1,5 @@
 """TRACER_CLASS_NAME=jaeger: the spans jaeger-client sends over UDP, decoded with its own thrift classes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,12 @@ def _trace(spans: list[Span], trace_id: int) -> list[Span]:
 def _complete_search_trace(trace_id: int, service: str, nodes: int):
     def ready(spans: list[Span]) -> bool:
         mine = [s for s in _trace(spans, trace_id) if s.service == service]
-        return (any(s.name == SEARCH for s in mine) and any(s.name == "do_merge" for s in mine)
-                and sum(s.name.startswith("search_") for s in mine) >= nodes)
+        return (
+            any(s.name == SEARCH for s in mine)
+            and any(s.name == "do_merge" for s in mine)
+            and sum(s.name.startswith("search_") for s in mine) >= nodes
+        )
+
     return ready
 
 
@@ -33,8 +38,9 @@ def test_one_search_over_two_nodes_gives_the_span_tree(observed: ObservedCluster
     trace_id, client_span = 0x5EA2C11, 0xC11E27
     queries = np.random.default_rng(3).random((2, DIM)).astype(np.float32)
     with milvus_stub(observed.proxy.address) as stub:
-        reply = stub.Search(search_param(COLLECTION, queries, 5), metadata=_client_context(trace_id, client_span),
-                            timeout=20)
+        reply = stub.Search(
+            search_param(COLLECTION, queries, 5), metadata=_client_context(trace_id, client_span), timeout=20
+        )
     assert reply.status.error_code == 0, reply.status
 
     spans = _trace(observed.sink.wait_for(_complete_search_trace(trace_id, "mishards", 2)), trace_id)
@@ -66,8 +72,9 @@ def test_trace_context_reaches_the_nodes(observed: ObservedCluster):
 
     def chained(spans: list[Span]) -> bool:
         mine = _trace(spans, trace_id)
-        return (_complete_search_trace(trace_id, "mishards", 2)(spans)
-                and any(s.name == SEARCH and s.service == "front" for s in mine))
+        return _complete_search_trace(trace_id, "mishards", 2)(spans) and any(
+            s.name == SEARCH and s.service == "front" for s in mine
+        )
 
     spans = _trace(observed.sink.wait_for(chained), trace_id)
     (front_hop,) = [s for s in spans if s.service == "front" and s.name == f"search_{observed.proxy.address}"]
@@ -81,10 +88,14 @@ def test_a_failed_reply_is_tagged_as_an_error(observed: ObservedCluster):
     trace_id = 0xBAD
     queries = np.zeros((1, DIM), np.float32)
     with milvus_stub(observed.proxy.address) as stub:
-        reply = stub.Search(search_param("no_such_collection", queries, 5),
-                            metadata=_client_context(trace_id, 0x1), timeout=20)
-        flushed = stub.Flush(pb.FlushParam(collection_name_array=["no_such_collection"]),
-                             metadata=_client_context(trace_id, 0x2), timeout=20)
+        reply = stub.Search(
+            search_param("no_such_collection", queries, 5), metadata=_client_context(trace_id, 0x1), timeout=20
+        )
+        flushed = stub.Flush(
+            pb.FlushParam(collection_name_array=["no_such_collection"]),
+            metadata=_client_context(trace_id, 0x2),
+            timeout=20,
+        )
     assert reply.status.error_code != 0 and flushed.error_code != 0
 
     def both(spans: list[Span]) -> bool:

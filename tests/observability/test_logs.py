@@ -1,4 +1,5 @@
 """Logs operators can use: one INFO line per search in the rotating LOG_PATH/LOG_NAME.log file."""
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,11 @@ def test_one_info_line_per_search(observed: ObservedCluster):
     queries = np.random.default_rng(8).random((3, DIM)).astype(np.float32)
     with milvus_stub(observed.proxy.address) as stub:
         assert stub.Search(search_param(COLLECTION, queries, 7), timeout=20).status.error_code == 0
-    pattern = re.compile(rf"INFO mishards\.access: search collection={COLLECTION} nq=3 topk=7 files={SEGMENTS} "
-                         r"nodes=(\S+) time=(\d+\.\d)ms$", re.M)
+    pattern = re.compile(
+        rf"INFO mishards\.access: search collection={COLLECTION} nq=3 topk=7 files={SEGMENTS} "
+        r"nodes=(\S+) time=(\d+\.\d)ms$",
+        re.M,
+    )
     deadline = time.monotonic() + 10
     while not pattern.search(log_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -1,4 +1,5 @@
 """METRICS_PORT: Prometheus series scraped while searches stream, and after a node fails."""
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,9 @@ def test_counters_move_with_a_search_stream(observed: ObservedCluster):
         while len(done) < 20 and time.monotonic() < deadline:
             time.sleep(0.1)
         during = scrape(observed.get)
-        assert value(during, "mishards_requests_total", method="Search") > value(before, "mishards_requests_total",
-                                                                                 method="Search")
+        assert value(during, "mishards_requests_total", method="Search") > value(
+            before, "mishards_requests_total", method="Search"
+        )
     finally:
         stop.set()
         worker.join(timeout=30)
@@ -80,8 +82,9 @@ def test_counters_move_with_a_search_stream(observed: ObservedCluster):
     assert moved("mishards_search_fanout_nodes_count") == searches
     assert moved("mishards_search_fanout_nodes_sum") == 2 * searches
     assert moved("mishards_merge_duration_seconds_count") == searches
-    assert total(after, "mishards_meta_query_duration_seconds_count") > total(before,
-                                                                              "mishards_meta_query_duration_seconds_count")
+    assert total(after, "mishards_meta_query_duration_seconds_count") > total(
+        before, "mishards_meta_query_duration_seconds_count"
+    )
     assert value(after, "mishards_readonly_nodes", state="healthy") == 2
     assert value(after, "mishards_readonly_nodes", state="unhealthy") == 0
     for node in observed.readonly:
@@ -95,9 +98,13 @@ def failing_cluster(observed: ObservedCluster, tmp_path):
     meta = observed.proxy.env["SQLALCHEMY_DATABASE_URI"]
     doomed = NodeProcess("readonly", meta, observed.base / "data", log_dir=tmp_path).start()
     http_port = free_port()
-    proxy = MishardsProcess(woserver=observed.writable.address, meta_uri=meta,
-                            ro_addresses=[observed.readonly[0].address, doomed.address], log_dir=tmp_path,
-                            extra_env={"METRICS_HOST": LOCALHOST, "METRICS_PORT": str(http_port), "TIMEOUT": "5"})
+    proxy = MishardsProcess(
+        woserver=observed.writable.address,
+        meta_uri=meta,
+        ro_addresses=[observed.readonly[0].address, doomed.address],
+        log_dir=tmp_path,
+        extra_env={"METRICS_HOST": LOCALHOST, "METRICS_PORT": str(http_port), "TIMEOUT": "5"},
+    )
     try:
         proxy.start()
         yield proxy, doomed, f"http://{LOCALHOST}:{http_port}"

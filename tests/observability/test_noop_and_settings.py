@@ -1,4 +1,5 @@
 """No tracer and no metrics cost nothing; plugins are chosen by name; bad settings name their variable."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,11 +37,14 @@ def test_jaeger_is_chosen_by_name_with_the_original_defaults():
         tracer.close()
 
 
-@pytest.mark.parametrize("config, variable", [
-    ({"TRACING_REPORTING_PORT": "port"}, "TRACING_REPORTING_PORT"),
-    ({"TRACING_LOG_PAYLOAD": "maybe"}, "TRACING_LOG_PAYLOAD"),
-    ({"TRACING_SAMPLER_TYPE": "sometimes"}, "TRACING_SAMPLER_TYPE"),
-])
+@pytest.mark.parametrize(
+    "config, variable",
+    [
+        ({"TRACING_REPORTING_PORT": "port"}, "TRACING_REPORTING_PORT"),
+        ({"TRACING_LOG_PAYLOAD": "maybe"}, "TRACING_LOG_PAYLOAD"),
+        ({"TRACING_SAMPLER_TYPE": "sometimes"}, "TRACING_SAMPLER_TYPE"),
+    ],
+)
 def test_bad_tracing_settings_name_the_variable(config, variable):
     with pytest.raises(PluginError, match=variable):
         create_tracer("jaeger", config=config)
@@ -52,8 +56,9 @@ def test_unknown_tracer_is_a_plugin_error():
 
 
 def test_reply_status_reads_field_one_without_decoding_the_rest():
-    failed = pb.TopKQueryResult(status=status_pb2.Status(error_code=9, reason="nope"), row_num=2, ids=[1, 2],
-                                distances=[0.5, 0.7]).SerializeToString()
+    failed = pb.TopKQueryResult(
+        status=status_pb2.Status(error_code=9, reason="nope"), row_num=2, ids=[1, 2], distances=[0.5, 0.7]
+    ).SerializeToString()
     assert reply_status("Search", failed) == (9, "nope")
     fine = pb.TopKQueryResult(row_num=2, ids=[1, 2], distances=[0.5, 0.7]).SerializeToString()
     assert status_field(fine) is None and reply_status("Search", fine) == (0, "")

@@ -1,4 +1,5 @@
 """TRACER_CLASS_NAME=opentelemetry: the same span tree through the OpenTelemetry SDK (in-memory exporter)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -60,8 +61,9 @@ def otel_proxy(observed: ObservedCluster, monkeypatch):
     monkeypatch.setenv("SERVER_HOST", LOCALHOST)
     monkeypatch.setenv("LOG_LEVEL", "INFO")
     exporter = InMemorySpanExporter()
-    tracer = OpenTelemetryTracer.create({"TRACING_SERVICE_NAME": "mishards-otel"},
-                                        processor=SimpleSpanProcessor(exporter))
+    tracer = OpenTelemetryTracer.create(
+        {"TRACING_SERVICE_NAME": "mishards-otel"}, processor=SimpleSpanProcessor(exporter)
+    )
     proxy = InProcessProxy(Mishards(load_settings(), tracer=tracer), free_port()).start()
     try:
         yield proxy, exporter
@@ -74,8 +76,11 @@ def test_search_span_tree_with_w3c_context(observed: ObservedCluster, otel_proxy
     trace_id, parent_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
     queries = np.random.default_rng(6).random((2, DIM)).astype(np.float32)
     with milvus_stub(f"{LOCALHOST}:{proxy.port}") as stub:
-        reply = stub.Search(search_param(COLLECTION, queries, 5), timeout=20,
-                            metadata=(("traceparent", f"00-{trace_id:032x}-{parent_id:016x}-01"),))
+        reply = stub.Search(
+            search_param(COLLECTION, queries, 5),
+            timeout=20,
+            metadata=(("traceparent", f"00-{trace_id:032x}-{parent_id:016x}-01"),),
+        )
         missing = stub.Search(search_param("no_such_collection", queries, 5), timeout=20)
     assert reply.status.error_code == 0 and missing.status.error_code != 0
 

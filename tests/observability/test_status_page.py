@@ -1,4 +1,5 @@
 """The side port's status page in headless Chromium, its JSON twin and the probes."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,16 @@ from tests.support.processes import ROOT
 
 from .conftest import COLLECTION, ROWS, SEGMENTS, ObservedCluster
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT = ROOT / ".run" / "screenshots" / "status-page.png"  # kept after the run for a person to look at
 
 
@@ -33,16 +42,21 @@ def chromium() -> str:
 
 def run_chromium(chromium: str, profile: Path, *args: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:
     """One headless run with a fresh profile; on timeout its whole process group (ours) is killed."""
-    proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=10)
         raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(errors="replace"),
-                                       err.decode(errors="replace"))
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    )
 
 
 def test_status_json_lists_nodes_and_file_spread(observed: ObservedCluster):
@@ -77,8 +91,9 @@ def test_status_page_in_headless_chromium(observed: ObservedCluster, chromium: s
     assert COLLECTION in dom.stdout and "healthy" in dom.stdout
 
     shot = tmp_path / "status-page.png"
-    result = run_chromium(chromium, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1400,900",
-                          "--hide-scrollbars", url)
+    result = run_chromium(
+        chromium, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1400,900", "--hide-scrollbars", url
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

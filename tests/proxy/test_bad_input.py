@@ -1,4 +1,5 @@
 """Malformed requests and odd input through the proxy: a Milvus Status, never gRPC UNKNOWN."""
+
 from __future__ import annotations
 
 import grpc
@@ -11,8 +12,20 @@ from tests.support.stubs import OPTIONS, milvus_stub, records, search_param
 from .conftest import start_cluster
 
 GARBAGE = b"\xff\xff\xff\xff\x0f\x12\x99"
-METHODS = ["Insert", "Search", "SearchInFiles", "SearchByID", "Cmd", "CreateCollection", "DeleteByID",
-           "ShowCollectionInfo", "Flush", "PreloadCollection", "GetVectorsByID", "ReloadSegments"]
+METHODS = [
+    "Insert",
+    "Search",
+    "SearchInFiles",
+    "SearchByID",
+    "Cmd",
+    "CreateCollection",
+    "DeleteByID",
+    "ShowCollectionInfo",
+    "Flush",
+    "PreloadCollection",
+    "GetVectorsByID",
+    "ReloadSegments",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +43,15 @@ def test_malformed_bytes_get_a_milvus_status(proxy, method):
         raw = channel.unary_unary(f"/milvus.grpc.MilvusService/{method}")(GARBAGE, timeout=10)
     finally:
         channel.close()
-    reply_type = {"Insert": pb.VectorIds, "Search": pb.TopKQueryResult, "SearchInFiles": pb.TopKQueryResult,
-                  "SearchByID": pb.TopKQueryResult, "Cmd": pb.StringReply, "ShowCollectionInfo": pb.CollectionInfo,
-                  "GetVectorsByID": pb.VectorsData}.get(method)
+    reply_type = {
+        "Insert": pb.VectorIds,
+        "Search": pb.TopKQueryResult,
+        "SearchInFiles": pb.TopKQueryResult,
+        "SearchByID": pb.TopKQueryResult,
+        "Cmd": pb.StringReply,
+        "ShowCollectionInfo": pb.CollectionInfo,
+        "GetVectorsByID": pb.VectorsData,
+    }.get(method)
     status = reply_type.FromString(raw).status if reply_type else pb.status__pb2.Status.FromString(raw)
     assert status.error_code == 5 and "not a valid" in status.reason
     with milvus_stub(proxy) as stub:
@@ -41,11 +60,19 @@ def test_malformed_bytes_get_a_milvus_status(proxy, method):
 
 def test_search_without_params_and_odd_but_valid_input(proxy):
     with milvus_stub(proxy) as stub:
-        assert stub.CreateCollection(pb.CollectionSchema(collection_name="odd", dimension=4, index_file_size=1,
-                                                         metric_type=1)).error_code == 0
+        assert (
+            stub.CreateCollection(
+                pb.CollectionSchema(collection_name="odd", dimension=4, index_file_size=1, metric_type=1)
+            ).error_code
+            == 0
+        )
         vectors = np.eye(4, dtype=np.float32)
-        assert stub.Insert(pb.InsertParam(collection_name="odd", row_record_array=records(vectors),
-                                          row_id_array=[1, 2, 3, 4])).status.error_code == 0
+        assert (
+            stub.Insert(
+                pb.InsertParam(collection_name="odd", row_record_array=records(vectors), row_id_array=[1, 2, 3, 4])
+            ).status.error_code
+            == 0
+        )
         assert stub.Flush(pb.FlushParam()).error_code == 0
         no_params = pb.SearchParam(collection_name="odd", topk=2, query_record_array=records(vectors[:1]))
         reply = stub.Search(no_params)

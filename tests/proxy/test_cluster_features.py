@@ -1,4 +1,5 @@
 """Proxy features beyond the plain client calls: 0.2.14 clients, stacking, schema TTL, reloads."""
+
 from __future__ import annotations
 
 import time
@@ -26,11 +27,21 @@ def load(address: str, name: str, n: int = 300, dim: int = 8, segments: int = 4,
     vectors = np.random.default_rng(len(name)).random((n, dim)).astype(np.float32)
     ids = np.arange(n, dtype=np.int64) + 1000
     with milvus_stub(address) as stub:
-        assert stub.CreateCollection(pb.CollectionSchema(collection_name=name, dimension=dim, index_file_size=1,
-                                                         metric_type=metric)).error_code == 0
+        assert (
+            stub.CreateCollection(
+                pb.CollectionSchema(collection_name=name, dimension=dim, index_file_size=1, metric_type=metric)
+            ).error_code
+            == 0
+        )
         for part in np.array_split(np.arange(n), segments):
-            assert stub.Insert(pb.InsertParam(collection_name=name, row_record_array=records(vectors[part]),
-                                              row_id_array=ids[part].tolist())).status.error_code == 0
+            assert (
+                stub.Insert(
+                    pb.InsertParam(
+                        collection_name=name, row_record_array=records(vectors[part]), row_id_array=ids[part].tolist()
+                    )
+                ).status.error_code
+                == 0
+            )
             assert stub.Flush(pb.FlushParam(collection_name_array=[name])).error_code == 0
     return vectors, ids
 
@@ -50,9 +61,15 @@ def test_pymilvus_0_2_14_client(cluster):
 def test_stacked_proxies(cluster, tmp_path):
     """A second Mishards whose read-only "node" is the first Mishards: SearchInFiles routes through it."""
     vectors, ids = load(cluster.proxy.address, "stacked")
-    with MishardsProcess(woserver=cluster.writable.address, meta_uri=cluster.meta_uri,
-                         ro_addresses=[cluster.proxy.address], log_dir=tmp_path) as outer, \
-            milvus_stub(outer.address) as stub:
+    with (
+        MishardsProcess(
+            woserver=cluster.writable.address,
+            meta_uri=cluster.meta_uri,
+            ro_addresses=[cluster.proxy.address],
+            log_dir=tmp_path,
+        ) as outer,
+        milvus_stub(outer.address) as stub,
+    ):
         reply = stub.Search(search_param("stacked", vectors[:4], 7))
         assert reply.status.error_code == 0, reply.status
         oracle.assert_same_result(*result_rows(reply), oracle.brute_force(1, vectors[:4], vectors, ids, 7))
@@ -74,15 +91,22 @@ def test_search_in_files_and_search_by_id_through_the_proxy(cluster):
 
     engine = sa.create_engine(cluster.meta_uri)
     with engine.connect() as conn:
-        files = [str(r[0]) for r in conn.execute(sa.text(
-            "SELECT id FROM TableFiles WHERE table_id = 'by_id' AND file_type = 1 ORDER BY id"))]
+        files = [
+            str(r[0])
+            for r in conn.execute(
+                sa.text("SELECT id FROM TableFiles WHERE table_id = 'by_id' AND file_type = 1 ORDER BY id")
+            )
+        ]
     engine.dispose()
     part = np.array_split(np.arange(300), 4)
     with milvus_stub(cluster.proxy.address) as stub:
-        reply = stub.SearchInFiles(pb.SearchInFilesParam(file_id_array=files[1:3],
-                                                         search_param=search_param("by_id", vectors[:2], 6)))
+        reply = stub.SearchInFiles(
+            pb.SearchInFilesParam(file_id_array=files[1:3], search_param=search_param("by_id", vectors[:2], 6))
+        )
         chosen = np.concatenate(part[1:3])
-        oracle.assert_same_result(*result_rows(reply), oracle.brute_force(2, vectors[:2], vectors[chosen], ids[chosen], 6))
+        oracle.assert_same_result(
+            *result_rows(reply), oracle.brute_force(2, vectors[:2], vectors[chosen], ids[chosen], 6)
+        )
         reply = stub.SearchByID(pb.SearchByIDParam(collection_name="by_id", id_array=[int(ids[5]), 1], topk=4))
         assert reply.status.error_code == 0
         got_ids, _ = result_rows(reply)

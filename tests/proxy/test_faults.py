@@ -1,4 +1,5 @@
 """Faults with real processes: read-only nodes killed or frozen mid-stream, the writable node down."""
+
 from __future__ import annotations
 
 import json
@@ -30,18 +31,32 @@ def faulty_cluster(tmp_path):
         procs.append(writable)
         ro = [NodeProcess("readonly", meta, data, log_dir=tmp_path).start() for _ in range(3)]
         procs.extend(ro)
-        proxy = MishardsProcess(woserver=writable.address, meta_uri=meta, ro_addresses=[n.address for n in ro],
-                                log_dir=tmp_path, extra_env={"TIMEOUT": "4", "MAX_RETRY": "3"}).start()
+        proxy = MishardsProcess(
+            woserver=writable.address,
+            meta_uri=meta,
+            ro_addresses=[n.address for n in ro],
+            log_dir=tmp_path,
+            extra_env={"TIMEOUT": "4", "MAX_RETRY": "3"},
+        ).start()
         procs.append(proxy)
         rng = np.random.default_rng(7)
         vectors = rng.random((1200, DIM)).astype(np.float32)
         ids = np.arange(1200, dtype=np.int64) * 5 + 1
         with milvus_stub(proxy.address) as stub:
-            assert stub.CreateCollection(pb.CollectionSchema(collection_name="faults", dimension=DIM,
-                                                             index_file_size=1024, metric_type=1)).error_code == 0
+            assert (
+                stub.CreateCollection(
+                    pb.CollectionSchema(collection_name="faults", dimension=DIM, index_file_size=1024, metric_type=1)
+                ).error_code
+                == 0
+            )
             for part in np.array_split(np.arange(1200), 12):
-                reply = stub.Insert(pb.InsertParam(collection_name="faults", row_record_array=records(vectors[part]),
-                                                   row_id_array=ids[part].tolist()))
+                reply = stub.Insert(
+                    pb.InsertParam(
+                        collection_name="faults",
+                        row_record_array=records(vectors[part]),
+                        row_id_array=ids[part].tolist(),
+                    )
+                )
                 assert reply.status.error_code == 0
                 assert stub.Flush(pb.FlushParam(collection_name_array=["faults"])).error_code == 0
         yield {"writable": writable, "ro": ro, "proxy": proxy, "vectors": vectors, "ids": ids}
@@ -50,8 +65,15 @@ def faulty_cluster(tmp_path):
             proc.stop()
 
 
-def stream_searches(address: str, queries: np.ndarray, expected, stop: threading.Event, results: list,
-                    max_seconds: float = 60.0, max_requests: int = 2000) -> None:
+def stream_searches(
+    address: str,
+    queries: np.ndarray,
+    expected,
+    stop: threading.Event,
+    results: list,
+    max_seconds: float = 60.0,
+    max_requests: int = 2000,
+) -> None:
     """Search until told to stop (bounded in time and count); record (ok, elapsed, detail) per search."""
     deadline = time.monotonic() + max_seconds
     with milvus_stub(address) as stub:
@@ -75,8 +97,7 @@ def run_with_fault(cluster, fault) -> list:
     queries = np.random.default_rng(1).random((3, DIM)).astype(np.float32)
     expected = oracle.brute_force(oracle.L2, queries, cluster["vectors"], cluster["ids"], 10)
     stop, results = threading.Event(), []
-    worker = threading.Thread(target=stream_searches,
-                              args=(cluster["proxy"].address, queries, expected, stop, results))
+    worker = threading.Thread(target=stream_searches, args=(cluster["proxy"].address, queries, expected, stop, results))
     worker.start()
     try:
         time.sleep(1.0)
@@ -169,8 +190,9 @@ def test_writable_node_down_searches_answer_and_writes_fail_fast(faulty_cluster)
         reply = stub.Insert(pb.InsertParam(collection_name="faults", row_record_array=records(queries)), timeout=30)
         assert time.monotonic() - start < 4.0, "within TIMEOUT"
         assert reply.status.error_code == 2 and "writable node" in reply.status.reason
-        status = stub.CreateCollection(pb.CollectionSchema(collection_name="other", dimension=4, index_file_size=1,
-                                                           metric_type=1))
+        status = stub.CreateCollection(
+            pb.CollectionSchema(collection_name="other", dimension=4, index_file_size=1, metric_type=1)
+        )
         assert status.error_code == 2
 
 
@@ -179,17 +201,22 @@ def test_unreachable_readonly_node_at_start_never_breaks_searches(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     ghost = f"127.0.0.1:{free_port()}"
-    with NodeProcess("writable", meta, data, log_dir=tmp_path) as writable, \
-         NodeProcess("readonly", meta, data, log_dir=tmp_path) as ro, \
-         MishardsProcess(woserver=writable.address, meta_uri=meta, ro_addresses=[ghost, ro.address],
-                         log_dir=tmp_path) as proxy, milvus_stub(proxy.address) as stub:
+    with (
+        NodeProcess("writable", meta, data, log_dir=tmp_path) as writable,
+        NodeProcess("readonly", meta, data, log_dir=tmp_path) as ro,
+        MishardsProcess(
+            woserver=writable.address, meta_uri=meta, ro_addresses=[ghost, ro.address], log_dir=tmp_path
+        ) as proxy,
+        milvus_stub(proxy.address) as stub,
+    ):
         vectors = np.random.default_rng(5).random((50, 4)).astype(np.float32)
         stub.CreateCollection(pb.CollectionSchema(collection_name="g", dimension=4, index_file_size=1, metric_type=1))
         reply = stub.Insert(pb.InsertParam(collection_name="g", row_record_array=records(vectors)))
         stub.Flush(pb.FlushParam())
         result = stub.Search(search_param("g", vectors[:2], 3))
         assert result.status.error_code == 0
-        oracle.assert_same_result(*result_rows(result),
-                                  oracle.brute_force(oracle.L2, vectors[:2], vectors, reply.vector_id_array, 3))
+        oracle.assert_same_result(
+            *result_rows(result), oracle.brute_force(oracle.L2, vectors[:2], vectors, reply.vector_id_array, 3)
+        )
         stats = json.loads(stub.Cmd(pb.Command(cmd="conn_stats")).string_reply)
         assert ghost in stats["waiting"] and list(stats["readonly"]) == [ro.address]

@@ -5,6 +5,7 @@ Every search through the proxy must equal what one `single` node holding the sam
 and tags that match nothing), several segments spread unevenly over two read-only nodes, and
 deletes. The module runs once on SQLite meta and once on MariaDB.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ OK = 0
 
 @pytest.fixture(scope="module")
 def clients(cluster):
-    with PymilvusClient(cluster.proxy.host, cluster.proxy.port) as proxy, \
-         PymilvusClient(cluster.reference.host, cluster.reference.port) as reference:
+    with (
+        PymilvusClient(cluster.proxy.host, cluster.proxy.port) as proxy,
+        PymilvusClient(cluster.reference.host, cluster.reference.port) as reference,
+    ):
         yield proxy, reference
 
 
@@ -44,7 +47,9 @@ def same_search(got, want):
     if status_a.code != OK:
         return
     assert result_a.shape == result_b.shape
-    for row_a, row_b, dist_a, dist_b in zip(result_a.ids, result_b.ids, result_a.distances, result_b.distances):
+    for row_a, row_b, dist_a, dist_b in zip(
+        result_a.ids, result_b.ids, result_a.distances, result_b.distances, strict=True
+    ):
         assert row_a == row_b
         np.testing.assert_allclose(dist_a, dist_b, rtol=1e-5, atol=1e-4)
 
@@ -92,7 +97,9 @@ def test_binary_search_equals_single_node(both, metric):
     name, call = both
     dim = 64
     rng = np.random.default_rng(metric)
-    assert all(s.OK() for s in call("create_collection", {"collection_name": name, "dimension": dim, "metric_type": metric}))
+    assert all(
+        s.OK() for s in call("create_collection", {"collection_name": name, "dimension": dim, "metric_type": metric})
+    )
     density = 0.3 if metric in (6, 7) else 0.5
     stored = []
     for batch in range(5):
@@ -117,13 +124,15 @@ def test_binary_search_equals_single_node(both, metric):
 def test_every_other_method_through_the_proxy(both, clients):
     name, call = both
     proxy, _ = clients
-    assert proxy.server_version() [1] == "0.9.1"
+    assert proxy.server_version()[1] == "0.9.1"
     assert proxy.server_status()[1] == "OK"
     assert proxy.call("_cmd", "mode")[1] == "CPU"
     assert proxy.set_config("db_config", "auto_flush_interval", "1")[0].OK()
     assert proxy.get_config("db_config", "auto_flush_interval")[1] == "1"
     assert proxy.has_collection(name)[1] is False
-    assert all(s.OK() for s in call("create_collection", {"collection_name": name, "dimension": 8, "index_file_size": 64}))
+    assert all(
+        s.OK() for s in call("create_collection", {"collection_name": name, "dimension": 8, "index_file_size": 64})
+    )
     got, want = call("get_collection_info", name)
     assert got == want
     assert name in proxy.list_collections()[1]

@@ -1,4 +1,5 @@
 """A brute-force search oracle: every distance in float64 the direct way, ties by ascending id."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,6 +51,6 @@ def brute_force(metric: int, queries, data, ids, topk: int) -> list[list[tuple[i
 def assert_same_result(got_ids, got_distances, expected, atol: float = 1e-4) -> None:
     """Ids equal row by row; distances within `atol` (relative for large values)."""
     assert len(got_ids) == len(expected), (len(got_ids), len(expected))
-    for row, (ids, dists, want) in enumerate(zip(got_ids, got_distances, expected)):
+    for row, (ids, dists, want) in enumerate(zip(got_ids, got_distances, expected, strict=True)):
         assert list(ids) == [i for i, _ in want], f"row {row}: ids {list(ids)} != {[i for i, _ in want]}"
         np.testing.assert_allclose(dists, [d for _, d in want], rtol=1e-5, atol=atol, err_msg=f"row {row}")

@@ -5,6 +5,7 @@ test sees exactly what a client sees, and can kill, pause or restart it. Readine
 poll of a probe (for Milvus-speaking servers: `Cmd(cmd="version")` over gRPC); a process that
 exits or does not get ready in time is killed and reported with the tail of its log.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -125,8 +126,13 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         _running[self._proc.pid] = self
         deadline = time.monotonic() + self.start_timeout_s
@@ -212,8 +218,20 @@ class NodeProcess(ManagedProcess):
         self.meta_uri = meta_uri
         self.data_dir = data_dir = Path(data_dir)
         argv = [
-            sys.executable, "-m", "milvus_node", "--role", role, "--port", str(self.port),
-            "--meta-uri", meta_uri, "--data-dir", str(data_dir), "--host", host, *extra_args,
+            sys.executable,
+            "-m",
+            "milvus_node",
+            "--role",
+            role,
+            "--port",
+            str(self.port),
+            "--meta-uri",
+            meta_uri,
+            "--data-dir",
+            str(data_dir),
+            "--host",
+            host,
+            *extra_args,
         ]
         # By default beside the data dir (so under pytest's tmp dir), not inside it.
         log_dir = data_dir.parent / f"{data_dir.name}-logs" if log_dir is None else log_dir

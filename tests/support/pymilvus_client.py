@@ -11,6 +11,7 @@ Every call is pickled to the worker, which calls the same method on `milvus.Milv
 and sends back plain Python: `Status`, `SearchResult`, dicts for other pymilvus objects, ints for
 enums. Exceptions raised by pymilvus come back as `RemoteClientError`. Each call is bounded.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -120,14 +121,16 @@ class PymilvusClient:
         self.version = version
         self.timeout_s = timeout_s
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(shim_dir()), str(extracted_wheel(version)), str(ROOT)]
-        )
+        env["PYTHONPATH"] = os.pathsep.join([str(shim_dir()), str(extracted_wheel(version)), str(ROOT)])
         env["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"] = "python"
         self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tests.support.pymilvus_worker"],
-            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
         )
         _workers.add(self)
         try:
@@ -183,8 +186,7 @@ class PymilvusClient:
             if not chunk:
                 self._proc.wait()
                 raise PymilvusWorkerError(
-                    f"the pymilvus worker exited with code {self._proc.returncode}"
-                    f"{self._stderr_tail()}"
+                    f"the pymilvus worker exited with code {self._proc.returncode}{self._stderr_tail()}"
                 )
             chunks.append(chunk)
             size -= len(chunk)

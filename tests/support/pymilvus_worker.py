@@ -5,6 +5,7 @@ build `milvus.Milvus`, answered with ("ok", client version) or ("error", type, m
 (method, args, kwargs) per call, answered the same way with the result made plain. End of stdin
 ends the worker. Anything pymilvus prints goes to stderr so the reply stream stays clean.
 """
+
 from __future__ import annotations
 
 import enum
@@ -49,8 +50,7 @@ def public_attributes(obj: Any) -> dict[str, Any]:
     """Instance attributes and properties not starting with "_" (CollectionSchema, IndexParam…)."""
     names = [name for name in getattr(obj, "__dict__", {}) if not name.startswith("_")]
     names += [
-        name for name in dir(type(obj))
-        if not name.startswith("_") and isinstance(getattr(type(obj), name), property)
+        name for name in dir(type(obj)) if not name.startswith("_") and isinstance(getattr(type(obj), name), property)
     ]
     return {name: plain(getattr(obj, name)) for name in names}
 

@@ -1,4 +1,5 @@
 """Raw gRPC access to a Milvus-speaking server with the project's own stubs."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -29,9 +30,13 @@ def records(vectors: np.ndarray) -> list[pb.RowRecord]:
 
 
 def search_param(collection: str, queries: np.ndarray, topk: int, tags=(), params: str = "{}") -> pb.SearchParam:
-    return pb.SearchParam(collection_name=collection, query_record_array=records(queries), topk=topk,
-                          partition_tag_array=list(tags),
-                          extra_params=[pb.KeyValuePair(key="params", value=params)])
+    return pb.SearchParam(
+        collection_name=collection,
+        query_record_array=records(queries),
+        topk=topk,
+        partition_tag_array=list(tags),
+        extra_params=[pb.KeyValuePair(key="params", value=params)],
+    )
 
 
 def result_rows(reply: pb.TopKQueryResult) -> tuple[list[list[int]], list[list[float]]]:
@@ -41,7 +46,7 @@ def result_rows(reply: pb.TopKQueryResult) -> tuple[list[list[int]], list[list[f
     ids = np.array(reply.ids, dtype=np.int64).reshape(reply.row_num, -1)
     dist = np.array(reply.distances, dtype=np.float32).reshape(reply.row_num, -1)
     out_ids, out_dist = [], []
-    for row_ids, row_dist in zip(ids, dist):
+    for row_ids, row_dist in zip(ids, dist, strict=True):
         cut = int(np.argmax(row_ids == -1)) if (row_ids == -1).any() else row_ids.size
         out_ids.append(row_ids[:cut].tolist())
         out_dist.append(row_dist[:cut].tolist())

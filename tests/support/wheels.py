@@ -5,6 +5,7 @@ them itself. They are never installed into the venv: their old generated protobu
 the slow pure-Python backend process-wide (wire-protocol.md §12), so they are only ever imported
 in child processes, from an extracted copy under .cache/.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -19,7 +20,7 @@ WHEEL_DIR = ROOT / ".venv" / "wheels"
 CACHE_DIR = ROOT / ".cache" / "pymilvus"
 
 # Recipe A of wire-protocol.md §12.3: importable pymilvus on a current protobuf.
-SHIM = '''\
+SHIM = """\
 # sitecustomize.py - lets pymilvus 0.2.12 / 0.2.14 import on a current protobuf
 import os, sys, types
 
@@ -35,7 +36,7 @@ if _NAME not in sys.modules:
         # the container class of a repeated message field, whatever the backend
         stand_in.RepeatedCompositeContainer = type(descriptor_pb2.DescriptorProto().field)
         sys.modules[_NAME] = stand_in
-'''
+"""
 
 
 def wheel_path(version: str) -> Path:
@@ -44,9 +45,9 @@ def wheel_path(version: str) -> Path:
     path = directory / f"pymilvus-{version}-py3-none-any.whl"
     if not path.exists():
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(directory),
-             f"pymilvus=={version}"],
-            check=True, timeout=300,
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(directory), f"pymilvus=={version}"],
+            check=True,
+            timeout=300,
         )
     return path
 

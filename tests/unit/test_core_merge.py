@@ -3,6 +3,7 @@
 The oracle is pure Python and written the other way round from the small path (sort everything,
 then keep each id's first appearance), so a shared mistake is unlikely.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ def oracle(node_results, nq: int, topk: int, descending: bool):
         candidates = [
             (int(vector_id), float(distance))
             for ids, dists in nonempty
-            for vector_id, distance in zip(ids[row], dists[row])
+            for vector_id, distance in zip(ids[row], dists[row], strict=True)
             if vector_id != -1
         ]
 

@@ -4,6 +4,7 @@ The oracle follows original-mishards.md section 7.2 literally (md5 of "<node>-<j
 3 little-endian keys per digest, bisect-right lookup with wrap-around), without uhashring, so these
 tests pin down both the batched lookups and compatibility with the original assignment.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -42,7 +43,9 @@ def original_walk(nodes: list[str], file_id: str) -> list[str]:
 
 
 node_names = st.one_of(
-    st.builds(lambda a, b, port: f"10.{a}.{b}.1:{port}", st.integers(0, 255), st.integers(0, 255), st.integers(1, 65535)),
+    st.builds(
+        lambda a, b, port: f"10.{a}.{b}.1:{port}", st.integers(0, 255), st.integers(0, 255), st.integers(1, 65535)
+    ),
     st.text(string.ascii_lowercase + string.digits + "-", min_size=1, max_size=20),
 )
 node_sets = st.lists(node_names, min_size=1, max_size=10, unique=True)

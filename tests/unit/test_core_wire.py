@@ -1,4 +1,5 @@
 """Wire helpers against the generated milvus_pb2 code: byte-identical output, lossless round trips."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,7 +82,9 @@ def test_topk_result_is_byte_identical_to_the_generated_code(arrays, with_status
 
     encoded = wire.encode_topk_result(ids, distances, status)
 
-    expected = milvus_pb2.TopKQueryResult(row_num=ids.shape[0], ids=ids.ravel().tolist(), distances=distances.ravel().tolist())
+    expected = milvus_pb2.TopKQueryResult(
+        row_num=ids.shape[0], ids=ids.ravel().tolist(), distances=distances.ravel().tolist()
+    )
     if with_status:
         expected.status.CopyFrom(status_pb2.Status())
         assert encoded.startswith(b"\x0a\x00")

@@ -1,23 +1,25 @@
 """The node's exact search kernels against a brute-force oracle written independently."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from milvus_grpc import milvus_pb2 as pb
 from milvus_node import engine
 from milvus_node.server import records_to_array
-from milvus_grpc import milvus_pb2 as pb
 
 
 def oracle_distance(metric: int, q: np.ndarray, d: np.ndarray) -> float | None:
     """One distance the slow, obvious way; None when the stored vector cannot qualify."""
     if metric == engine.L2:
-        return float(sum((float(a) - float(b)) ** 2 for a, b in zip(q, d)))
+        return float(sum((float(a) - float(b)) ** 2 for a, b in zip(q, d, strict=True)))
     if metric == engine.IP:
-        return float(sum(float(a) * float(b) for a, b in zip(q, d)))
+        return float(sum(float(a) * float(b) for a, b in zip(q, d, strict=True)))
     qi = int.from_bytes(q.tobytes(), "big")
     di = int.from_bytes(d.tobytes(), "big")
     both, union = bin(qi & di).count("1"), bin(qi | di).count("1")
@@ -40,7 +42,7 @@ def oracle_search(metric, queries, vectors, ids, deleted, topk):
     rows = []
     for q in queries:
         hits = []
-        for v, i, gone in zip(vectors, ids, deleted):
+        for v, i, gone in zip(vectors, ids, deleted, strict=True):
             dist = oracle_distance(metric, q, v)
             if gone or dist is None:
                 continue
@@ -55,9 +57,9 @@ def check(metric, queries, vectors, ids, deleted, topk):
     want = oracle_search(metric, queries, vectors, ids, deleted, topk)
     assert got_ids.shape == (len(queries), topk)
     for row, expected in enumerate(want):
-        assert got_ids[row, :len(expected)].tolist() == [i for i, _ in expected]
-        assert (got_ids[row, len(expected):] == -1).all()
-        np.testing.assert_allclose(got_dist[row, :len(expected)], [d for _, d in expected], rtol=1e-9, atol=1e-9)
+        assert got_ids[row, : len(expected)].tolist() == [i for i, _ in expected]
+        assert (got_ids[row, len(expected) :] == -1).all()
+        np.testing.assert_allclose(got_dist[row, : len(expected)], [d for _, d in expected], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("metric", [engine.L2, engine.IP])
@@ -118,16 +120,19 @@ def test_merge_of_segments_equals_one_search():
     ids = np.arange(300, dtype=np.int64)
     queries = rng.random((5, 8)).astype(np.float32)
     whole = engine.search_block(engine.L2, queries, vectors, ids, None, 10)
-    parts = [engine.search_block(engine.L2, queries, vectors[s], ids[s], None, 10)
-             for s in (slice(0, 100), slice(100, 250), slice(250, 300))]
+    parts = [
+        engine.search_block(engine.L2, queries, vectors[s], ids[s], None, 10)
+        for s in (slice(0, 100), slice(100, 250), slice(250, 300))
+    ]
     merged = engine.merge_topk(parts, 5, 10, engine.L2)
     assert (merged[0] == whole[0]).all()
     np.testing.assert_allclose(merged[1], whole[1])
 
 
 def test_padding_uses_the_worst_distance():
-    ids, dist = engine.search_block(engine.IP, np.ones((1, 2), np.float32), np.ones((1, 2), np.float32),
-                                    np.array([5]), None, 3)
+    ids, dist = engine.search_block(
+        engine.IP, np.ones((1, 2), np.float32), np.ones((1, 2), np.float32), np.array([5]), None, 3
+    )
     assert ids.tolist() == [[5, -1, -1]]
     assert dist[0, 1] == -engine.FLT_MAX
 

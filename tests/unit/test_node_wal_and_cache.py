@@ -1,4 +1,5 @@
 """The write-ahead log's replay (torn and corrupt tails) and the segment cache's LRU bound."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,11 @@ def test_replay_returns_records_in_order_across_rotations(tmp_path):
     log.close()
     records = list(wal.WriteAheadLog(str(tmp_path)).replay())
     assert [(r.lsn, r.kind, r.names) for r in records] == [
-        (1, wal.INSERT, ["t"]), (2, wal.DELETE, ["c"]), (3, wal.INSERT, ["b"]), (4, wal.DROP, ["t", "u"])]
+        (1, wal.INSERT, ["t"]),
+        (2, wal.DELETE, ["c"]),
+        (3, wal.INSERT, ["b"]),
+        (4, wal.DROP, ["t", "u"]),
+    ]
     np.testing.assert_array_equal(records[0].vectors, vectors)
     assert records[2].vectors.dtype == np.uint8 and records[2].vectors.tolist() == [[1, 255]]
     log = wal.WriteAheadLog(str(tmp_path))
@@ -45,7 +50,9 @@ def test_torn_and_corrupt_tails_are_ignored(tmp_path):
 
 
 def segment(rows: int) -> SegmentData:
-    return SegmentData(np.arange(rows, dtype=np.int64), np.zeros((rows, 4), dtype=np.float32), np.zeros(rows, dtype=bool))
+    return SegmentData(
+        np.arange(rows, dtype=np.int64), np.zeros((rows, 4), dtype=np.float32), np.zeros(rows, dtype=bool)
+    )
 
 
 def test_cache_evicts_least_recently_used_within_its_capacity():

@@ -1,4 +1,5 @@
 """Plugins by class name and search path, as the original's *_CLASS_NAME / *_PLUGIN_PATH worked."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,7 @@ from mishards.router import router_factory
 from tracer import Tracer, create_tracer
 from utils.plugins import PluginError, PluginFactory
 
-PLUGIN = '''
+PLUGIN = """
 LOADS = globals().setdefault("LOADS", [])
 LOADS.append(1)
 
@@ -26,7 +27,7 @@ class EveryFileToOneNode:
 
 def setup(factory):
     factory.register(EveryFileToOneNode)
-'''
+"""
 
 
 def test_builtin_names_are_case_insensitive():

@@ -1,4 +1,5 @@
 """The 0.10 reload-on-update bookkeeping: reload on first sight and after a change, per node, bounded."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Configuration: original names and defaults, the guide's defaults, one clear line per bad variable."""
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,23 @@ REQUIRED = {"WOSERVER": "tcp://127.0.0.1:19540", "SQLALCHEMY_DATABASE_URI": "sql
 def env(monkeypatch, tmp_path):
     """A clean environment (no Mishards variables, no .env found) plus the required ones."""
     for key in list(os.environ):
-        if key.isupper() and key.split("_")[0] in {"WOSERVER", "SQLALCHEMY", "SQL", "DISCOVERY", "ROUTER", "TRACER",
-                                                   "TRACING", "LOG", "SERVER", "MAX", "TIMEOUT", "DEBUG", "FROM",
-                                                   "TIMEZONE", "SCHEMA"}:
+        if key.isupper() and key.split("_")[0] in {
+            "WOSERVER",
+            "SQLALCHEMY",
+            "SQL",
+            "DISCOVERY",
+            "ROUTER",
+            "TRACER",
+            "TRACING",
+            "LOG",
+            "SERVER",
+            "MAX",
+            "TIMEOUT",
+            "DEBUG",
+            "FROM",
+            "TIMEZONE",
+            "SCHEMA",
+        }:
             monkeypatch.delenv(key)
     for key in ("pool_size", "pool_recycle", "pool_timeout", "pool_pre_ping", "max_overflow"):
         monkeypatch.delenv(key, raising=False)
@@ -36,7 +51,11 @@ def test_defaults_follow_the_guide(env):
     assert s.debug is True and s.log_level == "DEBUG"  # the guide's table: Debug True, LOG_LEVEL DEBUG
     assert (s.server_port, s.max_retry, s.timezone) == (19530, 3, "UTC")
     assert s.woserver == "127.0.0.1:19540"
-    assert (s.discovery_class_name, s.router_class_name, s.tracer_class_name) == ("static", "FileBasedHashRingRouter", "")
+    assert (s.discovery_class_name, s.router_class_name, s.tracer_class_name) == (
+        "static",
+        "FileBasedHashRingRouter",
+        "",
+    )
     assert (s.log_path, s.log_name) == ("/tmp/mishards", "logfile")
     assert (s.pool_size, s.pool_recycle, s.pool_timeout, s.pool_pre_ping, s.max_overflow) == (100, 3600, 30, True, 0)
     assert s.max_workers == 50 and s.timeout == 60
@@ -49,10 +68,20 @@ def test_required_variables(env, name):
         load_settings()
 
 
-@pytest.mark.parametrize("name, value", [
-    ("MAX_RETRY", "abc"), ("MAX_RETRY", "0"), ("SERVER_PORT", "x"), ("TIMEOUT", "-1"), ("DEBUG", "maybe"),
-    ("LOG_LEVEL", "LOUD"), ("WOSERVER", "tcp://127.0.0.1"), ("WOSERVER", "http://h:1"), ("pool_size", "many"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MAX_RETRY", "abc"),
+        ("MAX_RETRY", "0"),
+        ("SERVER_PORT", "x"),
+        ("TIMEOUT", "-1"),
+        ("DEBUG", "maybe"),
+        ("LOG_LEVEL", "LOUD"),
+        ("WOSERVER", "tcp://127.0.0.1"),
+        ("WOSERVER", "http://h:1"),
+        ("pool_size", "many"),
+    ],
+)
 def test_invalid_values_name_the_variable(env, name, value):
     env.setenv(name, value)
     with pytest.raises(SettingsError, match=name):
@@ -107,17 +136,32 @@ def test_the_repository_example_is_complete_and_valid(env):
     s = load_settings()
     assert s.woserver and s.sqlalchemy_database_uri
     example = (ROOT / ".env.example").read_text()
-    for name in ("WOSERVER", "SQLALCHEMY_DATABASE_URI", "MAX_RETRY", "TIMEOUT", "SERVER_PORT", "DISCOVERY_STATIC_HOSTS",
-                 "ROUTER_CLASS_NAME", "TRACER_CLASS_NAME", "LOG_LEVEL", "LOG_PATH", "LOG_NAME", "SQL_ECHO",
-                 "DISCOVERY_KUBERNETES_NAMESPACE", "TRACING_SAMPLER_TYPE", "FROM_EXAMPLE"):
+    for name in (
+        "WOSERVER",
+        "SQLALCHEMY_DATABASE_URI",
+        "MAX_RETRY",
+        "TIMEOUT",
+        "SERVER_PORT",
+        "DISCOVERY_STATIC_HOSTS",
+        "ROUTER_CLASS_NAME",
+        "TRACER_CLASS_NAME",
+        "LOG_LEVEL",
+        "LOG_PATH",
+        "LOG_NAME",
+        "SQL_ECHO",
+        "DISCOVERY_KUBERNETES_NAMESPACE",
+        "TRACING_SAMPLER_TYPE",
+        "FROM_EXAMPLE",
+    ):
         assert name in example, name
 
 
 def test_start_up_stops_with_one_line_naming_the_variable(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WOSERVER", "SQLALCHEMY", "FROM_EXAMPLE"))}
     env["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{tmp_path}/m.sqlite"
-    result = subprocess.run([sys.executable, "mishards/main.py"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "mishards/main.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "WOSERVER" in lines[0], result.stderr

@@ -13,6 +13,7 @@ Settings and defaults are the original's: TRACING_SERVICE_NAME (mishards), TRACI
 TRACING_REPORTING_HOST (127.0.0.1), TRACING_REPORTING_PORT (5775), TRACING_LOGGING (True).
 jaeger-client also reads JAEGER_TAGS (e.g. `ip=10.0.0.5`, which spares it probing interfaces).
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,11 @@ from utils.plugins import PluginError
 
 log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 5.0
-_EXTRACT_ERRORS = (opentracing.UnsupportedFormatException, opentracing.InvalidCarrierException,
-                   opentracing.SpanContextCorruptedException)
+_EXTRACT_ERRORS = (
+    opentracing.UnsupportedFormatException,
+    opentracing.InvalidCarrierException,
+    opentracing.SpanContextCorruptedException,
+)
 
 
 class MilvusRpcInfo(grpc_opentracing.RpcInfo):
@@ -57,16 +61,21 @@ class MilvusStatusDecorator(grpc_opentracing.SpanDecorator):
         span.set_tag("milvus.status_code", rpc_info.status_code)
         if rpc_info.status_code:
             span.set_tag(ot_tags.ERROR, True)
-            span.log_kv({"event": "error", "error.kind": f"milvus status {rpc_info.status_code}",
-                         "message": rpc_info.reason})
+            span.log_kv(
+                {"event": "error", "error.kind": f"milvus status {rpc_info.status_code}", "message": rpc_info.reason}
+            )
 
 
 class JaegerTracer(Tracer):
     name = "jaeger"
     enabled = True
 
-    def __init__(self, tracer: opentracing.Tracer, log_payloads: bool = False,
-                 span_decorator: grpc_opentracing.SpanDecorator | None = None) -> None:
+    def __init__(
+        self,
+        tracer: opentracing.Tracer,
+        log_payloads: bool = False,
+        span_decorator: grpc_opentracing.SpanDecorator | None = None,
+    ) -> None:
         self.tracer = tracer
         self.log_payloads = log_payloads
         self.span_decorator = span_decorator or MilvusStatusDecorator()
@@ -75,16 +84,23 @@ class JaegerTracer(Tracer):
     def create(cls, config: dict[str, str]) -> JaegerTracer:
         settings = TracingSettings(config)
         jaeger_config = {
-            "sampler": {"type": settings.str("TRACING_SAMPLER_TYPE", "const"),
-                        "param": settings.str("TRACING_SAMPLER_PARAM", "1")},
-            "local_agent": {"reporting_host": settings.str("TRACING_REPORTING_HOST", "127.0.0.1"),
-                            "reporting_port": settings.int("TRACING_REPORTING_PORT", 5775)},
+            "sampler": {
+                "type": settings.str("TRACING_SAMPLER_TYPE", "const"),
+                "param": settings.str("TRACING_SAMPLER_PARAM", "1"),
+            },
+            "local_agent": {
+                "reporting_host": settings.str("TRACING_REPORTING_HOST", "127.0.0.1"),
+                "reporting_port": settings.int("TRACING_REPORTING_PORT", 5775),
+            },
             "logging": settings.bool("TRACING_LOGGING", True),
         }
         try:
-            tracer = Config(config=jaeger_config, service_name=settings.str("TRACING_SERVICE_NAME", "mishards"),
-                            validate=settings.bool("TRACING_VALIDATE", True),
-                            scope_manager=ContextVarsScopeManager()).new_tracer()
+            tracer = Config(
+                config=jaeger_config,
+                service_name=settings.str("TRACING_SERVICE_NAME", "mishards"),
+                validate=settings.bool("TRACING_VALIDATE", True),
+                scope_manager=ContextVarsScopeManager(),
+            ).new_tracer()
         except ValueError as exc:  # e.g. an unknown sampler type
             raise PluginError(f"jaeger tracer: {exc} (see TRACING_SAMPLER_TYPE, TRACING_SAMPLER_PARAM)") from None
         logging.getLogger("jaeger_tracing").setLevel(logging.ERROR)
@@ -95,24 +111,31 @@ class JaegerTracer(Tracer):
             parent = parent.span
         return self.tracer.start_active_span(operation, child_of=parent, tags=tags or None)
 
-    def rpc_span(self, method_path: str, metadata: Metadata | None,
-                 peer: str) -> AbstractContextManager[opentracing.Scope]:
+    def rpc_span(
+        self, method_path: str, metadata: Metadata | None, peer: str
+    ) -> AbstractContextManager[opentracing.Scope]:
         caller = None
         if metadata:
             try:
-                caller = self.tracer.extract(opentracing.Format.HTTP_HEADERS,
-                                             {k: v for k, v in metadata if isinstance(v, str)})
+                caller = self.tracer.extract(
+                    opentracing.Format.HTTP_HEADERS, {k: v for k, v in metadata if isinstance(v, str)}
+                )
             except _EXTRACT_ERRORS as exc:
                 log.debug("no usable trace context from the caller of %s: %s", method_path, exc)
         tags = {ot_tags.COMPONENT: "grpc", ot_tags.SPAN_KIND: ot_tags.SPAN_KIND_RPC_SERVER, "peer.address": peer}
         return self.tracer.start_active_span(method_path, child_of=caller, tags=tags, ignore_active_span=True)
 
-    def rpc_finished(self, span: opentracing.Scope, status_code: int, reason: str, request: bytes,
-                     reply: bytes) -> None:
+    def rpc_finished(
+        self, span: opentracing.Scope, status_code: int, reason: str, request: bytes, reply: bytes
+    ) -> None:
         method_path = span.span.operation_name
         if self.log_payloads:
-            span.span.log_kv({"request": describe_payload(method_path, request, True),
-                              "response": describe_payload(method_path, reply, False)})
+            span.span.log_kv(
+                {
+                    "request": describe_payload(method_path, request, True),
+                    "response": describe_payload(method_path, reply, False),
+                }
+            )
         self.span_decorator(span.span, MilvusRpcInfo(method_path, request, reply, status_code, reason))
 
     def set_error(self, span: opentracing.Scope, message: str) -> None:

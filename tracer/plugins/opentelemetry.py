@@ -10,6 +10,7 @@ Settings: TRACING_SERVICE_NAME (mishards), TRACING_SAMPLER_TYPE / TRACING_SAMPLE
 TRACING_LOG_PAYLOAD (False), TRACING_OTLP_ENDPOINT (the exporter's default, or the standard
 OTEL_EXPORTER_OTLP_* variables, which the exporter reads itself).
 """
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
@@ -74,15 +75,23 @@ class OpenTelemetryTracer(Tracer):
         carrier = {k: v for k, v in metadata or () if isinstance(v, str)}
         caller = self._propagator.extract(carrier, context=otel_context.Context())
         return self.tracer.start_as_current_span(
-            method_path, context=caller, kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.method": method_path.rsplit("/", 1)[-1], "peer.address": peer})
+            method_path,
+            context=caller,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.method": method_path.rsplit("/", 1)[-1], "peer.address": peer},
+        )
 
     def rpc_finished(self, span: trace.Span, status_code: int, reason: str, request: bytes, reply: bytes) -> None:
         span.set_attribute("milvus.status_code", status_code)
         if self.log_payloads:
             method_path = getattr(span, "name", "")
-            span.add_event("payload", {"request": describe_payload(method_path, request, True),
-                                       "response": describe_payload(method_path, reply, False)})
+            span.add_event(
+                "payload",
+                {
+                    "request": describe_payload(method_path, request, True),
+                    "response": describe_payload(method_path, reply, False),
+                },
+            )
         if status_code:
             self.set_error(span, f"milvus status {status_code}: {reason}")
 
