@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from milvus_grpc import milvus_pb2 as pb  # noqa: E402
 from tests.proxy.conftest import MishardsProcess  # noqa: E402
-from tests.support.processes import NodeProcess  # noqa: E402
+from tests.support.processes import NodeProcess, cmd_version_probe, free_port  # noqa: E402
 from tests.support.stubs import OPTIONS, milvus_stub, records  # noqa: E402
 
 DIM = 128
@@ -127,6 +127,53 @@ def profile(pid: int, address: str, request: bytes, seconds: float, out: Path) -
     return "\n".join(f"{100 * n / total:5.1f}%  {frame}" for frame, n in top)
 
 
+# The cheapest possible grpc.aio proxy: one raw-bytes handler that calls two nodes and returns one
+# reply. Its CPU per request is the floor any Python fan-out over 2 nodes pays on this machine.
+_FLOOR_PROXY = r"""
+import asyncio, sys, grpc
+async def main():
+    calls = [grpc.aio.insecure_channel(a).unary_unary("/milvus.grpc.MilvusService/Cmd") for a in sys.argv[1:3]]
+    async def handle(request, context):
+        first, second = calls[0](request, timeout=5), calls[1](request, timeout=5)
+        reply = await first
+        await second
+        return reply
+    handler = grpc.method_handlers_generic_handler(
+        "milvus.grpc.MilvusService", {"Cmd": grpc.unary_unary_rpc_method_handler(handle)})
+    server = grpc.aio.server(handlers=[handler])
+    server.add_insecure_port("127.0.0.1:" + sys.argv[3])
+    await server.start()
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+
+def grpc_floor(node_a: str, node_b: str, requests: int = 1000) -> float:
+    """CPU ms per request of the minimal 2-node fan-out proxy (`Cmd version` to both nodes)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _FLOOR_PROXY, node_a, node_b, str(port)])
+    try:
+        probe = cmd_version_probe(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 20
+        while not probe():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the floor proxy did not start")
+            time.sleep(0.1)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        call = channel.unary_unary("/milvus.grpc.MilvusService/Cmd")
+        request = pb.Command(cmd="version").SerializeToString()
+        for _ in range(50):
+            call(request, timeout=10)
+        cpu0 = cpu_seconds(proc.pid)
+        for _ in range(requests):
+            call(request, timeout=10)
+        channel.close()
+        return (cpu_seconds(proc.pid) - cpu0) / requests * 1000
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000)
@@ -195,6 +242,11 @@ def main() -> int:
                                 f"{r['qps']:>7.1f} {cpu:>20}",
                                 flush=True,
                             )
+                floor = grpc_floor(ro1.address, ro2.address)
+                print(
+                    f"\ngRPC floor: a minimal grpc.aio proxy fanning one tiny call out to 2 nodes uses "
+                    f"{floor:.3f} ms CPU per request on this machine"
+                )
                 if args.profile:
                     queries = rng.random((1, DIM)).astype(np.float32)
                     request = pb.SearchParam(
