@@ -66,7 +66,8 @@ def _read_blob(path: str) -> bytes:
     return data[_HEADER.size :]
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a rename or new file in `path` durable: the directory entry itself must reach the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -95,9 +96,9 @@ class SegmentStore:
             _write_blob(os.path.join(temp_dir, f"{file_id}.rv"), raw)
             _write_blob(os.path.join(temp_dir, f"{file_id}.uid"), np.ascontiguousarray(ids, dtype="<i8").tobytes())
             _write_blob(os.path.join(temp_dir, DELETED_DOCS), b"")
-            _fsync_dir(temp_dir)
+            fsync_dir(temp_dir)
             os.rename(temp_dir, self.segment_dir(table_id, segment_id))
-            _fsync_dir(table_dir)
+            fsync_dir(table_dir)
         except BaseException:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
@@ -128,7 +129,7 @@ class SegmentStore:
         temp = os.path.join(seg_dir, f"{DELETED_DOCS}.tmp")
         _write_blob(temp, np.flatnonzero(deleted).astype("<i4").tobytes())
         os.replace(temp, os.path.join(seg_dir, DELETED_DOCS))
-        _fsync_dir(seg_dir)
+        fsync_dir(seg_dir)
 
     def index_path(self, table_id: str, segment_id: str, file_id: str) -> str:
         """An index file lives beside its raw file: `<segment dir>/<index file_id>`."""

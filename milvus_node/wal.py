@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .storage import fsync_dir
+
 log = logging.getLogger(__name__)
 
 INSERT, DELETE, DROP = 1, 2, 3
@@ -139,7 +141,7 @@ class WriteAheadLog:
             if self._file is None:
                 self._number += 1
                 self._file = open(self._path(self._number), "ab")
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
             self.last_lsn += 1
             self._file.write(_encode(Record(self.last_lsn, kind, names, ids, vectors)))
             self._file.flush()
@@ -161,18 +163,10 @@ class WriteAheadLog:
                 os.remove(self._path(number))
             except FileNotFoundError:
                 pass
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -6,6 +6,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,9 @@ def mysql_url() -> str:
     return url
 
 
-@pytest.fixture
-def mysql_db_url(mysql_url: str) -> Iterator[str]:
-    """The URL of a new, empty database `test_<random>` that is dropped after the test."""
+@contextmanager
+def fresh_mysql_database(mysql_url: str) -> Iterator[str]:
+    """The URL of a new, empty database `test_<random>`, dropped on exit."""
     import sqlalchemy as sa
 
     name = f"test_{uuid.uuid4().hex[:12]}"
@@ -43,6 +44,13 @@ def mysql_db_url(mysql_url: str) -> Iterator[str]:
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
     finally:
         server.dispose()
+
+
+@pytest.fixture
+def mysql_db_url(mysql_url: str) -> Iterator[str]:
+    """A new, empty MySQL database for one test."""
+    with fresh_mysql_database(mysql_url) as url:
+        yield url
 
 
 @pytest.fixture

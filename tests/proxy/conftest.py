@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
+from tests.conftest import fresh_mysql_database
 from tests.support.processes import LOCALHOST, ManagedProcess, NodeProcess, cmd_version_probe, free_port
 
 
@@ -80,15 +79,8 @@ def cluster_meta_uri(request, tmp_path_factory):
     url = os.environ.get("MISHARDS_TEST_MYSQL_URL")
     if not url:
         pytest.skip("MISHARDS_TEST_MYSQL_URL is not set (run `make test`, which starts MariaDB)")
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    server = sa.create_engine(url)
-    with server.begin() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
-    yield sa.make_url(url).set(database=name).render_as_string(hide_password=False)
-    with server.begin() as conn:
-        conn.execute(sa.text("SET SESSION lock_wait_timeout = 30"))
-        conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
-    server.dispose()
+    with fresh_mysql_database(url) as database_url:
+        yield database_url
 
 
 def start_cluster(meta_uri: str, base: Path, readonly: int = 2, proxy_env: dict[str, str] | None = None) -> Cluster:
