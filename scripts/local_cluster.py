@@ -7,7 +7,8 @@ child (SIGTERM, bounded wait, SIGKILL); if any child dies, the rest are stopped 
 is 1.
 
 Environment: MILVUS_RUN_PROXY_PORT (19530), MILVUS_RUN_WO_PORT (19540), MILVUS_RUN_RO_PORTS
-("19541,19542"), MILVUS_RUN_DATA_DIR (.run/cluster), MILVUS_RUN_START_TIMEOUT_S (30).
+("19541,19542"), MILVUS_RUN_STATUS_PORT (19121: the proxy's status page and metrics; 0 turns
+them off), MILVUS_RUN_DATA_DIR (.run/cluster), MILVUS_RUN_START_TIMEOUT_S (30).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def proxy(port: int, wo_port: int, ro_ports: list[int], data_dir: Path, meta_uri
         SERVER_PORT=str(port),
         LOG_PATH=str(data_dir / "logs"),
         LOG_NAME="mishards",
+        METRICS_HOST=LOCALHOST,
+        METRICS_PORT=os.environ.get("MILVUS_RUN_STATUS_PORT", "19121"),
     )
     env.setdefault("LOG_LEVEL", "INFO")
     return Service("mishards", "proxy", port, [sys.executable, "-m", "mishards"], env)

@@ -21,13 +21,14 @@ Cluster = tuple[subprocess.Popen[bytes], dict[str, int], list[int], Path]
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """The script on free ports; yields (process, pid per service, ports, stderr file) once up."""
-    ports = [free_port() for _ in range(4)]
+    ports = [free_port() for _ in range(5)]
     env = dict(
         os.environ,
         MILVUS_RUN_DATA_DIR=str(tmp_path / "cluster"),
         MILVUS_RUN_WO_PORT=str(ports[0]),
         MILVUS_RUN_RO_PORTS=f"{ports[1]},{ports[2]}",
         MILVUS_RUN_PROXY_PORT=str(ports[3]),
+        MILVUS_RUN_STATUS_PORT=str(ports[4]),
     )
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
@@ -76,8 +77,12 @@ def search_through_the_proxy(address: str) -> None:
 
 def test_serves_every_node_and_stops_on_sigterm(cluster: Cluster) -> None:
     proc, pids, ports, _ = cluster
-    assert all(cmd_version_probe(f"127.0.0.1:{port}")() for port in ports)
+    assert all(cmd_version_probe(f"127.0.0.1:{port}")() for port in ports[:4])
     search_through_the_proxy(f"127.0.0.1:{ports[3]}")
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports[4]}/healthz", timeout=10) as response:
+        assert response.status == 200, "the proxy's status port is on"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     for pid in pids.values():
