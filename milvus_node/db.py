@@ -775,11 +775,14 @@ class NodeDB:
         rows = self.meta.files_by_ids(numbers)
         if not rows:
             raise UnexpectedError("Invalid file id")
+        # A file the caller routed may have been merged, compacted or indexed since it read the meta
+        # DB: its rows stay on disk until the TTL cleaner runs, so search it as Milvus does rather than
+        # return a result missing those rows. Only files still being written are left out.
         own = {t.table_id for t in family}
-        usable = [f for f in rows if f.table_id in own and f.file_type in meta.SEARCHABLE_FILE_TYPES]
+        usable = [f for f in rows if f.table_id in own and f.file_type not in meta.IN_PROGRESS_FILE_TYPES]
         if len(usable) != len(rows):
             log.warning(
-                "SearchInFiles on %s skipped files %s (not searchable or not in the collection)",
+                "SearchInFiles on %s skipped files %s (being written, or not in the collection)",
                 row.table_id,
                 sorted({f.id for f in rows} - {f.id for f in usable}),
             )

@@ -133,3 +133,43 @@ def test_readonly_nodes_serve_flushed_data_and_see_deletes_after_reload(meta_uri
                 pb.SearchInFilesParam(file_id_array=files, search_param=search_param("shared", queries, 10))
             )
             oracle.assert_same_result(*result_rows(reply), after)
+
+
+def test_files_replaced_after_routing_are_still_searched(tmp_data_dir, tmp_path):
+    """A proxy reads file ids, then the writable node compacts them away: SearchInFiles with the old
+    ids must still return every row those files held (they stay on disk until the TTL cleaner)."""
+    meta_uri = f"sqlite:///{tmp_data_dir}/meta.sqlite"
+    with (
+        NodeProcess(
+            "writable", meta_uri, tmp_data_dir, log_dir=tmp_path, extra_args=["--auto-flush-interval", "0"]
+        ) as w_node,
+        NodeProcess("readonly", meta_uri, tmp_data_dir, log_dir=tmp_path) as ro_node,
+        milvus_stub(w_node.address) as w,
+        milvus_stub(ro_node.address) as ro,
+    ):
+        schema = pb.CollectionSchema(collection_name="moving", dimension=8, index_file_size=1024, metric_type=1)
+        assert w.CreateCollection(schema).error_code == 0
+        vectors = np.random.default_rng(3).random((200, 8)).astype(np.float32)
+        ids = np.arange(200, dtype=np.int64) + 1
+        for part in (slice(0, 100), slice(100, 200)):
+            reply = w.Insert(
+                pb.InsertParam(
+                    collection_name="moving", row_record_array=records(vectors[part]), row_id_array=ids[part].tolist()
+                )
+            )
+            assert reply.status.error_code == 0
+            assert w.Flush(pb.FlushParam(collection_name_array=["moving"])).error_code == 0
+        routed = searchable_file_ids(meta_uri, "moving")  # what a proxy read
+        assert w.DeleteByID(pb.DeleteByIDParam(collection_name="moving", id_array=[1, 150])).error_code == 0
+        assert w.Flush(pb.FlushParam(collection_name_array=["moving"])).error_code == 0
+        assert w.Compact(pb.CollectionName(collection_name="moving")).error_code == 0
+        assert set(searchable_file_ids(meta_uri, "moving")).isdisjoint(routed), "the routed files were replaced"
+        queries = vectors[[10, 120]]
+        reply = ro.SearchInFiles(
+            pb.SearchInFilesParam(file_id_array=routed, search_param=search_param("moving", queries, 5))
+        )
+        assert reply.status.error_code == 0, reply.status
+        keep = ~np.isin(ids, [1, 150])
+        oracle.assert_same_result(
+            *result_rows(reply), oracle.brute_force(oracle.L2, queries, vectors[keep], ids[keep], 5)
+        )
