@@ -418,7 +418,7 @@ class NodeDB:
             self._buffer.pop(table_id, None)
 
     def _fix_id_mode(self, row: TableRow, user_ids: bool) -> None:
-        flag = self.meta.get_table(row.table_id).flag
+        flag = row.flag  # read by the caller a moment ago; no second meta query per insert
         if user_ids and flag & meta.FLAG_NO_USERID:
             raise IllegalVectorId(
                 "Entities IDs are auto-generated. All vectors of this collection must use auto-generated IDs."
@@ -767,12 +767,7 @@ class NodeDB:
         self, family: list[TableRow], file_ids: Sequence[str], queries: np.ndarray, topk: int, params: dict
     ) -> SearchResult:
         row = self._search_checks(family, queries, topk, params)
-        numbers = []
-        for raw in file_ids:
-            if not raw.strip().isdigit():
-                raise UnexpectedError(f"Invalid file id: {raw!r} is not a number")
-            numbers.append(int(raw))
-        rows = self.meta.files_by_ids(numbers)
+        rows = self.meta.files_by_ids(validation.file_ids(list(file_ids)))
         if not rows:
             raise UnexpectedError("Invalid file id")
         # A file the caller routed may have been merged, compacted or indexed since it read the meta
@@ -806,12 +801,7 @@ class NodeDB:
     def reload_segments(self, name: str, file_ids: Sequence[str]) -> None:
         """Refresh the deletion bitmaps of cached files from disk (what 0.10 read-only nodes do)."""
         self.collection(name)
-        numbers = []
-        for raw in file_ids:
-            if not raw.strip().isdigit():
-                raise IllegalArgument(f"Invalid segment id: {raw!r} is not a number")
-            numbers.append(int(raw))
-        for file in self.meta.files_by_ids(numbers):
+        for file in self.meta.files_by_ids(validation.file_ids(list(file_ids), "segment id", IllegalArgument)):
             cached = self.cache.peek(file.id)
             if cached is not None:
                 self.cache.set_deleted(

@@ -18,15 +18,19 @@ from sqlalchemy.engine import Engine
 from utils.errors import MetaFailed
 
 SEARCHABLE_FILE_TYPES = (1, 2, 3)  # RAW, TO_INDEX, INDEX
+IN_PROGRESS_FILE_TYPES = (0, 5, 6)  # NEW, NEW_MERGE, NEW_INDEX: still being written
 STATE_TO_DELETE = 1
 
 # Plain SQL on a raw DB-API cursor: the search path runs one of these per request, and going
 # through SQLAlchemy's statement compilation costs ~10x the SQLite query itself.
 _COLLECTION_SQL = (
     "SELECT table_id, owner_table, partition_tag, metric_type, dimension FROM Tables "
-    "WHERE (table_id = {p} OR owner_table = {p}) AND state <> 1 ORDER BY id"
+    f"WHERE (table_id = {{p}} OR owner_table = {{p}}) AND state <> {STATE_TO_DELETE} ORDER BY id"
 )
-_FILES_SQL = "SELECT id, updated_time FROM TableFiles WHERE file_type IN (1, 2, 3) AND table_id IN ({ps}) ORDER BY id"
+_FILES_SQL = (
+    f"SELECT id, updated_time FROM TableFiles WHERE file_type IN {SEARCHABLE_FILE_TYPES} "
+    "AND table_id IN ({ps}) ORDER BY id"
+)
 _FILES_BY_ID_SQL = "SELECT id, table_id, file_type, updated_time FROM TableFiles WHERE id IN ({ps})"
 
 

@@ -36,7 +36,7 @@ from utils.errors import (
 
 from .core import wire
 from .core.merge import is_descending, padding_distance
-from .meta import FileSet, MetaReader, SchemaCache
+from .meta import IN_PROGRESS_FILE_TYPES, FileSet, MetaReader, SchemaCache
 from .nodes import SERVICE, Membership, NodeClient
 from .observability.metrics import Metrics
 from .observability.rpc import instrument
@@ -224,20 +224,16 @@ class MishardsService:
         )
 
     def _given_files(self, table_ids: list[str], file_ids: list[str]) -> FileSet:
-        """SearchInFiles through the proxy: the named files that are searchable files of the collection."""
-        numbers = []
-        for raw in file_ids:
-            if not raw.strip().isdigit():
-                raise MilvusError(f"Invalid file id: {raw!r} is not a number")
-            numbers.append(int(raw))
-        rows = self.meta.files_by_ids(numbers)
+        """SearchInFiles through the proxy (a stacked proxy): the named files of the collection, including
+        ones merged or indexed since the caller routed them, as a node serves them; not files being written."""
+        rows = self.meta.files_by_ids(validation.file_ids(file_ids))
         if not rows:
             raise MilvusError("Invalid file id")
         own = set(table_ids)
         usable = sorted(
             (file_id, updated)
             for file_id, table_id, file_type, updated in rows
-            if table_id in own and file_type in (1, 2, 3)
+            if table_id in own and file_type not in IN_PROGRESS_FILE_TYPES
         )
         return FileSet([str(i) for i, _ in usable], np.array([t for _, t in usable], dtype=np.int64))
 

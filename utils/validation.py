@@ -16,7 +16,9 @@ from utils.errors import (
     IllegalIndexType,
     IllegalMetricType,
     IllegalTopK,
+    MilvusError,
     PartitionError,
+    UnexpectedError,
 )
 
 MAX_NAME_LENGTH = 255
@@ -124,6 +126,16 @@ def tag_selects(pattern: str, tag: str) -> bool:
         return re.fullmatch(pattern, tag) is not None
     except re.error:
         return False
+
+
+def file_ids(raw_ids: list[str], what: str = "file id", error: type[MilvusError] = UnexpectedError) -> list[int]:
+    """`TableFiles.id` values sent as decimal strings; Milvus answers a non-numeric one with an error."""
+    numbers = []
+    for raw in raw_ids:
+        if not raw.strip().isdigit():
+            raise error(f"Invalid {what}: {raw!r} is not a number")
+        numbers.append(int(raw))
+    return numbers
 
 
 def select_tables(collection_table_id: str, partitions: list[tuple[str, str]], tags: list[str]) -> list[str]:
