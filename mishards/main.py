@@ -7,6 +7,7 @@ nodes and serves the Milvus API until SIGINT or SIGTERM, then shuts down in orde
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -26,8 +27,9 @@ from mishards.observability.http import ObservabilityServer  # noqa: E402
 from mishards.observability.metrics import Metrics  # noqa: E402
 from mishards.observability.status import StatusSource  # noqa: E402
 from mishards.router import router_factory  # noqa: E402
-from mishards.service import MishardsService, build_server  # noqa: E402
+from mishards.service import MishardsService, start_server  # noqa: E402
 from mishards.settings import Settings, SettingsError, load_settings  # noqa: E402
+from mishards.transport import H2Server  # noqa: E402
 from tracer import Tracer, create_tracer  # noqa: E402
 from utils import logger  # noqa: E402
 from utils.plugins import PluginError  # noqa: E402
@@ -56,8 +58,10 @@ class Mishards:
             max_overflow=settings.max_overflow,
         )
         self.meta = MetaReader(engine)
-        self.writable = NodeClient("writable", settings.woserver)
+        fast = settings.rpc_transport == "http2"
+        self.writable = NodeClient("writable", settings.woserver, fast_transport=fast)
         self.membership = Membership(
+            client_factory=functools.partial(NodeClient, fast_transport=fast),
             health=HealthPolicy(
                 interval_s=settings.health_check_interval,
                 timeout_s=settings.health_check_timeout,
@@ -81,7 +85,7 @@ class Mishards:
             max_retry=settings.max_retry,
             metrics=self.metrics,
         )
-        self.server: grpc.aio.Server | None = None
+        self.server: grpc.aio.Server | H2Server | None = None
         self.serving = False
         self.http: ObservabilityServer | None = None
 
@@ -106,13 +110,12 @@ class Mishards:
         """Serve until `stopping` is set, then shut down in order."""
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(self.settings.max_workers, thread_name_prefix="mishards-db"))
-        self.server, bound = build_server(
+        self.server, bound = await start_server(
             self.service,
             self.host,
             self.settings.server_port if port is None else port,
-            self.tracer.server_interceptors(),
+            self.settings.rpc_transport,
         )
-        await self.server.start()
         self.serving = True
         log.info(
             "Mishards serving on %s:%d; writable %s; read-only %s",

@@ -1,9 +1,10 @@
 """Backend Milvus nodes as the proxy sees them: raw-bytes gRPC clients, handshake, health.
 
 The transport boundary: everything here moves serialized bytes, so forwarding never decodes and
-re-encodes a request. Request traffic uses an asyncio channel owned by the server's event loop
-(no thread per call); the handshake and health probes, which run on discovery and probe threads,
-use a small blocking channel of their own. A node joins the read-only membership only after it
+re-encodes a request. Request traffic runs on the server's event loop (no thread per call): the
+search path's calls (FAST_METHODS) over the proxy's own HTTP/2 client (`transport.H2Channel`),
+everything else over a grpc.aio channel; the handshake and health probes, which run on discovery
+and probe threads, use a small blocking grpcio channel of their own. A node joins the read-only membership only after it
 answered the version handshake with a supported version; one that fails it waits and is retried.
 Every joined node (and the writable one) is health-checked in the background: a node whose search
 fails, or that misses HEALTH_CHECK_FAILURES_TO_REMOVE checks in a row, is marked unhealthy and left
@@ -30,6 +31,7 @@ import grpc
 from milvus_grpc import milvus_pb2 as pb
 
 from .settings import SUPPORTED_SERVER_VERSIONS
+from .transport import H2Channel
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1_000),
     ("grpc.dns_min_time_between_resolutions_ms", 1_000),
 ]
+# The search path's calls, made over the proxy's own HTTP/2 client (transport.py) unless
+# RPC_TRANSPORT=grpcio; everything else (inserts of hundreds of MB, ...) stays on grpcio.
+FAST_METHODS = frozenset({"SearchInFiles", "ReloadSegments"})
 HANDSHAKE_TIMEOUT_S = 3.0
 MAX_PARALLEL_PROBES = 8
 # A node that leaves keeps its channel until its in-flight calls end (each has a deadline, so this
@@ -102,13 +107,15 @@ class NodeStats:
 class NodeClient:
     """One backend node: raw (bytes in, bytes out) callables per RPC, and its health record."""
 
-    def __init__(self, name: str, address: str) -> None:
+    def __init__(self, name: str, address: str, fast_transport: bool = True) -> None:
         self.name = name
         self.address = address
         self._probe_channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._callables: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._h2: H2Channel | None = None
+        self.fast_transport = fast_transport  # FAST_METHODS over transport.H2Channel
         self.stats = NodeStats()
         self.supports_reload = True  # until the node answers UNIMPLEMENTED
         self._lock = threading.Lock()
@@ -120,6 +127,11 @@ class NodeClient:
         if self._closed:
             return self._left
         callable_ = self._callables.get(method)
+        if callable_ is None and method in FAST_METHODS and self.fast_transport:
+            if self._h2 is None:
+                self._h2 = H2Channel(self.address)
+            callable_ = self._h2.unary(f"/{SERVICE}/{method}")
+            self._callables[method] = callable_
         if callable_ is None:
             if self._channel is None:
                 self._loop = asyncio.get_running_loop()
@@ -226,7 +238,13 @@ class NodeClient:
         self._closed = True
         self._probe_channel.close()
         channel, loop, self._channel = self._channel, self._loop, None
+        h2, self._h2 = self._h2, None
         self._callables = {}
+        if h2 is not None and loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(h2.close)
+            except RuntimeError:
+                pass
         if channel is not None and loop is not None and not loop.is_closed():
             try:
                 loop.call_soon_threadsafe(lambda: asyncio.ensure_future(channel.close(grace=DRAIN_GRACE_S)))

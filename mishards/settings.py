@@ -60,6 +60,7 @@ class Settings:
     health_check_timeout: float = 1.0  # seconds one check (`Cmd version`) may take
     health_check_failures_to_remove: int = 2  # failed checks in a row that take a node out of routing
     health_check_successes_to_restore: int = 2  # passed checks in a row that bring it back
+    rpc_transport: str = "http2"  # http2: the proxy's own HTTP/2 (server and search calls); grpcio
 
 
 def _load_dotenv(env: Env) -> None:
@@ -135,6 +136,13 @@ def _bool(env: Env, name: str, default: bool) -> bool:
         raise SettingsError(f"{name} must be true or false, got {os.environ.get(name)!r}") from None
 
 
+def _choice(env: Env, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = env.str(name, default).strip().lower()
+    if value not in allowed:
+        raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 def _pool_int(env: Env, name: str, default: int) -> int:
     """The original read lower-case names (`pool_size`); its configmap wrote SQLALCHEMY_POOL_SIZE: accept both."""
     upper = f"SQLALCHEMY_{name.upper()}"
@@ -185,4 +193,5 @@ def _read(env: Env, testing: bool) -> Settings:
         health_check_timeout=_float(env, "HEALTH_CHECK_TIMEOUT", 1.0, minimum=0.05),
         health_check_failures_to_remove=_int(env, "HEALTH_CHECK_FAILURES_TO_REMOVE", 2, minimum=1),
         health_check_successes_to_restore=_int(env, "HEALTH_CHECK_SUCCESSES_TO_RESTORE", 2, minimum=1),
+        rpc_transport=_choice(env, "RPC_TRANSPORT", "http2", ("http2", "grpcio")),
     )

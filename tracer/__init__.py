@@ -51,10 +51,6 @@ class Tracer:
         """gRPC metadata carrying the current span to a backend node; None when not tracing."""
         return None
 
-    def server_interceptors(self) -> list:
-        """grpc.aio interceptors; RPC spans are opened by the service itself (see `rpc_span`)."""
-        return []
-
     def close(self) -> None:
         """Flush what is buffered; called once at shutdown."""
 

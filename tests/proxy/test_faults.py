@@ -20,8 +20,9 @@ DIM = 16
 
 
 @pytest.fixture
-def faulty_cluster(tmp_path):
-    """Writable + 3 read-only nodes on SQLite, a proxy with a short TIMEOUT, 12 segments of data."""
+def faulty_cluster(tmp_path, request):
+    """Writable + 3 read-only nodes on SQLite, a proxy with a short TIMEOUT, 12 segments of data;
+    the proxy's RPC_TRANSPORT is the test's parameter (default http2)."""
     meta = f"sqlite:///{tmp_path}/meta.sqlite"
     data = tmp_path / "data"
     data.mkdir()
@@ -36,7 +37,7 @@ def faulty_cluster(tmp_path):
             meta_uri=meta,
             ro_addresses=[n.address for n in ro],
             log_dir=tmp_path,
-            extra_env={"TIMEOUT": "4", "MAX_RETRY": "3"},
+            extra_env={"TIMEOUT": "4", "MAX_RETRY": "3", "RPC_TRANSPORT": getattr(request, "param", "http2")},
         ).start()
         procs.append(proxy)
         rng = np.random.default_rng(7)
@@ -128,6 +129,7 @@ def busiest_node(cluster):
     return next(node for node in cluster["ro"] if node.address == max(routed, key=routed.get))
 
 
+@pytest.mark.parametrize("faulty_cluster", ["http2", "grpcio"], indirect=True)
 def test_kill_9_of_a_readonly_node_during_searches(faulty_cluster):
     victim = busiest_node(faulty_cluster)
     run_with_fault(faulty_cluster, victim.kill)
@@ -136,6 +138,7 @@ def test_kill_9_of_a_readonly_node_during_searches(faulty_cluster):
     assert stats["readonly"][victim.address]["last_error"]
 
 
+@pytest.mark.parametrize("faulty_cluster", ["http2", "grpcio"], indirect=True)
 def test_sigstop_of_a_readonly_node_during_searches(faulty_cluster):
     victim = busiest_node(faulty_cluster)
     try:

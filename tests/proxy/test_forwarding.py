@@ -65,14 +65,16 @@ class FakeMilvus:
         self.server.stop(0)
 
 
-@pytest.fixture
-def fake_cluster(tmp_path):
+@pytest.fixture(params=["http2", "grpcio"])
+def fake_cluster(tmp_path, request):
+    """A proxy over fakes, served by each RPC_TRANSPORT."""
     writable, readonly = FakeMilvus(), FakeMilvus()
     proxy = MishardsProcess(
         woserver=writable.address,
         meta_uri=f"sqlite:///{tmp_path}/meta.sqlite",
         ro_addresses=[readonly.address],
         log_dir=tmp_path,
+        extra_env={"RPC_TRANSPORT": request.param},
     ).start()
     yield proxy, writable, readonly
     proxy.stop()

@@ -59,6 +59,7 @@ def test_defaults_follow_the_guide(env):
     assert (s.log_path, s.log_name) == ("/tmp/mishards", "logfile")
     assert (s.pool_size, s.pool_recycle, s.pool_timeout, s.pool_pre_ping, s.max_overflow) == (100, 3600, 30, True, 0)
     assert s.max_workers == 50 and s.timeout == 60
+    assert s.rpc_transport == "http2"
 
 
 @pytest.mark.parametrize("name", ["WOSERVER", "SQLALCHEMY_DATABASE_URI"])
@@ -80,6 +81,7 @@ def test_required_variables(env, name):
         ("WOSERVER", "tcp://127.0.0.1"),
         ("WOSERVER", "http://h:1"),
         ("pool_size", "many"),
+        ("RPC_TRANSPORT", "carrier-pigeon"),
     ],
 )
 def test_invalid_values_name_the_variable(env, name, value):
