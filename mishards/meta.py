@@ -85,21 +85,42 @@ class MetaReader:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._placeholder = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        # SQLite is read inline on the event loop: that thread keeps one connection (a pool
+        # checkout and reset per query cost as much as the query). Python's sqlite3 opens no
+        # transaction for a SELECT, so each statement still sees the latest commit.
+        self._held = threading.local() if engine.dialect.name == "sqlite" else None
 
     def _rows(self, sql: str, params: Sequence) -> list[tuple]:
-        """One statement on a pooled connection, rolled back on return, so no snapshot outlives it."""
+        """One statement; on servers on a pooled connection, rolled back on return, so no snapshot
+        outlives it."""
+        held = self._held
         try:
+            if held is not None:
+                connection = getattr(held, "connection", None)
+                if connection is None:
+                    connection = held.connection = self.engine.raw_connection()
+                try:
+                    return self._execute(connection, sql, params)
+                except Exception:
+                    held.connection = None
+                    connection.invalidate()
+                    raise
             connection = self.engine.raw_connection()
             try:
-                cursor = connection.cursor()
-                cursor.execute(sql, tuple(params))
-                rows = cursor.fetchall()
-                cursor.close()
-                return rows
+                return self._execute(connection, sql, params)
             finally:
                 connection.close()
         except Exception as exc:  # DB-API errors differ per driver
             raise MetaFailed(f"meta DB query failed: {exc.__class__.__name__}: {exc}") from None
+
+    @staticmethod
+    def _execute(connection, sql: str, params: Sequence) -> list[tuple]:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(sql, tuple(params))
+            return cursor.fetchall()
+        finally:
+            cursor.close()
 
     def _in(self, count: int) -> str:
         return ", ".join([self._placeholder] * count)

@@ -17,7 +17,10 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -37,6 +40,13 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("mishards.access")  # one INFO line per search; silence it alone if wanted
 
 WRITABLE = "<writable>"
+
+
+def _ready(value):
+    """An already completed future (a result known before any call)."""
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 class ReloadTracker:
@@ -78,6 +88,17 @@ class _Job:
     node: str
     file_ids: list[str]
     attempt: int
+
+
+@dataclass
+class _Launched:
+    """A group's call in flight: `call` is the RPC itself (plain) or a task yielding (ok, payload)."""
+
+    job: _Job
+    client: NodeClient | None
+    started: float
+    call: Any
+    plain: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,24 +181,39 @@ class Scatter:
         return wire.encode_topk_result(ids, distances)
 
     async def _serve_all(self, jobs: list[_Job], tried: frozenset[str], request: _Request) -> list:
-        if len(jobs) == 1:
-            return await self._serve(jobs[0], tried, request)
-        outcomes = await asyncio.gather(*(self._serve(job, tried, request) for job in jobs), return_exceptions=True)
-        for outcome in outcomes:  # every group has ended (each is bounded by the deadline); now report
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return [reply for outcome in outcomes for reply in outcome]
-
-    async def _serve(self, job: _Job, tried: frozenset[str], request: _Request) -> list:
-        """One group's replies: from its node, or, if that node fails, from the next nodes on the ring."""
-        ok, payload = await self._attempt(job, request)
-        if ok:
-            return [self._decode(job, payload, request.nq)]
-        if self.metrics is not None:
-            self.metrics.node(self.writable.name if job.node == WRITABLE else job.node).failovers += 1
-        self._failed(job, payload)
-        tried = tried | {job.node}
-        return await self._serve_all(self._reassign(job, request.nodes, tried), tried, request)
+        """Every group's replies. All calls start before any is awaited (no task per node on the
+        plain path); groups whose node failed are re-routed together, away from every node that
+        failed, and each round is bounded by the deadline."""
+        pending = deque(self._launch(job, request) for job in jobs)
+        replies: list = []
+        retry: list[_Job] = []
+        failed: set[str] = set()
+        answer: BaseException | None = None
+        try:
+            while pending:  # every call is awaited, so none is left unobserved
+                ok, payload = await self._settle(pending[0])
+                job = pending.popleft().job
+                if not ok:
+                    if self.metrics is not None:
+                        self.metrics.node(self.writable.name if job.node == WRITABLE else job.node).failovers += 1
+                    self._failed(job, payload)
+                    failed.add(job.node)
+                    retry.append(job)
+                    continue
+                try:
+                    replies.append(self._decode(job, payload, request.nq))
+                except MilvusError as exc:
+                    answer = answer or exc
+        finally:
+            for launched in pending:  # the search was cancelled: so are its calls
+                launched.call.cancel()
+        if answer is not None:
+            raise answer  # a node's own answer (e.g. a dimension mismatch) is the search's answer
+        if retry:
+            tried = tried | failed
+            jobs = [again for job in retry for again in self._reassign(job, request.nodes, tried)]
+            replies += await self._serve_all(jobs, tried, request)
+        return replies
 
     # ------------------------------------------------------------------ routing
     def _assign(self, file_ids: list[str], nodes: dict[str, NodeClient], excluded: set[str]) -> dict[str, list[str]]:
@@ -217,36 +253,73 @@ class Scatter:
         return remaining / max(1, self.max_retry - job.attempt)
 
     # ------------------------------------------------------------------ calls
-    async def _attempt(self, job: _Job, request: _Request) -> tuple[bool, bytes | str]:
-        """(True, reply bytes) or (False, why the node failed); never raises for a node's failure."""
+    def _launch(self, job: _Job, request: _Request) -> _Launched:
+        """Start the group's call now (on the plain path without a task)."""
         client = self._client(job.node)
         if client is None:
-            return False, f"read-only node {job.node} left during the search"
-        if not self.tracer.enabled:  # no span, no f-string: the untraced path allocates nothing here
-            outcome = await self._call(job, client, request, None)
-        else:
-            with self.tracer.span(
-                f"search_{client.address}", node=job.node, files=len(job.file_ids), attempt=job.attempt
-            ) as span:
-                outcome = await self._call(job, client, request, self.tracer.outgoing_metadata())
-                if not outcome[0]:
-                    self.tracer.set_error(span, outcome[1])
+            return _Launched(job, None, 0.0, _ready((False, f"read-only node {job.node} left during the search")))
+        client.stats.files_routed += len(job.file_ids)
+        stale = None
+        if client.supports_reload and job.node != WRITABLE:
+            ids = np.array(job.file_ids, dtype=np.int64)
+            times = np.array([request.updated[f] for f in job.file_ids], dtype=np.int64)
+            mask = self.reloads.stale(job.node, ids, times)
+            if mask.any():
+                stale = (ids[mask], times[mask])
+        started = time.monotonic()
+        if stale is None and not self.tracer.enabled:
+            message = wire.search_in_files_request(job.file_ids, request.search_param)
+            call = client.rpc("SearchInFiles")(message, timeout=self._timeout(job, request.deadline))
+            return _Launched(job, client, started, call, plain=True)
+        return _Launched(job, client, started, asyncio.ensure_future(self._attempt(job, client, request, stale)))
+
+    async def _settle(self, launched: _Launched) -> tuple[bool, bytes | str]:
+        """(True, reply bytes) or (False, why the node failed); never raises for a node's failure."""
+        if not launched.plain:
+            return await launched.call
+        return await self._outcome(launched.job, launched.client, launched.call, launched.started)
+
+    async def _attempt(
+        self, job: _Job, client: NodeClient, request: _Request, stale: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[bool, bytes | str]:
+        """A call that needs a reload first, or a span around it."""
+        if not self.tracer.enabled:
+            return await self._call(job, client, request, stale, None)
+        with self.tracer.span(
+            f"search_{client.address}", node=job.node, files=len(job.file_ids), attempt=job.attempt
+        ) as span:
+            outcome = await self._call(job, client, request, stale, self.tracer.outgoing_metadata())
+            if not outcome[0]:
+                self.tracer.set_error(span, outcome[1])
         return outcome
 
     async def _call(
-        self, job: _Job, client: NodeClient, request: _Request, metadata: Metadata | None
+        self,
+        job: _Job,
+        client: NodeClient,
+        request: _Request,
+        stale: tuple[np.ndarray, np.ndarray] | None,
+        metadata: Metadata | None,
     ) -> tuple[bool, bytes | str]:
-        deadline = request.deadline
-        client.stats.files_routed += len(job.file_ids)
         started = time.monotonic()
+        if stale is not None:
+            try:
+                error = await self._reload(job, client, request.collection, stale, request.deadline, metadata)
+            except grpc.RpcError as exc:
+                error = f"{exc.code().name} {exc.details() or ''}".strip()
+            if error:
+                client.record(False, time.monotonic() - started, error)
+                self._observe(job, time.monotonic() - started, False)
+                return False, error
+        message = wire.search_in_files_request(job.file_ids, request.search_param)
+        call = client.rpc("SearchInFiles")(message, timeout=self._timeout(job, request.deadline), metadata=metadata)
+        return await self._outcome(job, client, call, started)
+
+    async def _outcome(
+        self, job: _Job, client: NodeClient, call: Awaitable[bytes], started: float
+    ) -> tuple[bool, bytes | str]:
         try:
-            if client.supports_reload and job.node != WRITABLE:
-                error = await self._reload_stale(job, client, request.collection, request.updated, deadline, metadata)
-                if error:
-                    self._observe(job, time.monotonic() - started, False)
-                    return False, error
-            message = wire.search_in_files_request(job.file_ids, request.search_param)
-            reply = await client.rpc("SearchInFiles")(message, timeout=self._timeout(job, deadline), metadata=metadata)
+            reply = await call
         except grpc.RpcError as exc:
             error = f"{exc.code().name} {exc.details() or ''}".strip()
             client.record(False, time.monotonic() - started, error)
@@ -267,24 +340,18 @@ class Scatter:
         if job.attempt:
             series.retries += 1
 
-    async def _reload_stale(
+    async def _reload(
         self,
         job: _Job,
         client: NodeClient,
         collection: str,
-        updated: dict[str, int],
+        stale: tuple[np.ndarray, np.ndarray],
         deadline: float,
         metadata: Metadata | None,
     ) -> str:
         """Reload files changed since this node last reloaded them; an error text, or "" when fine."""
-        ids = np.array(job.file_ids, dtype=np.int64)
-        times = np.array([updated[f] for f in job.file_ids], dtype=np.int64)
-        stale = self.reloads.stale(job.node, ids, times)
-        if not stale.any():
-            return ""
-        request = pb.ReLoadSegmentsParam(
-            collection_name=collection, segment_id_array=[str(i) for i in ids[stale].tolist()]
-        )
+        ids, times = stale
+        request = pb.ReLoadSegmentsParam(collection_name=collection, segment_id_array=[str(i) for i in ids.tolist()])
         try:
             raw = await client.rpc("ReloadSegments")(
                 request.SerializeToString(), timeout=self._timeout(job, deadline), metadata=metadata
@@ -297,7 +364,7 @@ class Scatter:
         status = status_pb2.Status.FromString(raw)
         if status.error_code != 0:
             return f"ReloadSegments answered {status.error_code}: {status.reason}"
-        self.reloads.record(job.node, ids[stale], times[stale])
+        self.reloads.record(job.node, ids, times)
         return ""
 
     def _decode(self, job: _Job, payload: bytes, nq: int) -> tuple[np.ndarray, np.ndarray]:
