@@ -33,6 +33,7 @@ _TOPK_DISTANCES = b"\x22"  # TopKQueryResult.distances = 4 (packed float)
 
 _GROUP_SHIFTS = np.arange(0, 70, 7, dtype=np.uint64)[:, None]  # a uint64 has at most 10 groups of 7 bits
 _VARINT_CHUNK = 1 << 16  # values per pass: bounds the 80-bytes-per-value temporaries to ~5 MB
+_SMALL_RESULT = 256  # ids up to which encode_topk_result uses the generated code (measured: 3 vs 14 us at 10)
 
 
 def varint(value: int) -> bytes:
@@ -96,6 +97,13 @@ def encode_topk_result(ids: np.ndarray, distances: np.ndarray, status: status_pb
     distances = np.asarray(distances)
     if ids.ndim != 2 or ids.shape != distances.shape:
         raise ValueError(f"ids {ids.shape} and distances {distances.shape} must be equal (nq, k) shapes")
+    if ids.size <= _SMALL_RESULT:  # a few values: the generated code is cheaper than numpy's set-up
+        reply = milvus_pb2.TopKQueryResult(
+            row_num=ids.shape[0], ids=ids.ravel().tolist(), distances=distances.ravel().tolist()
+        )
+        if status is not None:
+            reply.status.CopyFrom(status)
+        return reply.SerializeToString()
     pieces: list[bytes] = []
     if status is not None:
         pieces += _length_delimited(_TOPK_STATUS, status.SerializeToString())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -74,13 +76,15 @@ def test_search_in_files_forwards_the_search_param_bytes_verbatim():
     assert parsed.search_param == milvus_pb2.SearchParam(collection_name="abc", topk=10)
 
 
+@pytest.mark.parametrize("small_result", [-1, wire._SMALL_RESULT], ids=["numpy path", "default"])
 @settings(max_examples=150, deadline=None)
 @given(arrays=result_arrays(), with_status=st.booleans())
-def test_topk_result_is_byte_identical_to_the_generated_code(arrays, with_status):
+def test_topk_result_is_byte_identical_to_the_generated_code(small_result, arrays, with_status):
     ids, distances = arrays
     status = status_pb2.Status() if with_status else None
 
-    encoded = wire.encode_topk_result(ids, distances, status)
+    with mock.patch.object(wire, "_SMALL_RESULT", small_result):
+        encoded = wire.encode_topk_result(ids, distances, status)
 
     expected = milvus_pb2.TopKQueryResult(
         row_num=ids.shape[0], ids=ids.ravel().tolist(), distances=distances.ravel().tolist()
