@@ -92,19 +92,20 @@ class _ServerProtocol(asyncio.Protocol):
         self.tasks: dict[int, asyncio.Task] = {}
         self.timers: dict[int, asyncio.TimerHandle] = {}
         self.closing = False
+        self.eof_sent = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         address = transport.get_extra_info("peername")
-        if isinstance(address, tuple):
-            family = "ipv6" if ":" in address[0] else "ipv4"
-            self.peer = f"{family}:{address[0]}:{address[1]}"
+        if isinstance(address, tuple):  # as grpcio writes peers: ipv4:1.2.3.4:5, ipv6:%5B::1%5D:5
+            host = address[0].removeprefix("::ffff:")
+            self.peer = f"ipv6:%5B{host}%5D:{address[1]}" if ":" in host else f"ipv4:{host}:{address[1]}"
         self.server.connections.add(self)
         self.flush()
 
     def flush(self) -> None:
         data = self.connection.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
+        if data and self.transport is not None and not self.transport.is_closing() and not self.eof_sent:
             self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
@@ -114,8 +115,10 @@ class _ServerProtocol(asyncio.Protocol):
             elif type(event) is RequestCancelled:
                 self._cancel(event.stream_id)
         self.flush()
-        if self.transport is not None and (self.connection.closed or (self.closing and self.idle)):
+        if self.connection.closed and self.transport is not None:
             self.transport.close()
+        else:
+            self._finish_if_done()
 
     def _dispatch(self, event: RequestReceived) -> None:
         handler = self.server.handlers.get(event.path)
@@ -146,8 +149,7 @@ class _ServerProtocol(asyncio.Protocol):
             self._finish(stream_id)
             self.connection.send_reply(stream_id, reply)
         self.flush()
-        if self.closing and self.idle:
-            self.transport.close()
+        self._finish_if_done()
 
     def _finish(self, stream_id: int) -> None:
         self.tasks.pop(stream_id, None)
@@ -182,12 +184,22 @@ class _ServerProtocol(asyncio.Protocol):
         return not self.tasks and not self.connection.streams
 
     def shutdown(self) -> None:
-        """GOAWAY; the connection closes once idle."""
+        """GOAWAY; once idle, our side of the connection ends (see `_finish_if_done`)."""
         self.closing = True
         self.connection.shutdown()
         self.flush()
-        if self.idle and self.transport is not None:
-            self.transport.close()
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        """Shutting down and idle: end our half with a FIN after the last byte, and keep reading
+        until the client closes. Closing the socket instead would make the kernel answer frames
+        still arriving (PING, WINDOW_UPDATE) with a reset that can destroy a reply's unsent tail."""
+        if self.closing and self.idle and self.transport is not None and not self.eof_sent:
+            self.eof_sent = True
+            try:
+                self.transport.write_eof()
+            except (OSError, NotImplementedError, RuntimeError):  # the client is already gone
+                self.transport.close()
 
 
 def _listening_socket(host: str, port: int) -> socket.socket | None:
@@ -238,7 +250,7 @@ class H2Server:
         for protocol in list(self.connections):
             protocol.shutdown()
         deadline = time.monotonic() + grace
-        while any(not p.idle for p in self.connections) and time.monotonic() < deadline:
+        while self.connections and time.monotonic() < deadline:  # each ends once idle and the client hung up
             await asyncio.sleep(0.02)
         for protocol in list(self.connections):
             for stream_id in list(protocol.tasks):

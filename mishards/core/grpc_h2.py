@@ -55,6 +55,18 @@ class _NotHttp2(Exception):
     """The first bytes are not the HTTP/2 client preface."""
 
 
+class BadMessage(ValueError):
+    """A unary body that is not one well-formed message (INTERNAL)."""
+
+
+class MessageTooLarge(BadMessage):
+    """Over the receive limit, possibly only once decompressed (RESOURCE_EXHAUSTED)."""
+
+
+class UnsupportedEncoding(BadMessage):
+    """Compressed with an encoding this side does not read (UNIMPLEMENTED)."""
+
+
 def encode_timeout(seconds: float) -> bytes:
     """The `grpc-timeout` value: at most 8 digits, in the finest unit that fits."""
     for unit, scale in ((b"u", 1e6), (b"m", 1e3), (b"S", 1), (b"M", 1 / 60), (b"H", 1 / 3600)):
@@ -76,25 +88,28 @@ def frame_message(message: bytes) -> bytes:
 
 
 def unframe_message(body: bytes | bytearray, encoding: bytes = b"identity", limit: int = MAX_WINDOW) -> bytes:
-    """The one message of a unary body, decompressed per `grpc-encoding`; ValueError says what is wrong."""
+    """The one message of a unary body, decompressed per `grpc-encoding`; BadMessage says what is wrong."""
     if len(body) < 5:
-        raise ValueError("no message")
+        raise BadMessage("no message")
     if int.from_bytes(body[1:5], "big") != len(body) - 5:
-        raise ValueError("not exactly one message")
+        raise BadMessage("not exactly one message")
     if not body[0]:
         return bytes(body[5:])
     if encoding not in _DECOMPRESSORS:
-        raise ValueError(f"compressed message with grpc-encoding {encoding.decode('latin-1')!r}")
+        raise UnsupportedEncoding(f"compressed message with grpc-encoding {encoding.decode('latin-1')!r}")
     inflater = _DECOMPRESSORS[encoding]()
     try:
         message = inflater.decompress(bytes(body[5:]), limit + 1)
     except zlib.error as exc:
-        raise ValueError(f"bad {encoding.decode('latin-1')} data: {exc}") from None
+        raise BadMessage(f"bad {encoding.decode('latin-1')} data: {exc}") from None
     if len(message) > limit or inflater.unconsumed_tail:
-        raise ValueError(f"message over the {limit} byte limit once decompressed")
+        raise MessageTooLarge(f"message over the {limit} byte limit once decompressed")
     if not inflater.eof:
-        raise ValueError("truncated compressed message")
+        raise BadMessage("truncated compressed message")
     return message
+
+
+_CODE_OF = {MessageTooLarge: RESOURCE_EXHAUSTED, UnsupportedEncoding: UNIMPLEMENTED, BadMessage: INTERNAL}
 
 
 def metadata_headers(metadata) -> bytes:
@@ -222,8 +237,8 @@ class ClientConnection(Connection):
         self.queued.clear()
         return failed
 
-    def _settings(self, payload: bytes) -> None:
-        super()._settings(payload)
+    def _settings_applied(self) -> None:
+        super()._settings_applied()
         self._start_queued()
 
     def _headers(self, stream_id, headers, end_stream, events) -> None:
@@ -283,8 +298,8 @@ class ClientConnection(Connection):
         else:
             try:
                 events.append(CallDone(stream_id, unframe_message(call.body, call.encoding, self.max_receive)))
-            except ValueError as exc:
-                events.append(CallFailed(stream_id, INTERNAL, f"bad reply: {exc}"))
+            except BadMessage as exc:
+                events.append(CallFailed(stream_id, _CODE_OF[type(exc)], f"bad reply: {exc}"))
 
 
 # ====================================================================== server
@@ -473,8 +488,8 @@ class ServerConnection(Connection):
             return
         try:
             message = unframe_message(request.body, request.encoding, self.max_receive)
-        except ValueError as exc:
-            code = UNIMPLEMENTED if "grpc-encoding" in str(exc) else INTERNAL
+        except BadMessage as exc:
+            code = _CODE_OF[type(exc)]
             request.answered = True
             self._trailers_only(stream_id, code, f"bad request body: {exc}")
             self.streams.pop(stream_id, None)

@@ -270,7 +270,10 @@ class Connection:
                 raise ProtocolError("SETTINGS on a stream")
             if not flags & ACK:
                 self._settings(payload)
+                # the ACK goes out before any DATA the new windows allow: peers enforce a setting
+                # from the moment it is acknowledged
                 self._out += frame(SETTINGS, ACK, 0)
+                self._settings_applied()
         elif kind == WINDOW_UPDATE:
             if len(payload) != 4:
                 raise ProtocolError("WINDOW_UPDATE length")
@@ -342,6 +345,9 @@ class Connection:
                 self._peer_max_frame = value
             elif key == MAX_CONCURRENT_STREAMS:
                 self.peer_max_streams = value
+
+    def _settings_applied(self) -> None:
+        """After the ACK: send what the new settings allow."""
         self._flush_blocked()
 
     def _header_block_done(self, stream_id: int, events: list) -> None:
