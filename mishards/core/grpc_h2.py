@@ -95,6 +95,8 @@ def unframe_message(body: bytes | bytearray, encoding: bytes = b"identity", limi
         raise BadMessage("not exactly one message")
     if not body[0]:
         return bytes(body[5:])
+    if encoding == b"identity":
+        raise BadMessage("compressed message without a grpc-encoding")
     if encoding not in _DECOMPRESSORS:
         raise UnsupportedEncoding(f"compressed message with grpc-encoding {encoding.decode('latin-1')!r}")
     inflater = _DECOMPRESSORS[encoding]()

@@ -86,6 +86,7 @@ class FakeKubeAPI:
         self.expire_generation = 0
         self.drop_generation = 0
         self.fail_status: int | None = None
+        self.failed_requests = 0  # requests answered with fail_status
         self.stalled = False
         self.watch_requests = 0
         self.list_requests = 0
@@ -273,6 +274,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(401, status_object(401, "Unauthorized", "Unauthorized"))
             return
         if fake.fail_status is not None:
+            with fake.cond:
+                fake.failed_requests += 1
             self._send_json(fake.fail_status, status_object(fake.fail_status, "InternalError", "fake outage"))
             return
         parts = url.path.strip("/").split("/")

@@ -110,11 +110,16 @@ def test_kubeconfig_over_http_follows_every_pod_change(nodes: NodeCluster, tmp_p
             converge(proxy, {"ro-0", "ro-1b"}, "after a dropped stream")
 
             # the API server is down for a while: the last known set stays, then it converges
+            failed_before = fake.failed_requests
             fake.fail(500)
             fake.drop_streams()
             fake.put_pod("ro-2", port=ports[2], notify=False)
             fake.delete_pod("ro-0", notify=False)
-            time.sleep(3.0)
+            deadline = time.monotonic() + 15  # the client may still be in its re-list backoff
+            while fake.failed_requests == failed_before and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert fake.failed_requests > failed_before, "the client never met the outage"
+            time.sleep(2.0)
             assert members(proxy.address) == {"ro-0", "ro-1b"}, "an outage must not empty the membership"
             fake.fail(None)
             converge(proxy, {"ro-1b", "ro-2"}, "API server back")

@@ -230,7 +230,7 @@ def test_request_checks() -> None:
     gzipped = gzip.compress(b"hello")
     (received,) = request(ok + [("grpc-encoding", "gzip")], body=b"\x01" + len(gzipped).to_bytes(4, "big") + gzipped)
     assert received.message == b"hello"
-    assert request(ok, body=b"\x01\x00\x00\x00\x01q")[0].code == g.UNIMPLEMENTED  # compressed, not negotiated
+    assert request(ok, body=b"\x01\x00\x00\x00\x01q")[0].code == g.INTERNAL  # compressed, no grpc-encoding
     assert request(ok, body=b"\x00\x00\x00\x00\x05q")[0].code == g.INTERNAL  # length does not match
     assert request(ok + [("grpc-timeout", "soon")])[0].code == g.INTERNAL
     assert not server.closed
