@@ -13,6 +13,7 @@ bounded in requests and seconds.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 import statistics
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from milvus_grpc import milvus_pb2 as pb  # noqa: E402
 from tests.proxy.conftest import MishardsProcess  # noqa: E402
-from tests.support.processes import NodeProcess, cmd_version_probe, free_port  # noqa: E402
+from tests.support.processes import ManagedProcess, NodeProcess, cmd_version_probe, free_port  # noqa: E402
 from tests.support.stubs import OPTIONS, milvus_stub, records  # noqa: E402
 
 DIM = 128
@@ -89,8 +90,22 @@ def run(address: str, request: bytes, seconds: float, max_requests: int, pid: in
     }
 
 
-def profile(pid: int, address: str, request: bytes, seconds: float, out: Path) -> str:
-    """py-spy samples the proxy while it serves the nq=1, topk=10 stream; returns the top frames."""
+# Where a profile sample's time is booked: the deepest frame that matches decides.
+_COMPONENTS = [
+    ("meta DB query", ("mishards/meta.py", "sqlalchemy/", "sqlite3")),
+    ("merge + result codecs", ("mishards/core/merge.py", "mishards/core/wire.py")),
+    ("routing (ring, reload check)", ("mishards/router/", "mishards/core/ring.py", "ReloadTracker")),
+    ("HTTP/2 + gRPC framing, HPACK", ("mishards/core/http2.py", "mishards/core/grpc_h2.py", "hpack/")),
+    ("transport adapters (asyncio side)", ("mishards/transport.py",)),
+    ("service + scatter logic", ("mishards/service.py", "mishards/search.py")),
+    ("socket writes", ("_SelectorSocketTransport.write",)),
+    ("grpcio (writable channel, health probes)", ("grpc/", "cygrpc", "threading.py")),
+]
+
+
+def profile(pid: int, load, seconds: float, out: Path) -> str:
+    """py-spy samples the proxy while `load()` runs; the CPU share of each component and the top
+    frames by own time."""
     raw = out / "proxy-profile.txt"
     sampler = subprocess.Popen(
         [
@@ -113,18 +128,28 @@ def profile(pid: int, address: str, request: bytes, seconds: float, out: Path) -
         stderr=subprocess.DEVNULL,
     )
     time.sleep(0.5)
-    run(address, request, seconds - 1, 10**9, None)
+    load()
     sampler.wait(timeout=seconds + 30)
     own: dict[str, int] = {}
+    components: dict[str, int] = {}
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
         total += int(count)
-        leaf = frames[-1]
-        own[leaf] = own.get(leaf, 0) + int(count)
-    top = sorted(own.items(), key=lambda kv: -kv[1])[:15]
-    return "\n".join(f"{100 * n / total:5.1f}%  {frame}" for frame, n in top)
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        booked = "asyncio event loop"
+        for frame in reversed(frames):
+            match = next((name for name, marks in _COMPONENTS if any(m in frame for m in marks)), None)
+            if match is not None:
+                booked = match
+                break
+        components[booked] = components.get(booked, 0) + int(count)
+    lines = ["share of the proxy's CPU by component:"]
+    lines += [f"{100 * n / total:5.1f}%  {name}" for name, n in sorted(components.items(), key=lambda kv: -kv[1])]
+    lines.append("top frames by own time:")
+    lines += [f"{100 * n / total:5.1f}%  {frame}" for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:12]]
+    return "\n".join(lines)
 
 
 # The cheapest possible grpc.aio proxy: one raw-bytes handler that calls two nodes and returns one
@@ -172,6 +197,80 @@ def grpc_floor(node_a: str, node_b: str, requests: int = 1000) -> float:
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+async def _saturate(address: str, request: bytes, in_flight: int, requests: int) -> float:
+    """`requests` searches with `in_flight` outstanding on one grpc.aio channel; the wall time."""
+    async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
+        search = channel.unary_unary("/milvus.grpc.MilvusService/Search")
+        for _ in range(20):  # warm-up: connections, caches, reloads
+            reply = pb.TopKQueryResult.FromString(await search(request, timeout=60))
+            assert reply.status.error_code == 0, reply.status
+        left = [requests]
+
+        async def worker() -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                await search(request, timeout=60)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        return time.perf_counter() - start
+
+
+def capacity(
+    writable: str, meta: str, base: Path, request: bytes, rounds: int = 3, with_profile: bool = False
+) -> list[str]:
+    """Proxy CPU per search with 2 scripted fake nodes that answer at once, so the proxy is what
+    saturates: the capacity cost, for both RPC transports, 1 and 32 searches in flight (and a
+    profile of the http2 proxy at 32 in flight)."""
+    ports = [free_port(), free_port()]
+    fake = ManagedProcess(
+        "fake nodes",
+        [sys.executable, "-m", "tests.support.fake_node", *map(str, ports)],
+        cmd_version_probe(f"127.0.0.1:{ports[0]}"),
+        base / "fake-nodes.log",
+    )
+    rows = []
+    with fake:
+        proxies = {
+            transport: MishardsProcess(
+                woserver=writable,
+                meta_uri=meta,
+                ro_addresses=[f"127.0.0.1:{port}" for port in ports],
+                log_dir=base,
+                extra_env={"LOG_LEVEL": "WARNING", "TIMEOUT": "60", "RPC_TRANSPORT": transport},
+            )
+            for transport in ("http2", "grpcio")
+        }
+        for proxy in proxies.values():
+            proxy.start()
+        try:
+            results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+            for _ in range(rounds):  # interleaved, so drifts in machine load hit both alike
+                for in_flight, requests in ((1, 1500), (32, 4000)):
+                    for transport, proxy in proxies.items():
+                        cpu0 = cpu_seconds(proxy.pid)
+                        wall = asyncio.run(_saturate(proxy.address, request, in_flight, requests))
+                        cpu_ms = (cpu_seconds(proxy.pid) - cpu0) / requests * 1000
+                        results.setdefault((transport, in_flight), []).append((cpu_ms, requests / wall))
+            for (transport, in_flight), runs in results.items():
+                cpu = sorted(r[0] for r in runs)
+                qps = statistics.median(r[1] for r in runs)
+                rows.append(
+                    f"{transport:<9} {in_flight:>9} {qps:>7.0f} {statistics.median(cpu):>12.3f} "
+                    f"{cpu[0]:>6.3f}-{cpu[-1]:.3f}"
+                )
+            if with_profile:
+                proxy = proxies["http2"]
+                rows.append("\nprofile of the http2 proxy at 32 in flight (py-spy):")
+                rows.append(
+                    profile(proxy.pid, lambda: asyncio.run(_saturate(proxy.address, request, 32, 12000)), 8, base)
+                )
+        finally:
+            for proxy in proxies.values():
+                proxy.stop()
+    return rows
 
 
 def main() -> int:
@@ -242,21 +341,24 @@ def main() -> int:
                                 f"{r['qps']:>7.1f} {cpu:>20}",
                                 flush=True,
                             )
+                request = pb.SearchParam(
+                    collection_name="bench",
+                    query_record_array=records(rng.random((1, DIM)).astype(np.float32)),
+                    topk=10,
+                    extra_params=[pb.KeyValuePair(key="params", value="{}")],
+                ).SerializeToString()
+                print(
+                    "\nproxy capacity: CPU per search at nq=1, topk=10 over 2 scripted fake nodes that answer at once"
+                    "\n(median of 3 interleaved runs, min-max; RPC_TRANSPORT selects the proxy's gRPC stack)"
+                )
+                print(f"{'transport':<9} {'in flight':>9} {'QPS':>7} {'CPU ms/search':>12} {'range':>11}")
+                for row in capacity(writable.address, meta, base, request, with_profile=args.profile):
+                    print(row, flush=True)
                 floor = grpc_floor(ro1.address, ro2.address)
                 print(
                     f"\ngRPC floor: a minimal grpc.aio proxy fanning one tiny call out to 2 nodes uses "
                     f"{floor:.3f} ms CPU per request on this machine"
                 )
-                if args.profile:
-                    queries = rng.random((1, DIM)).astype(np.float32)
-                    request = pb.SearchParam(
-                        collection_name="bench",
-                        query_record_array=records(queries),
-                        topk=10,
-                        extra_params=[pb.KeyValuePair(key="params", value="{}")],
-                    ).SerializeToString()
-                    print("\nproxy profile (2 RO, nq=1, topk=10), own time by frame:")
-                    print(profile(proxy2.pid, proxy2.address, request, 8, base))
     return 0
 
 
