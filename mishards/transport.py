@@ -207,14 +207,17 @@ def _listening_socket(host: str, port: int) -> socket.socket | None:
     if host.strip("[]") not in ("::", ""):
         return None
     try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        address: tuple = ("::", port)
-    except OSError:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        address = ("0.0.0.0", port)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return _bound(socket.AF_INET6, ("::", port))
+    except OSError:  # no IPv6 in this kernel or container
+        return _bound(socket.AF_INET, ("0.0.0.0", port))
+
+
+def _bound(family: socket.AddressFamily, address: tuple) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError:
         sock.close()
