@@ -4,8 +4,9 @@ The transport boundary: everything here moves serialized bytes, so forwarding ne
 re-encodes a request. Request traffic runs on the server's event loop (no thread per call): the
 search path's calls (FAST_METHODS) over the proxy's own HTTP/2 client (`transport.H2Channel`),
 everything else over a grpc.aio channel; the handshake and health probes, which run on discovery
-and probe threads, use a small blocking grpcio channel of their own. A node joins the read-only membership only after it
-answered the version handshake with a supported version; one that fails it waits and is retried.
+and probe threads, use a small blocking grpcio channel of their own. A node joins the read-only
+membership only after it answered the version handshake with a supported version; one that
+fails it waits and is retried.
 Every joined node (and the writable one) is health-checked in the background: a node whose search
 fails, or that misses HEALTH_CHECK_FAILURES_TO_REMOVE checks in a row, is marked unhealthy and left
 out of routing until it passes HEALTH_CHECK_SUCCESSES_TO_RESTORE checks in a row. Nothing here ever
@@ -129,6 +130,7 @@ class NodeClient:
         callable_ = self._callables.get(method)
         if callable_ is None and method in FAST_METHODS and self.fast_transport:
             if self._h2 is None:
+                self._loop = asyncio.get_running_loop()
                 self._h2 = H2Channel(self.address)
             callable_ = self._h2.unary(f"/{SERVICE}/{method}")
             self._callables[method] = callable_
@@ -240,16 +242,15 @@ class NodeClient:
         channel, loop, self._channel = self._channel, self._loop, None
         h2, self._h2 = self._h2, None
         self._callables = {}
-        if h2 is not None and loop is not None and not loop.is_closed():
-            try:
+        if loop is None or loop.is_closed():
+            return
+        try:
+            if h2 is not None:  # closes once its calls have ended
                 loop.call_soon_threadsafe(h2.close)
-            except RuntimeError:
-                pass
-        if channel is not None and loop is not None and not loop.is_closed():
-            try:
+            if channel is not None:
                 loop.call_soon_threadsafe(lambda: asyncio.ensure_future(channel.close(grace=DRAIN_GRACE_S)))
-            except RuntimeError:  # the loop stopped meanwhile; the process is going away
-                pass
+        except RuntimeError:  # the loop stopped meanwhile; the process is going away
+            pass
 
 
 class Membership:

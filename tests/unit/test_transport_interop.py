@@ -1102,3 +1102,25 @@ def test_end_to_end_early_answer_does_not_leak_server_streams(monkeypatch):
             await asyncio.wait_for(server.stop(0), 5)
 
     asyncio.run(main())
+
+
+def test_node_client_closes_its_http2_connection_when_the_node_leaves():
+    """A read-only node only ever called on the search path still has its connection closed."""
+    from mishards.nodes import SERVICE, NodeClient
+
+    async def main():
+        handlers = {f"/{SERVICE}/SearchInFiles": Handlers().echo}
+        async with h2_serving(handlers) as (server, port):
+            client = NodeClient("ro", f"127.0.0.1:{port}")
+            assert await client.rpc("SearchInFiles")(b"q", timeout=5) == b"q"
+            assert len(server.connections) == 1
+            await asyncio.to_thread(client.close)  # discovery threads call it
+            deadline = time.monotonic() + 5
+            while server.connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not server.connections
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.rpc("SearchInFiles")(b"q", timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(main())
