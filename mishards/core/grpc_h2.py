@@ -83,8 +83,12 @@ def decode_timeout(value: bytes) -> float:
     return int(value[:-1]) * scale
 
 
+def message_prefix(message: bytes) -> bytes:
+    return len(message).to_bytes(5, "big")  # compressed flag 0, then the length
+
+
 def frame_message(message: bytes) -> bytes:
-    return len(message).to_bytes(5, "big") + message  # compressed flag 0, then the length
+    return message_prefix(message) + message
 
 
 def unframe_message(body: bytes | bytearray, encoding: bytes = b"identity", limit: int = MAX_WINDOW) -> bytes:
@@ -94,7 +98,7 @@ def unframe_message(body: bytes | bytearray, encoding: bytes = b"identity", limi
     if int.from_bytes(body[1:5], "big") != len(body) - 5:
         raise BadMessage("not exactly one message")
     if not body[0]:
-        return bytes(body[5:])
+        return bytes(memoryview(body)[5:])  # one copy (slicing the bytearray would make two)
     if encoding == b"identity":
         raise BadMessage("compressed message without a grpc-encoding")
     if encoding not in _DECOMPRESSORS:
@@ -164,7 +168,7 @@ class ClientConnection(Connection):
         self.draining = False  # GOAWAY received or ids exhausted: finish what runs, start nothing
         self.queued: deque[int] = deque()  # calls waiting for the peer's MAX_CONCURRENT_STREAMS
         self._prefix: dict[bytes, bytes] = {}
-        self._out += PREFACE + self._local_settings()
+        self._out += [PREFACE, self._local_settings()]
 
     @property
     def usable(self) -> bool:
@@ -193,7 +197,7 @@ class ClientConnection(Connection):
         if metadata:
             block += metadata_headers(metadata)
         call = _Call(self._peer_window)
-        call.pending = memoryview(frame_message(message))
+        call.head, call.pending = message_prefix(message), memoryview(message)
         self.streams[stream_id] = call
         if len(self.streams) - len(self.queued) > self.peer_max_streams:
             call.block = block
@@ -204,7 +208,7 @@ class ClientConnection(Connection):
 
     def _open(self, stream_id: int, call: _Call, block: bytes) -> None:
         self._send_headers(stream_id, block)
-        self._send_body(stream_id, call, call.pending, None)
+        self._send_body(stream_id, call, call.head, call.pending, None)
 
     def _start_queued(self) -> None:
         while self.queued and len(self.streams) - len(self.queued) < self.peer_max_streams:
@@ -287,8 +291,8 @@ class ClientConnection(Connection):
 
     def _finish(self, stream_id: int, events: list) -> None:
         call = self.streams.pop(stream_id)
-        if call.pending:  # the server answered before reading all of the request: stop sending it
-            self._out += frame(RST_STREAM, 0, stream_id, UINT32.pack(NO_ERROR))
+        if call.head or call.pending:  # the server answered before reading all of the request: stop sending it
+            self._out.append(frame(RST_STREAM, 0, stream_id, UINT32.pack(NO_ERROR)))
         self._start_queued()
         if call.http_status != 200:
             code = _HTTP_TO_GRPC.get(call.http_status, UNKNOWN)
@@ -347,6 +351,7 @@ class ServerConnection(Connection):
     STREAM_WINDOW = 4 * 1024 * 1024  # granted again as it is consumed (large inserts stream through)
     CONNECTION_WINDOW = 64 * 1024 * 1024
     MAX_STREAMS = 1024
+    MAX_FRAME = 1024 * 1024  # fewer, larger DATA frames for large inserts
 
     def __init__(self, max_receive: int = MAX_WINDOW) -> None:
         super().__init__()
@@ -354,7 +359,7 @@ class ServerConnection(Connection):
         self._preface_seen = False
         self.last_stream_id = 0
         self.going_away = False
-        self._out += self._local_settings()
+        self._out.append(self._local_settings())
 
     def _preface(self, buffer: bytearray) -> int:
         if self._preface_seen:
@@ -387,7 +392,7 @@ class ServerConnection(Connection):
             return  # cancelled by the client meanwhile
         request.answered = True
         self._send_headers(stream_id, _REPLY_HEADERS)
-        self._send_body(stream_id, request, frame_message(message), _TRAILERS_OK)
+        self._send_body(stream_id, request, message_prefix(message), message, _TRAILERS_OK)
 
     def send_status(self, stream_id: int, code: int, details: str) -> None:
         """A trailers-only answer (no message): how errors outside Milvus' own Status travel."""
@@ -426,7 +431,7 @@ class ServerConnection(Connection):
             raise ProtocolError(f"bad stream id {stream_id}")
         self.last_stream_id = stream_id
         if self.going_away or len(self.streams) >= (self.MAX_STREAMS or 2**31):
-            self._out += frame(RST_STREAM, 0, stream_id, UINT32.pack(REFUSED_STREAM))
+            self._out.append(frame(RST_STREAM, 0, stream_id, UINT32.pack(REFUSED_STREAM)))
             return
         request = _Request(self._peer_window)
         self.streams[stream_id] = request
@@ -485,7 +490,7 @@ class ServerConnection(Connection):
 
     def _complete(self, stream_id: int, request: _Request, events: list) -> None:
         if request.answered:  # rejected earlier: forget it now that the client is done sending
-            if not request.pending:
+            if not (request.head or request.pending):
                 self.streams.pop(stream_id, None)
             return
         try:

@@ -50,8 +50,12 @@ class ProtocolError(Exception):
     """The peer broke HTTP/2 (or asked for what this subset refuses); the connection is unusable."""
 
 
+def frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
+    return length.to_bytes(3, "big") + bytes((kind, flags)) + UINT32.pack(stream_id)
+
+
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + UINT32.pack(stream_id) + payload
+    return frame_header(len(payload), kind, flags, stream_id) + payload
 
 
 def hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
@@ -85,9 +89,10 @@ def literal_indexed_name(index: int, value: bytes) -> bytes:
 class _Stream:
     """Per-stream state both sides need: what is left to send and the windows for it."""
 
-    __slots__ = ("pending", "window", "end_after", "body", "received")
+    __slots__ = ("head", "pending", "window", "end_after", "body", "received")
 
     def __init__(self, window: int) -> None:
+        self.head = b""  # a few bytes to send before `pending` (gRPC's message prefix)
         self.pending = memoryview(b"")  # DATA not yet sent (waiting for window)
         self.window = window  # what we may still send on this stream
         self.end_after: bytes | None = None  # trailers (server) to send once `pending` is out
@@ -102,9 +107,10 @@ class Connection:
     STREAM_WINDOW = MAX_WINDOW
     CONNECTION_WINDOW = MAX_WINDOW
     MAX_STREAMS: int | None = None  # what we advertise as MAX_CONCURRENT_STREAMS
+    MAX_FRAME = DEFAULT_MAX_FRAME  # the largest frame we accept (peers split DATA to it)
 
     def __init__(self) -> None:
-        self._out = bytearray()
+        self._out: list[bytes | memoryview] = []  # frames (and DATA payload views) to send, joined once
         self._in = bytearray()
         self.streams: dict[int, _Stream] = {}
         self._blocked: deque[int] = deque()  # streams with DATA waiting for window, in order
@@ -124,6 +130,8 @@ class Connection:
         settings = struct.pack(">HIHI", ENABLE_PUSH, 0, INITIAL_WINDOW_SIZE, self.STREAM_WINDOW)
         if self.MAX_STREAMS is not None:
             settings += struct.pack(">HI", MAX_CONCURRENT_STREAMS, self.MAX_STREAMS)
+        if self.MAX_FRAME != DEFAULT_MAX_FRAME:
+            settings += struct.pack(">HI", MAX_FRAME_SIZE, self.MAX_FRAME)
         out = frame(SETTINGS, 0, 0, settings)
         if self.CONNECTION_WINDOW > DEFAULT_WINDOW:
             out += frame(WINDOW_UPDATE, 0, 0, UINT32.pack(self.CONNECTION_WINDOW - DEFAULT_WINDOW))
@@ -131,7 +139,7 @@ class Connection:
 
     # ------------------------------------------------------------------ sending
     def data_to_send(self) -> bytes:
-        out = bytes(self._out)
+        out = b"".join(self._out)
         self._out.clear()
         return out
 
@@ -139,16 +147,18 @@ class Connection:
         flags = END_STREAM if end_stream else 0
         max_frame = self._peer_max_frame
         if len(block) <= max_frame:
-            self._out += frame(HEADERS, flags | END_HEADERS, stream_id, block)
+            self._out.append(frame(HEADERS, flags | END_HEADERS, stream_id, block))
             return
-        self._out += frame(HEADERS, flags, stream_id, block[:max_frame])
+        self._out.append(frame(HEADERS, flags, stream_id, block[:max_frame]))
         rest = block[max_frame:]
         while rest:
             chunk, rest = rest[:max_frame], rest[max_frame:]
-            self._out += frame(CONTINUATION, 0 if rest else END_HEADERS, stream_id, chunk)
+            self._out.append(frame(CONTINUATION, 0 if rest else END_HEADERS, stream_id, chunk))
 
-    def _send_body(self, stream_id: int, stream: _Stream, body: bytes, end_after: bytes | None) -> None:
-        """Queue DATA (END_STREAM on the last frame when `end_after` is None, else trailers after it)."""
+    def _send_body(self, stream_id: int, stream: _Stream, head: bytes, body: bytes, end_after: bytes | None) -> None:
+        """Queue `head` + `body` as DATA (END_STREAM on the last frame when `end_after` is None,
+        else the trailers `end_after` after it); the body is sent from views, never copied whole."""
+        stream.head = head
         stream.pending = memoryview(body)
         stream.end_after = end_after
         if not self._drain(stream_id, stream):
@@ -156,20 +166,24 @@ class Connection:
 
     def _drain(self, stream_id: int, stream: _Stream) -> bool:
         """Send what the windows allow; True when the body (and trailers) are out."""
-        pending = stream.pending
-        trailers = stream.end_after
-        while pending:
-            size = min(len(pending), stream.window, self._send_window, self._peer_max_frame)
+        head, pending, trailers = stream.head, stream.pending, stream.end_after
+        while head or pending:
+            size = min(len(head) + len(pending), stream.window, self._send_window, self._peer_max_frame)
             if size <= 0:
-                stream.pending = pending
+                stream.head, stream.pending = head, pending
                 return False
-            chunk = bytes(pending[:size])
-            pending = pending[size:]
+            if head:  # the first frame: the small head and the start of the body, joined
+                taken = min(len(head), size)
+                chunk: bytes | memoryview = head[:taken] + bytes(pending[: size - taken])
+                head, pending = head[taken:], pending[size - taken :]
+            else:  # a view of the body: copied once, when the frames are joined
+                chunk, pending = pending[:size], pending[size:]
             stream.window -= size
             self._send_window -= size
-            last = not pending and trailers is None
-            self._out += frame(DATA, END_STREAM if last else 0, stream_id, chunk)
-        stream.pending = pending
+            last = not head and not pending and trailers is None
+            self._out.append(frame_header(size, DATA, END_STREAM if last else 0, stream_id))
+            self._out.append(chunk)
+        stream.head, stream.pending = head, pending
         if trailers is not None:
             stream.end_after = None
             self._send_headers(stream_id, trailers, end_stream=True)
@@ -183,53 +197,69 @@ class Connection:
         for _ in range(len(self._blocked)):
             stream_id = self._blocked.popleft()
             stream = self.streams.get(stream_id)
-            if stream is not None and (stream.pending or stream.end_after is not None):
+            if stream is not None and (stream.head or stream.pending or stream.end_after is not None):
                 if not self._drain(stream_id, stream):
                     self._blocked.append(stream_id)
 
     def reset(self, stream_id: int, error_code: int = CANCEL) -> None:
         """Forget a stream and tell the peer."""
         if self.streams.pop(stream_id, None) is not None and not self.closed:
-            self._out += frame(RST_STREAM, 0, stream_id, UINT32.pack(error_code))
+            self._out.append(frame(RST_STREAM, 0, stream_id, UINT32.pack(error_code)))
 
     def ping(self, opaque: bytes) -> None:
-        self._out += frame(PING, 0, 0, opaque[:8].ljust(8, b"\0"))
+        self._out.append(frame(PING, 0, 0, opaque[:8].ljust(8, b"\0")))
 
     def goaway(self, last_stream_id: int, error_code: int = NO_ERROR) -> None:
-        self._out += frame(GOAWAY, 0, 0, UINT32.pack(last_stream_id) + UINT32.pack(error_code))
+        self._out.append(frame(GOAWAY, 0, 0, UINT32.pack(last_stream_id) + UINT32.pack(error_code)))
 
     # ------------------------------------------------------------------ receiving
     def receive(self, data: bytes) -> list:
         """Parse what arrived; the events it completes. A protocol error sends GOAWAY, closes the
-        connection and ends with the events of `_lost`."""
+        connection and ends with the events of `_lost`.
+
+        Frames are read in place (through a memoryview of `data`, or of the carried-over partial
+        frame plus `data`) and DATA payloads are copied once, into their stream's body: a 500 MB
+        insert passes through here."""
         buffer = self._in
-        buffer += data
+        if buffer:
+            buffer += data
+            source: bytes | bytearray = buffer
+        else:
+            source = data
         events: list = []
-        position = self._preface(buffer)
-        available = len(buffer)
+        position = 0
         try:
-            while available - position >= 9:
-                length = int.from_bytes(buffer[position : position + 3], "big")
-                if length > MAX_ACCEPTED_FRAME:
-                    raise ProtocolError(f"frame of {length} bytes")
-                end = position + 9 + length
-                if end > available:
-                    break
-                kind = buffer[position + 3]
-                flags = buffer[position + 4]
-                stream_id = UINT32.unpack_from(buffer, position + 5)[0] & MAX_STREAM_ID
-                payload = bytes(buffer[position + 9 : end])
-                position = end
-                if self._header_stream and kind != CONTINUATION:
-                    raise ProtocolError("header block interrupted")
-                self._frame(kind, flags, stream_id, payload, events)
+            with memoryview(source) as view:
+                position = self._preface(source)
+                available = len(source)
+                while available - position >= 9:
+                    length = int.from_bytes(view[position : position + 3], "big")
+                    if length > MAX_ACCEPTED_FRAME:
+                        raise ProtocolError(f"frame of {length} bytes")
+                    end = position + 9 + length
+                    if end > available:
+                        break
+                    kind = view[position + 3]
+                    flags = view[position + 4]
+                    stream_id = UINT32.unpack_from(view, position + 5)[0] & MAX_STREAM_ID
+                    if self._header_stream and kind != CONTINUATION:
+                        raise ProtocolError("header block interrupted")
+                    if kind == DATA:
+                        with view[position + 9 : end] as payload:
+                            self._frame(kind, flags, stream_id, payload, events)
+                    else:
+                        self._frame(kind, flags, stream_id, bytes(view[position + 9 : end]), events)
+                    position = end
         except (ProtocolError, HPACKError, struct.error, ValueError) as exc:
-            del buffer[:]
+            buffer.clear()
             if not self.closed:
                 self.goaway(0, COMPRESSION_ERROR if isinstance(exc, HPACKError) else PROTOCOL_ERROR)
             events.extend(self._lost(f"HTTP/2 protocol error: {exc}"))
             return events
-        del buffer[:position]
+        if source is buffer:
+            del buffer[:position]
+        elif position < len(data):
+            buffer += data[position:]  # a partial frame waits for the rest
         return events
 
     def _preface(self, buffer: bytearray) -> int:
@@ -272,7 +302,7 @@ class Connection:
                 self._settings(payload)
                 # the ACK goes out before any DATA the new windows allow: peers enforce a setting
                 # from the moment it is acknowledged
-                self._out += frame(SETTINGS, ACK, 0)
+                self._out.append(frame(SETTINGS, ACK, 0))
                 self._settings_applied()
         elif kind == WINDOW_UPDATE:
             if len(payload) != 4:
@@ -291,7 +321,7 @@ class Connection:
             if flags & ACK:
                 self._ping_acked(payload, events)
             else:
-                self._out += frame(PING, ACK, 0, payload)
+                self._out.append(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             if len(payload) != 4 or not stream_id:
                 raise ProtocolError("bad RST_STREAM")
@@ -310,13 +340,13 @@ class Connection:
         """Give received DATA back to the peer's windows once half of a window is used up."""
         self._unacked += size
         if self._unacked >= self.CONNECTION_WINDOW // 2:
-            self._out += frame(WINDOW_UPDATE, 0, 0, UINT32.pack(self._unacked))
+            self._out.append(frame(WINDOW_UPDATE, 0, 0, UINT32.pack(self._unacked)))
             self._unacked = 0
         stream = self.streams.get(stream_id)
         if stream is not None and self.STREAM_WINDOW < MAX_WINDOW:
             stream.received += size
             if stream.received >= self.STREAM_WINDOW // 2:
-                self._out += frame(WINDOW_UPDATE, 0, stream_id, UINT32.pack(stream.received))
+                self._out.append(frame(WINDOW_UPDATE, 0, stream_id, UINT32.pack(stream.received)))
                 stream.received = 0
 
     @staticmethod

@@ -101,7 +101,7 @@ def test_error_status_travels_as_trailers_only(details: str) -> None:
 
 
 def test_header_block_larger_than_a_frame_uses_continuation() -> None:
-    client, server = pair()
+    client, server = pair(MAX_FRAME=h.DEFAULT_MAX_FRAME)
     big = "v" * 40_000
     stream = client.start_call(b"/s/M", b"q", None, (("x-big", big),))
     sent = client.data_to_send()
@@ -395,3 +395,20 @@ def test_timeouts_round_trip_within_a_unit(seconds: float) -> None:
     decoded = g.decode_timeout(encoded)
     # truncated, never extended; 8 digits in the finest unit that fits lose at most 1e-5 of it
     assert seconds * (1 - 2e-5) - 1e-6 <= decoded <= seconds * (1 + 1e-9)
+
+
+def test_tiny_windows_split_the_message_prefix_and_body() -> None:
+    """Windows of a few bytes: the 5-byte prefix and the body go out in pieces, in order."""
+    client, _ = fresh_client()
+    client.receive(h.frame(h.SETTINGS, 0, 0, struct.pack(">HI", h.INITIAL_WINDOW_SIZE, 3)))
+    client.data_to_send()
+    stream = client.start_call(b"/s/M", b"0123456789", None)
+    sent = b""
+    for grant in [0, 1, 2, 4, 100]:
+        if grant:
+            client.receive(h.frame(h.WINDOW_UPDATE, 0, stream, struct.pack(">I", grant)))
+        data_frames = [f for f in frames(client.data_to_send()) if f[0] == h.DATA]
+        assert all(len(f[3]) <= max(grant, 3) for f in data_frames)
+        sent += b"".join(f[3] for f in data_frames)
+    assert sent == g.frame_message(b"0123456789")
+    assert data_frames[-1][1] & h.END_STREAM
