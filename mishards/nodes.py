@@ -31,8 +31,9 @@ import grpc
 
 from milvus_grpc import milvus_pb2 as pb
 
+from .core.grpc_h2 import UNAVAILABLE
 from .settings import SUPPORTED_SERVER_VERSIONS
-from .transport import H2Channel
+from .transport import H2Channel, rpc_error
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +229,7 @@ class NodeClient:
         old.close()
 
     async def _left(self, *args, **kwargs) -> bytes:
-        raise grpc.aio.AioRpcError(
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.aio.Metadata(),
-            grpc.aio.Metadata(),
-            details=f"read-only node {self.name} left",
-        )
+        raise rpc_error(UNAVAILABLE, f"read-only node {self.name} left")
 
     def close(self) -> None:
         """Close both channels, letting in-flight calls finish; safe from any thread."""

@@ -308,8 +308,7 @@ class Scatter:
             except grpc.RpcError as exc:
                 error = f"{exc.code().name} {exc.details() or ''}".strip()
             if error:
-                client.record(False, time.monotonic() - started, error)
-                self._observe(job, time.monotonic() - started, False)
+                self._record(job, client, started, error)
                 return False, error
         message = wire.search_in_files_request(job.file_ids, request.search_param)
         call = client.rpc("SearchInFiles")(message, timeout=self._timeout(job, request.deadline), metadata=metadata)
@@ -322,20 +321,20 @@ class Scatter:
             reply = await call
         except grpc.RpcError as exc:
             error = f"{exc.code().name} {exc.details() or ''}".strip()
-            client.record(False, time.monotonic() - started, error)
-            self._observe(job, time.monotonic() - started, False)
+            self._record(job, client, started, error)
             return False, error
-        seconds = time.monotonic() - started
-        client.record(True, seconds)
-        self._observe(job, seconds, True)
+        self._record(job, client, started)
         return True, reply
 
-    def _observe(self, job: _Job, seconds: float, ok: bool) -> None:
+    def _record(self, job: _Job, client: NodeClient, started: float, error: str = "") -> None:
+        """A node call's outcome: the node's stats and, when on, its metrics."""
+        seconds = time.monotonic() - started
+        client.record(not error, seconds, error)
         if self.metrics is None:
             return
         series = self.metrics.node(self.writable.name if job.node == WRITABLE else job.node)
         series.latency.observe(seconds)
-        if not ok:
+        if error:
             series.errors += 1
         if job.attempt:
             series.retries += 1

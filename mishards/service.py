@@ -114,10 +114,6 @@ class MishardsService:
         """Raw-bytes handlers by method path, for `transport.H2Server`."""
         return {f"/{SERVICE}/{name}": self._handler(name) for name in VECTOR_METHODS}
 
-    def generic_handler(self) -> grpc.GenericRpcHandler:
-        handlers = {name: grpc.unary_unary_rpc_method_handler(self._handler(name)) for name in VECTOR_METHODS}
-        return grpc.method_handlers_generic_handler(SERVICE, handlers)
-
     async def _db(self, call: Callable[..., T], *args) -> T:
         """A meta DB read: inline on SQLite, on a worker thread for servers (which block for a round trip)."""
         if self.metrics is not None:
@@ -392,8 +388,12 @@ async def start_server(
     if transport == "http2":
         server = H2Server(service.handlers())
         return server, await server.start(host, port)
+    methods = {
+        path.rpartition("/")[2]: grpc.unary_unary_rpc_method_handler(handler)
+        for path, handler in service.handlers().items()
+    }
     aio = grpc.aio.server(
-        handlers=[service.generic_handler()],
+        handlers=[grpc.method_handlers_generic_handler(SERVICE, methods)],
         options=[
             ("grpc.max_send_message_length", -1),
             ("grpc.max_receive_message_length", -1),

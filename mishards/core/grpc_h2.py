@@ -235,7 +235,7 @@ class ClientConnection(Connection):
             self.goaway(0)
             self.closed = True
 
-    def _lost(self, reason: str) -> list:
+    def connection_lost(self, reason: str) -> list:
         """Every open call fails as UNAVAILABLE: safe to retry elsewhere."""
         self.closed = True
         failed = [CallFailed(stream_id, UNAVAILABLE, reason) for stream_id in self.streams]
@@ -511,7 +511,7 @@ class ServerConnection(Connection):
     def _goaway_received(self, last_stream_id, error_code, events) -> None:
         pass  # the client stops sending; replies to what it sent still go out
 
-    def _lost(self, reason: str) -> list:
+    def connection_lost(self, reason: str) -> list:
         self.closed = True
         cancelled = [RequestCancelled(stream_id) for stream_id in self.streams]
         self.streams.clear()

@@ -215,7 +215,7 @@ class Connection:
     # ------------------------------------------------------------------ receiving
     def receive(self, data: bytes) -> list:
         """Parse what arrived; the events it completes. A protocol error sends GOAWAY, closes the
-        connection and ends with the events of `_lost`.
+        connection and ends with the events of `connection_lost`.
 
         Frames are read in place (through a memoryview of `data`, or of the carried-over partial
         frame plus `data`) and DATA payloads are copied once, into their stream's body: a 500 MB
@@ -254,7 +254,7 @@ class Connection:
             buffer.clear()
             if not self.closed:
                 self.goaway(0, COMPRESSION_ERROR if isinstance(exc, HPACKError) else PROTOCOL_ERROR)
-            events.extend(self._lost(f"HTTP/2 protocol error: {exc}"))
+            events.extend(self.connection_lost(f"HTTP/2 protocol error: {exc}"))
             return events
         if source is buffer:
             del buffer[:position]
@@ -415,9 +415,6 @@ class Connection:
         pass
 
     def connection_lost(self, reason: str) -> list:
-        """The socket is gone; the events that ends."""
-        return self._lost(reason)
-
-    def _lost(self, reason: str) -> list:
+        """The socket is gone (or the peer broke the protocol); the events that ends."""
         self.closed = True
         return []

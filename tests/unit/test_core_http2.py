@@ -10,6 +10,7 @@ import struct
 
 import pytest
 from hpack import Decoder, Encoder
+from hpack.hpack import decode_integer
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -378,14 +379,20 @@ def test_settings_change_the_windows_of_open_streams() -> None:
     assert sum(len(f[3]) for f in sent) == 95 and sent[-1][1] & h.END_STREAM and sent[-1][2] == stream
 
 
-@given(st.integers(0, 2**32), st.integers(1, 8))
-def test_hpack_integers_decode_with_the_reference_decoder(value: int, prefix: int) -> None:
-    block = h.hpack_int(value, prefix, 0)
-    limit = (1 << prefix) - 1
-    assert block[0] & limit == min(value, limit)
-    if prefix == 4:  # as a literal without indexing, the form our requests use
-        decoded = Decoder().decode(h.literal(b"n", b"v" * (value % 300)), raw=True)
-        assert decoded == [(b"n", b"v" * (value % 300))]
+@given(st.integers(0, 2**32), st.integers(1, 8), st.integers(0, 255))
+def test_hpack_integers_decode_with_the_reference_decoder(value: int, prefix: int, high_bits: int) -> None:
+    first = high_bits & ~((1 << prefix) - 1) & 0xFF  # the bits above the prefix stay as given
+    block = h.hpack_int(value, prefix, first)
+    assert decode_integer(block, prefix) == (value, len(block))
+    assert block[0] & ~((1 << prefix) - 1) & 0xFF == first
+
+
+@given(st.binary(max_size=300), st.binary(max_size=300))
+def test_literals_decode_with_the_reference_decoder(name: bytes, value: bytes) -> None:
+    """The form our requests use: literal without indexing, new or static-table name."""
+    name = b"x-" + name.lower()
+    assert Decoder().decode(h.literal(name, value), raw=True) == [(name, value)]
+    assert Decoder().decode(h.literal_indexed_name(4, value), raw=True) == [(b":path", value)]
 
 
 @given(st.floats(min_value=1e-6, max_value=1e7))
