@@ -211,7 +211,7 @@ class _ServerProtocol(asyncio.Protocol):
         self.timers.pop(stream_id, None)
         task = self.tasks.pop(stream_id, None)
         if task is not None:
-            task.cancel()
+            self._stop(stream_id, task)
             self.connection.send_status(stream_id, DEADLINE_EXCEEDED, "Deadline Exceeded")
             self.flush()
 
@@ -219,7 +219,13 @@ class _ServerProtocol(asyncio.Protocol):
         task = self.tasks.get(stream_id)
         self._finish(stream_id)
         if task is not None:
-            task.cancel()
+            self._stop(stream_id, task)
+
+    def _stop(self, stream_id: int, task: asyncio.Task) -> None:
+        """Cancel a request's handler; its stream's slot is free once the task has ended (which a
+        task cancelled before it ever ran does without running `_run`'s own bookkeeping)."""
+        task.cancel()
+        task.add_done_callback(lambda _: self.connection.handler_done(stream_id))
 
     def connection_lost(self, exc: Exception | None) -> None:
         for event in self.connection.connection_lost("connection lost"):

@@ -376,6 +376,12 @@ _TRAILERS_OK = literal(b"grpc-status", b"0")
 _CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
 
 
+def _is_grpc(content_type: bytes) -> bool:
+    """application/grpc, optionally followed by +format or ;parameters (gRPC's HTTP/2 mapping)."""
+    rest = content_type[len(_GRPC_CONTENT_TYPE) :]
+    return content_type.startswith(_GRPC_CONTENT_TYPE) and (not rest or rest[:1] in (b"+", b";"))
+
+
 class ServerConnection(Connection):
     """The server side of one client connection: requests in, replies and statuses out."""
 
@@ -555,7 +561,7 @@ class ServerConnection(Connection):
         request.metadata = tuple(metadata)
         if method != b"POST":
             self._reject(stream_id, request, UNIMPLEMENTED, "only POST is served")
-        elif not content_type.startswith(_GRPC_CONTENT_TYPE):
+        elif not _is_grpc(content_type):
             details = f"content-type {_shown(content_type)} is not gRPC"
             self._reject(stream_id, request, INTERNAL, details)
         elif encoding != b"identity" and encoding not in _DECOMPRESSORS:
@@ -566,6 +572,8 @@ class ServerConnection(Connection):
     def _headers(self, stream_id, stream, headers, end_stream, events) -> None:
         if not end_stream:  # trailers from the client: a unary request has none, and they must end it
             raise StreamError(stream_id, PROTOCOL_ERROR, "a second HEADERS without END_STREAM")
+        if any(name[:1] == b":" for name, _ in headers):
+            raise StreamError(stream_id, PROTOCOL_ERROR, "a pseudo-header in trailers")
 
     def _reject(self, stream_id: int, request: _Request, code: int, details: str) -> None:
         """Answer at once; the client's remaining DATA is dropped (and credited) until it ends its half."""
