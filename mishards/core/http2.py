@@ -922,9 +922,12 @@ class Connection:
             del receiving[stream_id]
             if stream is None:
                 continue
-            if stream.recv_window <= 0 or self._recv_window <= 0 or stream.starved:
+            waits_for_us = stream.recv_window <= 0 or self._recv_window <= 0 or stream.starved
+            if waits_for_us and self.pool.used <= self.pool.cap:
                 receiving[stream_id] = now  # waiting for our credit, not slow: not its fault
                 continue
+            # (while the whole process is over its buffer cap, stalled requests expire all the
+            # same: they free the room the others wait for, so the wait cannot go on for ever)
             self.reset(stream_id, CANCEL)
             self._reset_here(stream_id, CANCEL, f"no request bytes for {timeout:g} s", events)
         return events

@@ -258,3 +258,21 @@ def test_partial_frame_left_hanging_ends_the_connection() -> None:
     assert not connection.closed
     connection.expire(36)
     assert connection.closed
+
+
+def test_stalled_requests_expire_when_the_process_is_over_its_buffer_cap() -> None:
+    """Requests that wait for credit never expire while room may come back; when the whole process
+    is over its cap, they do, so that connections waiting on each other cannot wait for ever."""
+    pool = h.BufferPool(cap=1000)
+    connection = server(pool=pool, read_timeout=30)
+    open_requests(connection, [1], end_stream=False)
+    connection.receive(h.frame(h.DATA, 0, 1, b"x" * 900), 0)
+    assert connection.expire(40) == [g.RequestCancelled(1)]  # could send, did not
+    open_requests(connection, [3], end_stream=False, now=40)
+    connection.receive(h.frame(h.DATA, 0, 3, b"x" * 1_000_000) * 3, 40)  # over the cap: no credit
+    assert connection.streams[3].starved
+    pool.cap = 1 << 30
+    assert connection.expire(100) == []  # it waits for us: not its fault
+    pool.cap = 1000
+    assert connection.expire(131) == [g.RequestCancelled(3)]
+    assert pool.used == 0
