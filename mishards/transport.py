@@ -230,9 +230,13 @@ class _ServerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         for event in self.connection.connection_lost("connection lost"):
             self._cancel(event.stream_id)
+        self.cancel_all()
+        self.server.connections.discard(self)
+
+    def cancel_all(self) -> None:
+        """Cancel every running handler (the connection is gone, or the server stops)."""
         for stream_id in list(self.tasks):
             self._cancel(stream_id)
-        self.server.connections.discard(self)
 
     @property
     def idle(self) -> bool:
@@ -333,8 +337,7 @@ class H2Server:
         while self.connections and time.monotonic() < deadline:  # each ends once idle and the client hung up
             await asyncio.sleep(0.02)
         for protocol in list(self.connections):
-            for stream_id in list(protocol.tasks):
-                protocol._cancel(stream_id)
+            protocol.cancel_all()
             protocol.flush()
             if protocol.transport is not None:
                 protocol.transport.close()

@@ -36,7 +36,6 @@ from .http2 import (
     ProtocolError,
     Stream,
     StreamError,
-    frame,
     literal,
     literal_indexed_name,
 )
@@ -184,6 +183,8 @@ class _Call(Stream):
 class ClientConnection(Connection):
     """One connection carrying unary calls to a node; `usable` says whether new calls may start."""
 
+    OPENING = PREFACE
+
     def __init__(self, authority: str, max_receive: int = 512 * 1024 * 1024, limits: Limits = DEFAULT_LIMITS) -> None:
         super().__init__(limits)
         self.authority = authority.encode()
@@ -192,7 +193,6 @@ class ClientConnection(Connection):
         self.draining = False  # GOAWAY received or ids exhausted: finish what runs, start nothing
         self.queued: deque[int] = deque()  # calls waiting for the peer's MAX_CONCURRENT_STREAMS
         self._prefix: dict[bytes, bytes] = {}
-        self._out += [PREFACE, self._local_settings()]
 
     @property
     def usable(self) -> bool:
@@ -325,7 +325,7 @@ class ClientConnection(Connection):
     def _complete(self, stream_id: int, call: _Call, events: list) -> None:
         if stream_id in self.streams:  # the server answered before reading all of the request: stop sending it
             self._close(stream_id, call, reset_here=True)
-            self._out.append(frame(RST_STREAM, 0, stream_id, UINT32.pack(NO_ERROR)))
+            self.send_frame(RST_STREAM, 0, stream_id, UINT32.pack(NO_ERROR))
         self._start_queued()
         if call.http_status != 200:
             code = _HTTP_TO_GRPC.get(call.http_status, UNKNOWN)
@@ -401,7 +401,6 @@ class ServerConnection(Connection):
         self.going_away = False
         self._handling: set[int] = set()  # requests whose handler runs
         self._detached: set[int] = set()  # ... of which the stream is gone (reset, timed out)
-        self._out.append(self._local_settings())
 
     @property
     def last_stream_id(self) -> int:
@@ -498,8 +497,7 @@ class ServerConnection(Connection):
     def _open_by_peer(self, stream_id, headers, end_stream, now, events) -> _Request | None:
         if self.going_away or self.active_streams >= self.limits.max_concurrent_streams:
             self._spend(self._resets, "too_many_resets", now)
-            self._out.append(frame(RST_STREAM, 0, stream_id, UINT32.pack(REFUSED_STREAM)))
-            self._recently_reset[stream_id] = None
+            self.refuse(stream_id, REFUSED_STREAM)
             return None
         request = _Request(self._peer_window, self.STREAM_WINDOW)
         request.move(stream_id, RECV_HEADERS)
