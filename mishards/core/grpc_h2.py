@@ -118,18 +118,30 @@ def split_message(body: bytes | bytearray, encoding: bytes = b"identity") -> tup
     return True, payload
 
 
+_INFLATE_STEP = 1 << 20
+
+
 def inflate(payload: bytes, encoding: bytes, limit: int) -> bytes:
-    """Decompress at most `limit` bytes (a bomb stops there, having cost no more than the limit)."""
+    """Decompress at most `limit` bytes, a step at a time into one growing buffer: a bomb stops at
+    the limit having held about the limit (one `decompress(payload, limit)` call would hold its
+    output twice while joining its internal blocks)."""
     inflater = _DECOMPRESSORS[encoding]()
+    message = bytearray()
+    pending = payload
     try:
-        message = inflater.decompress(payload, limit + 1)
+        while not inflater.eof:
+            chunk = inflater.decompress(pending, _INFLATE_STEP)
+            pending = inflater.unconsumed_tail
+            if not chunk and not pending:
+                break  # the input is used up before the end of the stream
+            message += chunk
+            if len(message) > limit:
+                raise MessageTooLarge(f"message over the {limit} byte limit once decompressed (H2_MAX_MESSAGE_SIZE)")
     except zlib.error as exc:
         raise BadMessage(f"bad {encoding.decode('latin-1')} data: {exc}") from exc
-    if len(message) > limit or inflater.unconsumed_tail:
-        raise MessageTooLarge(f"message over the {limit} byte limit once decompressed (H2_MAX_MESSAGE_SIZE)")
     if not inflater.eof:
         raise BadMessage("truncated compressed message")
-    return message
+    return bytes(message)
 
 
 CODE_OF = {MessageTooLarge: RESOURCE_EXHAUSTED, UnsupportedEncoding: UNIMPLEMENTED, BadMessage: INTERNAL}
