@@ -276,3 +276,20 @@ def test_stalled_requests_expire_when_the_process_is_over_its_buffer_cap() -> No
     pool.cap = 1000
     assert connection.expire(131) == [g.RequestCancelled(3)]
     assert pool.used == 0
+
+
+def test_inflate_stops_a_bomb_at_the_limit() -> None:
+    import gzip
+    import zlib
+
+    import pytest
+
+    bomb = gzip.compress(b"\0" * (64 << 20), 9)  # 64 MiB from ~64 KB
+    with pytest.raises(g.MessageTooLarge, match="H2_MAX_MESSAGE_SIZE"):
+        g.inflate(bomb, b"gzip", 1 << 20)
+    assert g.inflate(bomb, b"gzip", 64 << 20) == b"\0" * (64 << 20)
+    assert g.inflate(zlib.compress(b"abc" * 1000), b"deflate", 3000) == b"abc" * 1000
+    with pytest.raises(g.BadMessage, match="truncated"):
+        g.inflate(gzip.compress(b"hello" * 100)[:-12], b"gzip", 10_000)
+    with pytest.raises(g.BadMessage, match="bad gzip data"):
+        g.inflate(b"not gzip at all", b"gzip", 10_000)
