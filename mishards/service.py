@@ -35,6 +35,7 @@ from utils.errors import (
 )
 
 from .core import wire
+from .core.hedging import TailTolerance
 from .core.merge import is_descending, padding_distance
 from .meta import IN_PROGRESS_FILE_TYPES, FileSet, MetaReader, SchemaCache
 from .nodes import SERVICE, Membership, NodeClient
@@ -80,6 +81,8 @@ class MishardsService:
         timeout: float,
         max_retry: int,
         metrics: Metrics | None = None,
+        tolerance: TailTolerance | None = None,
+        partial_results: bool = False,
     ) -> None:
         self.writable = writable
         self.membership = membership
@@ -97,6 +100,8 @@ class MishardsService:
             reloads=self.reloads,
             max_retry=max_retry,
             metrics=metrics,
+            tolerance=tolerance,
+            partial_results=partial_results,
         )
         self.backend_version = ""
         self._meta_inline = meta.engine.dialect.name == "sqlite"  # sub-millisecond: no thread hop
@@ -359,6 +364,9 @@ class MishardsService:
                 "failovers": s.failovers,
                 "files_routed": s.files_routed,
                 "latency_ms": round(s.latency_ms_ewma, 3),
+                "hedges": s.hedges,
+                "hedges_won": s.hedges_won,
+                "ejections": s.ejections,
                 "last_health_check": None
                 if health is None
                 else {
