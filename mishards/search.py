@@ -104,6 +104,7 @@ class _Job:
     attempt: int
     timeout: float
     hedge: bool = False
+    deadline_bound: bool = False  # the timeout is what was left of the request's time, not the node's own
 
 
 @dataclass
@@ -270,7 +271,8 @@ class Scatter:
         late = [group for group in groups if group.open]
         if late:
             for group in late:
-                group.errors.append("no answer before the deadline from " + ", ".join(sorted(group.tried)))
+                nodes = ", ".join(self._address(node) for node in sorted(group.tried))
+                group.errors.append(f"no answer before the deadline from {nodes}")
             if not self.partial_results:
                 raise self._incomplete(late, request, "the deadline passed")
             missing += late
@@ -307,7 +309,8 @@ class Scatter:
         group.errors.append(f"{self._address(job.node)}: {payload}")
         self._series(job).failovers += 1
         if payload.startswith(TIMED_OUT):
-            self._slow(job.node, f"a search call timed out after {job.timeout:.2f} s")
+            if not job.deadline_bound:  # the request ran out of time: not the node's fault
+                self._slow(job.node, f"a search call timed out after {job.timeout:.2f} s")
         else:
             self._failed(job, payload)
         if group.calls:  # the other call of the pair still races
@@ -454,11 +457,9 @@ class Scatter:
         """Start the group's call on `node` now (on the plain path without a task)."""
         now = time.monotonic()
         remaining = max(request.stop_at - now, 0.001)
-        if node == WRITABLE:
-            timeout = remaining  # the last resort gets all the time left
-        else:
-            timeout = min(self.tolerance.attempt_timeout(node, now, group.attempt), remaining)
-        job = _Job(node, group.file_ids, group.attempt, timeout, hedge)
+        own = remaining if node == WRITABLE else self.tolerance.attempt_timeout(node, now, group.attempt)
+        timeout = min(own, remaining)  # the writable node, the last resort, gets all the time left
+        job = _Job(node, group.file_ids, group.attempt, timeout, hedge, deadline_bound=timeout >= remaining)
         group.tried.add(node)
         launched = self._launch(job, group, request)
         group.calls.append(launched)
