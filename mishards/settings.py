@@ -68,7 +68,7 @@ class Settings:
     hedge_budget_percent: float = 10.0  # hedges at most this share of node calls (token bucket)
     hedge_latency_window: float = 30.0  # seconds of latency samples the estimates use
     node_timeout_factor: float = 10.0  # one call's timeout: this times the node's p99 ...
-    node_timeout_min: float = 2.0  # ... but at least this many seconds (bounded by the deadline)
+    node_timeout_min: float = 5.0  # ... but at least this many seconds (bounded by the deadline)
     eject_after_slow_calls: int = 3  # timeouts or lost hedges in a row that eject a node from routing
     eject_max_percent: float = 50.0  # never eject more than this share of the read-only nodes
     partial_results: bool = False  # answer with the files that were searched when some cannot be
@@ -219,7 +219,7 @@ def _read(env: Env, testing: bool) -> Settings:
         hedge_budget_percent=_percent(env, "HEDGE_BUDGET_PERCENT", 10.0),
         hedge_latency_window=_float(env, "HEDGE_LATENCY_WINDOW", 30.0, minimum=1.0),
         node_timeout_factor=_float(env, "NODE_TIMEOUT_FACTOR", 10.0, minimum=1.0),
-        node_timeout_min=_float(env, "NODE_TIMEOUT_MIN", 2.0, minimum=0.01),
+        node_timeout_min=_float(env, "NODE_TIMEOUT_MIN", 5.0, minimum=0.01),
         eject_after_slow_calls=_int(env, "EJECT_AFTER_SLOW_CALLS", 3, minimum=1),
         eject_max_percent=_percent(env, "EJECT_MAX_PERCENT", 50.0),
         partial_results=_bool(env, "PARTIAL_RESULTS", False),

@@ -51,7 +51,7 @@ class TailPolicy:
     window_s: float = 30.0
     min_samples: int = 10
     timeout_factor: float = 10.0
-    min_attempt_timeout_s: float = 2.0
+    min_attempt_timeout_s: float = 5.0
     ejection_threshold: int = 3
     max_ejected_share: float = 0.5
 
