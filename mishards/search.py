@@ -24,7 +24,7 @@ import asyncio
 import logging
 import threading
 import time
-from asyncio import FIRST_COMPLETED
+from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
@@ -132,6 +132,49 @@ class _Group:
     open: bool = True  # False once answered, re-routed as new groups, or given up
 
 
+class _Inflight:
+    """The calls in flight of one search, and those completed since the loop last looked.
+
+    One done-callback per call (asyncio.wait would add and remove one per call on every wake-up)."""
+
+    __slots__ = ("calls", "_completed", "_waiter")
+
+    def __init__(self) -> None:
+        self.calls: dict[asyncio.Future, _Launched] = {}
+        self._completed: deque[asyncio.Future] = deque()
+        self._waiter: asyncio.Future | None = None
+
+    def add(self, launched: _Launched) -> None:
+        self.calls[launched.call] = launched
+        launched.call.add_done_callback(self._done)
+
+    def _done(self, future: asyncio.Future) -> None:
+        self._completed.append(future)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def completed(self, timeout: float) -> list[asyncio.Future]:
+        """The calls completed so far, waiting up to `timeout` seconds for the first."""
+        if not self._completed and timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        done = list(self._completed)
+        self._completed.clear()
+        return done
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 @dataclass(frozen=True)
 class _Request:
     """What every attempt of one search shares."""
@@ -237,7 +280,7 @@ class Scatter:
         """Every group's reply, and the groups no node answered (only when partial results are on:
         otherwise those raise). Bounded by the request's stop time; every call left is cancelled."""
         groups: list[_Group] = []
-        inflight: dict[asyncio.Future, _Launched] = {}
+        inflight = _Inflight()
         for node, file_ids in assignment.items():
             group = _Group(file_ids)
             groups.append(group)
@@ -245,7 +288,7 @@ class Scatter:
         replies: list = []
         missing: list[_Group] = []
         try:
-            while inflight:
+            while inflight.calls:
                 now = time.monotonic()
                 if now >= request.stop_at:
                     break
@@ -253,9 +296,8 @@ class Scatter:
                 for group in groups:
                     if group.open and group.hedge_at is not None and group.hedge_at < wake:
                         wake = group.hedge_at
-                done, _ = await asyncio.wait(inflight, timeout=max(wake - now, 0.0), return_when=FIRST_COMPLETED)
-                for future in done:
-                    launched = inflight.pop(future, None)
+                for future in await inflight.completed(wake - now):
+                    launched = inflight.calls.pop(future, None)
                     if launched is not None and launched.group.open:
                         self._settled(launched, request, groups, inflight, replies, missing)
                     elif not future.cancelled():
@@ -266,7 +308,7 @@ class Scatter:
                         group.hedge_at = None
                         self._hedge(group, request, inflight)
         finally:
-            for future in inflight:  # the losers, what the deadline cut off, or the search was cancelled
+            for future in inflight.calls:  # what the deadline cut off, or the search was cancelled
                 future.cancel()
         late = [group for group in groups if group.open]
         if late:
@@ -285,7 +327,7 @@ class Scatter:
         launched: _Launched,
         request: _Request,
         groups: list[_Group],
-        inflight: dict[asyncio.Future, _Launched],
+        inflight: _Inflight,
         replies: list,
         missing: list[_Group],
     ) -> None:
@@ -297,7 +339,7 @@ class Scatter:
             replies.append(self._decode(job, payload, request.nq))  # a node's own error status raises
             group.open = False
             for loser in group.calls:  # the other call of a hedged pair
-                inflight.pop(loser.call, None)
+                inflight.calls.pop(loser.call, None)
                 loser.call.cancel()
                 if job.hedge and not loser.job.hedge:
                     self._slow(loser.job.node, f"lost a hedge to {job.node}")
@@ -374,7 +416,7 @@ class Scatter:
             return None if readonly_left or WRITABLE in group.tried else WRITABLE
         return max(regrouped, key=lambda node: len(regrouped[node]))
 
-    def _hedge(self, group: _Group, request: _Request, inflight: dict[asyncio.Future, _Launched]) -> None:
+    def _hedge(self, group: _Group, request: _Request, inflight: _Inflight) -> None:
         """The group's call is late: race it on another node, if one is left and the budget allows."""
         if not group.calls or time.monotonic() >= request.stop_at:
             return
@@ -451,7 +493,7 @@ class Scatter:
         group: _Group,
         node: str,
         request: _Request,
-        inflight: dict[asyncio.Future, _Launched],
+        inflight: _Inflight,
         hedge: bool = False,
     ) -> None:
         """Start the group's call on `node` now (on the plain path without a task)."""
@@ -463,7 +505,7 @@ class Scatter:
         group.tried.add(node)
         launched = self._launch(job, group, request)
         group.calls.append(launched)
-        inflight[launched.call] = launched
+        inflight.add(launched)
         if not hedge:
             self.tolerance.first_call()
             if node != WRITABLE and self.tolerance.policy.hedging:
