@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from milvus_grpc import milvus_pb2 as pb
+from tests.observability.conftest import SpanSink, tracing_env
 from tests.support import oracle
 from tests.support.processes import NodeProcess, free_port
 from tests.support.stubs import milvus_stub, records, result_rows, search_param
@@ -262,9 +263,16 @@ PARTIAL_ENV = {"HEDGE_ENABLED": "false", "MAX_RETRY": "1", "NODE_TIMEOUT_MIN": "
 
 def test_partial_results_on_answer_what_arrived_before_the_deadline(tmp_path):
     metrics_port = free_port()
+    sink = SpanSink()  # tracing on: the calls run as tasks (reload, span), the other path than test_..._off
     cluster = start_faulty_cluster(
         tmp_path,
-        {**PARTIAL_ENV, "PARTIAL_RESULTS": "true", "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(metrics_port)},
+        {
+            **PARTIAL_ENV,
+            "PARTIAL_RESULTS": "true",
+            "METRICS_HOST": "127.0.0.1",
+            "METRICS_PORT": str(metrics_port),
+            **tracing_env(sink),
+        },
     )
     try:
         reply, elapsed, victim, queries = partial_scenario(cluster)
@@ -287,9 +295,13 @@ def test_partial_results_on_answer_what_arrived_before_the_deadline(tmp_path):
         assert "answered partially" in log
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
             assert "mishards_partial_searches_total 1.0" in response.read().decode()
+        spans = sink.wait_for(lambda spans: any(span.name == "partial_result" for span in spans))
+        tags = next(span.tags for span in spans if span.name == "partial_result")
+        assert tags["files_total"] == 12 and tags["files_searched"] == searched
     finally:
         for proc in reversed(cluster["procs"]):
             proc.stop()
+        sink.close()
 
 
 def test_partial_results_off_name_the_failed_nodes_and_files(tmp_path):
