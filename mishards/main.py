@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from discovery import discovery_factory  # noqa: E402
 from discovery.plugins.static import DiscoveryConfigError  # noqa: E402
+from mishards.core.hedging import TailPolicy, TailTolerance  # noqa: E402
 from mishards.meta import MetaReader, SchemaCache, create_engine  # noqa: E402
 from mishards.nodes import HandshakeError, HealthPolicy, Membership, NodeClient  # noqa: E402
 from mishards.observability.http import ObservabilityServer  # noqa: E402
@@ -84,6 +85,8 @@ class Mishards:
             timeout=settings.timeout,
             max_retry=settings.max_retry,
             metrics=self.metrics,
+            tolerance=TailTolerance(tail_policy(settings)),
+            partial_results=settings.partial_results,
         )
         self.server: grpc.aio.Server | H2Server | None = None
         self.serving = False
@@ -152,6 +155,22 @@ class Mishards:
         self.http = ObservabilityServer(self.settings.metrics_host, self.settings.metrics_port, self.metrics, source)
         self.http.start()
         log.info("metrics, status page and probes on http://%s:%d/", self.settings.metrics_host, self.http.port)
+
+
+def tail_policy(settings: Settings) -> TailPolicy:
+    """The hedging and ejection knobs, from the HEDGE_*, NODE_TIMEOUT_* and EJECT_* settings."""
+    return TailPolicy(
+        hedging=settings.hedge_enabled,
+        delay_percentile=settings.hedge_delay_percentile,
+        min_delay_s=settings.hedge_min_delay,
+        max_delay_s=max(settings.hedge_max_delay, settings.hedge_min_delay),
+        budget_ratio=settings.hedge_budget_percent / 100,
+        window_s=settings.hedge_latency_window,
+        timeout_factor=settings.node_timeout_factor,
+        min_attempt_timeout_s=settings.node_timeout_min,
+        ejection_threshold=settings.eject_after_slow_calls,
+        max_ejected_share=settings.eject_max_percent / 100,
+    )
 
 
 def main() -> int:

@@ -8,7 +8,8 @@ and probe threads, use a small blocking grpcio channel of their own. A node join
 membership only after it answered the version handshake with a supported version; one that
 fails it waits and is retried.
 Every joined node (and the writable one) is health-checked in the background: a node whose search
-fails, or that misses HEALTH_CHECK_FAILURES_TO_REMOVE checks in a row, is marked unhealthy and left
+fails, that is ejected as an outlier (its calls timed out or lost hedges several times in a row,
+see core/hedging.py), or that misses HEALTH_CHECK_FAILURES_TO_REMOVE checks in a row, is marked unhealthy and left
 out of routing until it passes HEALTH_CHECK_SUCCESSES_TO_RESTORE checks in a row. Nothing here ever
 leaves an empty entry behind.
 
@@ -104,6 +105,9 @@ class NodeStats:
     failovers: int = 0
     files_routed: int = 0
     latency_ms_ewma: float = 0.0
+    hedges: int = 0  # hedged calls sent here because another node was slow
+    hedges_won: int = 0  # of those, answered first
+    ejections: int = 0  # times taken out of routing after slow calls in a row
 
 
 class NodeClient:
@@ -321,6 +325,17 @@ class Membership:
         if client is not None and client.set_health(False, error):
             log.warning("read-only node %s marked unhealthy: %s", name, error)
             self._changed()
+
+    def eject(self, name: str, reason: str) -> bool:
+        """Outlier ejection: out of routing at once after slow calls in a row, without waiting for
+        health checks; those bring it back (HEALTH_CHECK_SUCCESSES_TO_RESTORE). True when ejected."""
+        client = self.get(name)
+        if client is None or not client.set_health(False, reason):
+            return False
+        client.stats.ejections += 1
+        log.warning("read-only node %s ejected from routing: %s", name, reason)
+        self._changed()
+        return True
 
     def _changed(self) -> None:
         for listener in self.listeners:

@@ -35,6 +35,7 @@ from utils.errors import (
 )
 
 from .core import wire
+from .core.hedging import TailTolerance
 from .core.http2 import DEFAULT_LIMITS, Limits
 from .core.merge import is_descending, is_match_filter, padding_distance
 from .meta import IN_PROGRESS_FILE_TYPES, FileSet, MetaReader, SchemaCache
@@ -82,6 +83,8 @@ class MishardsService:
         timeout: float,
         max_retry: int,
         metrics: Metrics | None = None,
+        tolerance: TailTolerance | None = None,
+        partial_results: bool = False,
     ) -> None:
         self.writable = writable
         self.membership = membership
@@ -99,6 +102,8 @@ class MishardsService:
             reloads=self.reloads,
             max_retry=max_retry,
             metrics=metrics,
+            tolerance=tolerance,
+            partial_results=partial_results,
         )
         self.backend_version = ""
         self._meta_inline = meta.engine.dialect.name == "sqlite"  # sub-millisecond: no thread hop
@@ -381,6 +386,9 @@ class MishardsService:
                 "failovers": s.failovers,
                 "files_routed": s.files_routed,
                 "latency_ms": round(s.latency_ms_ewma, 3),
+                "hedges": s.hedges,
+                "hedges_won": s.hedges_won,
+                "ejections": s.ejections,
                 "last_health_check": None
                 if health is None
                 else {

@@ -64,6 +64,17 @@ class Settings:
     health_check_successes_to_restore: int = 2  # passed checks in a row that bring it back
     rpc_transport: str = "http2"  # http2: the proxy's own HTTP/2 (server and search calls); grpcio
     front_door: Limits = DEFAULT_LIMITS  # the HTTP/2 server's limits (H2_*, docs/front-door.md)
+    hedge_enabled: bool = True  # race a slow node's search call on the next node of the ring
+    hedge_delay_percentile: float = 95.0  # of a node's recent latencies: how long before hedging it
+    hedge_min_delay: float = 0.05  # seconds; the hedge delay's floor ...
+    hedge_max_delay: float = 0.5  # ... and cap (also the delay while a node has too few samples)
+    hedge_budget_percent: float = 10.0  # hedges at most this share of node calls (token bucket)
+    hedge_latency_window: float = 30.0  # seconds of latency samples the estimates use
+    node_timeout_factor: float = 10.0  # one call's timeout: this times the node's p99 ...
+    node_timeout_min: float = 5.0  # ... but at least this many seconds (bounded by the deadline)
+    eject_after_slow_calls: int = 3  # timeouts or lost hedges in a row that eject a node from routing
+    eject_max_percent: float = 50.0  # never eject more than this share of the read-only nodes
+    partial_results: bool = False  # answer with the files that were searched when some cannot be
 
 
 def _load_dotenv(env: Env) -> None:
@@ -132,6 +143,13 @@ def _float(env: Env, name: str, default: float, minimum: float) -> float:
     return value
 
 
+def _percent(env: Env, name: str, default: float) -> float:
+    value = _float(env, name, default, minimum=0.0)
+    if value > 100:
+        raise SettingsError(f"{name} must be at most 100, got {value}")
+    return value
+
+
 def _bool(env: Env, name: str, default: bool) -> bool:
     try:
         return env.bool(name, default)
@@ -197,6 +215,17 @@ def _read(env: Env, testing: bool) -> Settings:
         health_check_failures_to_remove=_int(env, "HEALTH_CHECK_FAILURES_TO_REMOVE", 2, minimum=1),
         health_check_successes_to_restore=_int(env, "HEALTH_CHECK_SUCCESSES_TO_RESTORE", 2, minimum=1),
         rpc_transport=_choice(env, "RPC_TRANSPORT", "http2", ("http2", "grpcio")),
+        hedge_enabled=_bool(env, "HEDGE_ENABLED", True),
+        hedge_delay_percentile=_percent(env, "HEDGE_DELAY_PERCENTILE", 95.0),
+        hedge_min_delay=_float(env, "HEDGE_MIN_DELAY", 0.05, minimum=0.0),
+        hedge_max_delay=_float(env, "HEDGE_MAX_DELAY", 0.5, minimum=0.0),
+        hedge_budget_percent=_percent(env, "HEDGE_BUDGET_PERCENT", 10.0),
+        hedge_latency_window=_float(env, "HEDGE_LATENCY_WINDOW", 30.0, minimum=1.0),
+        node_timeout_factor=_float(env, "NODE_TIMEOUT_FACTOR", 10.0, minimum=1.0),
+        node_timeout_min=_float(env, "NODE_TIMEOUT_MIN", 5.0, minimum=0.01),
+        eject_after_slow_calls=_int(env, "EJECT_AFTER_SLOW_CALLS", 3, minimum=1),
+        eject_max_percent=_percent(env, "EJECT_MAX_PERCENT", 50.0),
+        partial_results=_bool(env, "PARTIAL_RESULTS", False),
         front_door=_front_door(env),
     )
 

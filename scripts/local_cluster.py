@@ -2,9 +2,12 @@
 """A local cluster in the foreground: Mishards on :19530 over one writable and two read-only nodes.
 
 All nodes share one SQLite meta file and one data directory, as the nodes of a Mishards cluster
-share a meta DB and storage; the proxy reads the same meta file. Ctrl-C or SIGTERM stops every
-child (SIGTERM, bounded wait, SIGKILL); if any child dies, the rest are stopped and the exit code
-is 1.
+share a meta DB and storage; the proxy reads the same meta file. A child that dies is logged and
+restarted with backoff (1 s, doubling to 30 s; back to 1 s once it stayed up a minute), as
+docker-compose's `restart: on-failure` does, while the others keep serving. Only Ctrl-C or
+SIGTERM stops the cluster: every child gets SIGTERM, a bounded wait, then SIGKILL. Each child's
+output goes to <data dir>/logs/<name>.log; the proxy logs to stderr only (LOG_PATH empty), so
+each of its lines is there once.
 
 Environment: MILVUS_RUN_PROXY_PORT (19530), MILVUS_RUN_WO_PORT (19540), MILVUS_RUN_RO_PORTS
 ("19541,19542"), MILVUS_RUN_STATUS_PORT (19121: the proxy's status page and metrics; 0 turns
@@ -45,6 +48,10 @@ class Service:
     env: dict[str, str] | None = None
 
 
+RESTART_BACKOFF_S = (1.0, 30.0)  # first delay, cap; doubles per restart in a row
+STABLE_AFTER_S = 60.0  # a child up this long gets the first delay again on its next death
+
+
 class Shutdown(Exception):
     """Raised from the signal handler to leave any wait at once."""
 
@@ -77,8 +84,7 @@ def proxy(port: int, wo_port: int, ro_ports: list[int], data_dir: Path, meta_uri
         DISCOVERY_STATIC_HOSTS=",".join(f"{LOCALHOST}:{p}" for p in ro_ports),
         SERVER_HOST=LOCALHOST,
         SERVER_PORT=str(port),
-        LOG_PATH=str(data_dir / "logs"),
-        LOG_NAME="mishards",
+        LOG_PATH="",  # stderr only: this script writes it to logs/mishards.log (a file handler would double it)
         METRICS_HOST=LOCALHOST,
         METRICS_PORT=os.environ.get("MILVUS_RUN_STATUS_PORT", "19121"),
     )
@@ -103,6 +109,49 @@ def print_table(running: list[tuple[Service, ManagedProcess]]) -> None:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     print("Ctrl-C stops the cluster.", flush=True)
+
+
+@dataclass
+class Restarts:
+    """One child's restart state: deaths in a row, when it may start next, when it last started."""
+
+    in_a_row: int = 0
+    due: float | None = None
+    started: float = 0.0
+
+
+def supervise(running: list[tuple[Service, ManagedProcess]]) -> None:
+    """Restart children that die, with backoff, until a signal raises Shutdown (never returns otherwise)."""
+    state = {service.name: Restarts(started=time.monotonic()) for service, _ in running}
+    while True:
+        for service, proc in running:
+            restart = state[service.name]
+            now = time.monotonic()
+            if restart.due is None:
+                if proc.alive():
+                    if now - restart.started >= STABLE_AFTER_S:
+                        restart.in_a_row = 0
+                    continue
+                delay = min(RESTART_BACKOFF_S[0] * 2**restart.in_a_row, RESTART_BACKOFF_S[1])
+                restart.in_a_row += 1
+                restart.due = now + delay
+                print(
+                    f"{service.name} (pid {proc.pid}) exited with code {proc.returncode}; "
+                    f"restarting it in {delay:g} s\n"
+                    f"--- last lines of {proc.log_path} ---\n{log_tail(proc.log_path, 10)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            elif now >= restart.due:
+                restart.due = None
+                restart.started = now
+                try:
+                    proc.start()  # bounded by the start timeout
+                except ProcessStartError as exc:
+                    print(f"{service.name} did not restart: {exc}", file=sys.stderr, flush=True)
+                    continue
+                print(f"restarted {service.name} (pid {proc.pid})", file=sys.stderr, flush=True)
+        time.sleep(0.2)
 
 
 def main() -> int:
@@ -143,16 +192,7 @@ def main() -> int:
             running.append((service, proc))
             proc.start()
         print_table(running)
-        while True:
-            for service, proc in running:
-                if not proc.alive():
-                    print(
-                        f"{service.name} exited with code {proc.returncode}; stopping the cluster\n"
-                        f"--- last lines of {proc.log_path} ---\n{log_tail(proc.log_path)}",
-                        file=sys.stderr,
-                    )
-                    return 1
-            time.sleep(0.5)
+        supervise(running)
     except ProcessStartError as exc:
         print(exc, file=sys.stderr)
         return 1

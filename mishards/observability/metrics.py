@@ -65,15 +65,19 @@ class RpcSeries:
 
 
 class NodeSeries:
-    """One backend node: its calls' latency, failed calls, retried groups it served, failovers away from it."""
+    """One backend node: its calls' latency, failed calls, retried groups it served, failovers away
+    from it, hedged calls sent to it and won by it, ejections after slow calls."""
 
-    __slots__ = ("latency", "errors", "retries", "failovers")
+    __slots__ = ("latency", "errors", "retries", "failovers", "hedges", "hedges_won", "ejections")
 
     def __init__(self) -> None:
         self.latency = Histogram()
         self.errors = 0
         self.retries = 0
         self.failovers = 0
+        self.hedges = 0
+        self.hedges_won = 0
+        self.ejections = 0
 
 
 class Metrics:
@@ -85,6 +89,7 @@ class Metrics:
         self._nodes: dict[str, NodeSeries] = {}
         self.fanout = Histogram(FANOUT_BUCKETS)
         self.merge = Histogram()
+        self.partial_searches = 0  # searches answered without some files (PARTIAL_RESULTS)
         self._meta: dict[str, Histogram] = {}
         self._membership: Callable[[], Iterable[Metric]] = lambda: ()
         self.registry.register(_Collector(self))
@@ -138,13 +143,31 @@ class Metrics:
         node_failovers = CounterMetricFamily(
             "mishards_node_failovers", "File groups moved away from a node after it failed them", labels=["node"]
         )
+        node_hedges = CounterMetricFamily(
+            "mishards_node_hedges", "Hedged calls sent to a node because another was slow", labels=["node"]
+        )
+        node_hedges_won = CounterMetricFamily(
+            "mishards_node_hedges_won", "Hedged calls to a node that answered first", labels=["node"]
+        )
+        node_ejections = CounterMetricFamily(
+            "mishards_node_ejections", "Times a node left routing after slow calls in a row", labels=["node"]
+        )
         for name, series in nodes:
             buckets, total = series.latency.cumulative()
             node_latency.add_metric([name], buckets, total)
             node_errors.add_metric([name], series.errors)
             node_retries.add_metric([name], series.retries)
             node_failovers.add_metric([name], series.failovers)
-        yield from (node_latency, node_errors, node_retries, node_failovers)
+            node_hedges.add_metric([name], series.hedges)
+            node_hedges_won.add_metric([name], series.hedges_won)
+            node_ejections.add_metric([name], series.ejections)
+        yield from (node_latency, node_errors, node_retries, node_failovers, node_hedges, node_hedges_won)
+        yield node_ejections
+        partial = CounterMetricFamily(
+            "mishards_partial_searches", "Searches answered with some files unsearched (PARTIAL_RESULTS)"
+        )
+        partial.add_metric([], self.partial_searches)
+        yield partial
 
         fanout = HistogramMetricFamily("mishards_search_fanout_nodes", "Nodes one search was first sent to")
         buckets, total = self.fanout.cumulative()

@@ -153,8 +153,8 @@ def render_html(snapshot: dict) -> str:
         f'{html.escape(snapshot["generated_at"])} &middot; <a href="/status.json">JSON</a> &middot; '
         '<a href="/metrics">metrics</a></div>',
         "<h2>Nodes</h2><table><tr><th>node</th><th>role</th><th>address</th><th>state</th><th>version</th>"
-        "<th>calls</th><th>failures</th><th>failovers</th><th>files routed</th><th>latency ms</th>"
-        "<th>last error</th></tr>",
+        "<th>calls</th><th>failures</th><th>failovers</th><th>hedges</th><th>hedges won</th><th>ejections</th>"
+        "<th>files routed</th><th>latency ms</th><th>last error</th></tr>",
     ]
     for node in snapshot["nodes"]:
         parts.append(
@@ -167,6 +167,9 @@ def render_html(snapshot: dict) -> str:
             + _cell(node.get("calls", 0), True)
             + _cell(node.get("failures", 0), True)
             + _cell(node.get("failovers", 0), True)
+            + _cell(node.get("hedges", 0), True)
+            + _cell(node.get("hedges_won", 0), True)
+            + _cell(node.get("ejections", 0), True)
             + _cell(node.get("files_routed", 0), True)
             + _cell(node.get("latency_ms", ""), True)
             + f'<td class="err">{html.escape(node.get("last_error", ""))}</td></tr>'

@@ -76,8 +76,12 @@ def test_counters_move_with_a_search_stream(observed: ObservedCluster):
     assert moved("mishards_request_errors_total", method="Search") == 1
     assert moved("mishards_request_duration_seconds_count", method="Search") == searches + 1
     assert moved("mishards_request_duration_seconds_bucket", method="Search", le="+Inf") == searches + 1
-    for node in observed.readonly:  # both nodes serve files of every search
-        assert moved("mishards_node_call_duration_seconds_count", node=node.address) == searches
+    # both nodes serve files of every search: two timed calls per search. A hedge (a slow call raced
+    # on the other node) does not change the total, only where it lands: the loser is cancelled, untimed.
+    assert sum(moved("mishards_node_call_duration_seconds_count", node=n.address) for n in observed.readonly) == (
+        2 * searches
+    )
+    for node in observed.readonly:
         assert moved("mishards_node_errors_total", node=node.address) == 0
     assert moved("mishards_search_fanout_nodes_count") == searches
     assert moved("mishards_search_fanout_nodes_sum") == 2 * searches

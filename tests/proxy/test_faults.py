@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 
 from milvus_grpc import milvus_pb2 as pb
+from tests.observability.conftest import SpanSink, tracing_env
 from tests.support import oracle
 from tests.support.processes import NodeProcess, free_port
 from tests.support.stubs import milvus_stub, records, result_rows, search_param
@@ -19,10 +22,8 @@ from .conftest import MishardsProcess
 DIM = 16
 
 
-@pytest.fixture
-def faulty_cluster(tmp_path, request):
-    """Writable + 3 read-only nodes on SQLite, a proxy with a short TIMEOUT, 12 segments of data;
-    the proxy's RPC_TRANSPORT is the test's parameter (default http2)."""
+def start_faulty_cluster(tmp_path, proxy_env: dict[str, str]):
+    """Writable + 3 read-only nodes on SQLite, a proxy with a short TIMEOUT, 12 segments of data."""
     meta = f"sqlite:///{tmp_path}/meta.sqlite"
     data = tmp_path / "data"
     data.mkdir()
@@ -37,7 +38,7 @@ def faulty_cluster(tmp_path, request):
             meta_uri=meta,
             ro_addresses=[n.address for n in ro],
             log_dir=tmp_path,
-            extra_env={"TIMEOUT": "4", "MAX_RETRY": "3", "RPC_TRANSPORT": getattr(request, "param", "http2")},
+            extra_env={"TIMEOUT": "4", "MAX_RETRY": "3", **proxy_env},
         ).start()
         procs.append(proxy)
         rng = np.random.default_rng(7)
@@ -60,10 +61,20 @@ def faulty_cluster(tmp_path, request):
                 )
                 assert reply.status.error_code == 0
                 assert stub.Flush(pb.FlushParam(collection_name_array=["faults"])).error_code == 0
-        yield {"writable": writable, "ro": ro, "proxy": proxy, "vectors": vectors, "ids": ids}
-    finally:
+    except BaseException:
         for proc in reversed(procs):
             proc.stop()
+        raise
+    return {"writable": writable, "ro": ro, "proxy": proxy, "vectors": vectors, "ids": ids, "procs": procs}
+
+
+@pytest.fixture
+def faulty_cluster(tmp_path, request):
+    """The cluster above; the proxy's RPC_TRANSPORT is the test's parameter (default http2)."""
+    cluster = start_faulty_cluster(tmp_path, {"RPC_TRANSPORT": getattr(request, "param", "http2")})
+    yield cluster
+    for proc in reversed(cluster["procs"]):
+        proc.stop()
 
 
 def stream_searches(
@@ -143,9 +154,13 @@ def test_sigstop_of_a_readonly_node_during_searches(faulty_cluster):
     victim = busiest_node(faulty_cluster)
     try:
         results = run_with_fault(faulty_cluster, victim.pause)
-        # a frozen node costs at most one attempt's share of TIMEOUT (4 s / MAX_RETRY 3), then is avoided
-        assert max(elapsed for _, elapsed, _ in results) < 4.0
-        assert conn_stats(faulty_cluster["proxy"].address)["readonly"][victim.address]["healthy"] is False
+        # a frozen node costs at most its hedge delay (HEDGE_MAX_DELAY 0.5 s) and one normal search,
+        # and is ejected after losing 3 hedges in a row
+        assert max(elapsed for _, elapsed, _ in results) < 2.0
+        stats = conn_stats(faulty_cluster["proxy"].address)["readonly"]
+        assert stats[victim.address]["healthy"] is False
+        assert sum(node["hedges_won"] for node in stats.values()) >= 1
+        assert "ejected" in stats[victim.address]["last_error"] or stats[victim.address]["ejections"] >= 1
     finally:
         victim.resume()
     # once it answers again it is probed back into service and receives files again
@@ -223,3 +238,81 @@ def test_unreachable_readonly_node_at_start_never_breaks_searches(tmp_path):
         )
         stats = json.loads(stub.Cmd(pb.Command(cmd="conn_stats")).string_reply)
         assert ghost in stats["waiting"] and list(stats["readonly"]) == [ro.address]
+
+
+def partial_scenario(cluster):
+    """Files no node can answer in time: the busiest read-only node and the writable node frozen,
+    no hedging and MAX_RETRY=1, so that node's files have no other candidate. The reply and the victim."""
+    victim = busiest_node(cluster)
+    queries = np.random.default_rng(11).random((2, DIM)).astype(np.float32)
+    victim.pause()
+    cluster["writable"].pause()
+    try:
+        with milvus_stub(cluster["proxy"].address) as stub:
+            started = time.monotonic()
+            reply = stub.Search(search_param("faults", queries, 10), timeout=30)  # the proxy's TIMEOUT (4 s) rules
+            elapsed = time.monotonic() - started
+    finally:
+        victim.resume()
+        cluster["writable"].resume()
+    return reply, elapsed, victim, queries
+
+
+PARTIAL_ENV = {"HEDGE_ENABLED": "false", "MAX_RETRY": "1", "NODE_TIMEOUT_MIN": "1"}
+
+
+def test_partial_results_on_answer_what_arrived_before_the_deadline(tmp_path):
+    metrics_port = free_port()
+    sink = SpanSink()  # tracing on: the calls run as tasks (reload, span), the other path than test_..._off
+    cluster = start_faulty_cluster(
+        tmp_path,
+        {
+            **PARTIAL_ENV,
+            "PARTIAL_RESULTS": "true",
+            "METRICS_HOST": "127.0.0.1",
+            "METRICS_PORT": str(metrics_port),
+            **tracing_env(sink),
+        },
+    )
+    try:
+        reply, elapsed, victim, queries = partial_scenario(cluster)
+        assert reply.status.error_code == 0, reply.status
+        match = re.match(r"partial result: searched (\d+) of 12 files; (\d+) unanswered", reply.status.reason)
+        assert match, reply.status.reason
+        searched, missing = int(match[1]), int(match[2])
+        assert 0 < searched < 12 and searched + missing == 12
+        assert victim.address in reply.status.reason
+        assert elapsed < 4.0, "answered before the client's deadline"
+        # what came back is exact for the rows it covers: true distances, best first, no id twice
+        got_ids, got_distances = result_rows(reply)
+        by_id = dict(zip(cluster["ids"].tolist(), cluster["vectors"], strict=True))
+        for query, row_ids, row_distances in zip(queries, got_ids, got_distances, strict=True):
+            assert len(row_ids) == 10 and len(set(row_ids)) == 10
+            true = [float(np.sum((by_id[i] - query) ** 2)) for i in row_ids]
+            np.testing.assert_allclose(row_distances, true, rtol=1e-5, atol=1e-4)
+            assert list(row_distances) == sorted(row_distances)
+        log = (tmp_path / f"mishards-{cluster['proxy'].port}.log").read_text()
+        assert "answered partially" in log
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            assert "mishards_partial_searches_total 1.0" in response.read().decode()
+        spans = sink.wait_for(lambda spans: any(span.name == "partial_result" for span in spans))
+        tags = next(span.tags for span in spans if span.name == "partial_result")
+        assert tags["files_total"] == 12 and tags["files_searched"] == searched
+    finally:
+        for proc in reversed(cluster["procs"]):
+            proc.stop()
+        sink.close()
+
+
+def test_partial_results_off_name_the_failed_nodes_and_files(tmp_path):
+    cluster = start_faulty_cluster(tmp_path, PARTIAL_ENV)
+    try:
+        reply, elapsed, victim, _ = partial_scenario(cluster)
+        assert reply.status.error_code == 2, reply.status  # CONNECT_FAILED
+        reason = reply.status.reason
+        assert "no node could search" in reason and "files " in reason
+        assert victim.address in reason and cluster["writable"].address in reason
+        assert elapsed < 6.0
+    finally:
+        for proc in reversed(cluster["procs"]):
+            proc.stop()

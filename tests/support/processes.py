@@ -46,8 +46,12 @@ def free_port(host: str = LOCALHOST) -> int:
 
 
 def port_is_free(port: int, host: str = LOCALHOST) -> bool:
-    """True when nothing listens on host:port, so a readiness probe cannot hit a stranger."""
+    """True when nothing listens on host:port, so a readiness probe cannot hit a stranger.
+
+    SO_REUSEADDR, as the servers set it: connections of a stopped server still in TIME_WAIT do not
+    make the port look taken, only a listener (or a socket bound without it) does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

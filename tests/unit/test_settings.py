@@ -167,3 +167,28 @@ def test_start_up_stops_with_one_line_naming_the_variable(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "WOSERVER" in lines[0], result.stderr
+
+
+def test_tail_tolerance_settings_defaults_overrides_and_bad_values(env):
+    from mishards.main import tail_policy
+
+    s = load_settings()
+    assert (s.hedge_enabled, s.hedge_budget_percent, s.hedge_max_delay, s.partial_results) == (True, 10.0, 0.5, False)
+    policy = tail_policy(s)
+    assert policy.hedging and policy.budget_ratio == 0.10 and policy.ejection_threshold == 3
+    env.setenv("HEDGE_ENABLED", "false")
+    env.setenv("HEDGE_BUDGET_PERCENT", "5")
+    env.setenv("EJECT_AFTER_SLOW_CALLS", "5")
+    env.setenv("PARTIAL_RESULTS", "true")
+    policy = tail_policy(s := load_settings())
+    assert not policy.hedging and policy.budget_ratio == 0.05 and policy.ejection_threshold == 5 and s.partial_results
+    env.setenv("HEDGE_BUDGET_PERCENT", "150")
+    with pytest.raises(SettingsError, match="HEDGE_BUDGET_PERCENT must be at most 100"):
+        load_settings()
+    env.setenv("HEDGE_BUDGET_PERCENT", "10")
+    env.setenv("EJECT_AFTER_SLOW_CALLS", "0")
+    with pytest.raises(SettingsError, match="EJECT_AFTER_SLOW_CALLS must be at least 1"):
+        load_settings()
+    example = (ROOT / ".env.example").read_text()
+    for name in ("HEDGE_ENABLED", "HEDGE_BUDGET_PERCENT", "NODE_TIMEOUT_MIN", "EJECT_AFTER_SLOW_CALLS"):
+        assert f"\n{name}=" in example, name
