@@ -330,7 +330,7 @@ def test_annoy_and_the_build_threshold_through_the_proxy(both, clients, cluster)
         collection_name=name,
         id_array=[3, 99999] + ids[:1200],
         topk=5,
-        extra_params=[pb.KeyValuePair(key="params", value='{"search_k": 1000000}')],
+        extra_params=[pb.KeyValuePair(key="params", value='{"search_k": 1000}')],
     )
     with milvus_stub(cluster.proxy.address) as via_proxy, milvus_stub(cluster.reference.address) as reference:
         a, b = via_proxy.SearchByID(request, timeout=60), reference.SearchByID(request, timeout=60)
