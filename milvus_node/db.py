@@ -796,12 +796,15 @@ class NodeDB:
     def search_by_ids(self, name: str, tags: Sequence[str], ids: np.ndarray, topk: int, params: dict) -> SearchResult:
         """One row per id, as wide as the search of the found ids (min(topk, live rows searched));
         ids that are not stored get a row of padding. Nothing found, or no live row: an empty reply."""
-        row = self.collection(name)
-        binary, vectors = self._vectors_by_id(row, ids)
+        family = self.family(name)
+        row = family[0]
+        validation.topk(topk)
+        index.check_search_params(row.engine_type, topk, params)  # also when no id is found
+        _, vectors = self._vectors_by_id(row, ids)
         known = [i for i, v in enumerate(vectors) if v is not None]
         if not known:
             return SearchResult(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
-        result = self.search(self.family(name), tags, np.stack([vectors[i] for i in known]), topk, params)
+        result = self.search(family, tags, np.stack([vectors[i] for i in known]), topk, params)
         width = result.ids.shape[1]
         if width == 0:
             return result

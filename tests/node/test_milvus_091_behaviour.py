@@ -252,3 +252,29 @@ def test_a_delete_keeps_data_size_until_compact(client, collection):
     assert client.compact(collection).OK()
     [after_compact] = segments(client, collection)
     assert after_compact["row_count"] == 150 and after_compact["data_size"] < before["data_size"]
+
+
+def test_search_by_id_rows_keep_the_width(client, collection, node):
+    """SearchByID (not in pymilvus 0.2.12, so raw gRPC): one row per id, min(topk, live rows) wide."""
+    from milvus_grpc import milvus_pb2 as pb
+
+    assert client.create_collection({"collection_name": collection, "dimension": 4}).OK()
+    vectors = np.random.default_rng(7).random((2, 4)).astype(np.float32)
+    assert client.insert(collection, vectors.tolist(), ids=[11, 12])[0].OK() and client.flush([collection]).OK()
+
+    def search_by_id(ids, params='{"nprobe": 1}'):
+        request = pb.SearchByIDParam(
+            collection_name=collection,
+            id_array=ids,
+            topk=10,
+            extra_params=[pb.KeyValuePair(key="params", value=params)],
+        )
+        with milvus_stub(node.address) as stub:
+            return stub.SearchByID(request, timeout=30)
+
+    reply = search_by_id([12, 404, 11])
+    assert reply.status.error_code == 0 and reply.row_num == 3
+    assert list(reply.ids) == [12, 11, -1, -1, 11, 12], "2 columns, the unknown id padded"
+    reply = search_by_id([404])
+    assert reply.status.error_code == 0 and reply.row_num == 0 and list(reply.ids) == []
+    assert search_by_id([404], params="{").status.error_code != 0, "parameters are checked even when no id is found"
