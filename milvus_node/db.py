@@ -837,13 +837,14 @@ class NodeDB:
     ) -> SearchResult:
         """Milvus' reply width: each file gives min(its live rows, topk) columns and the files merge to
         min(topk, their sum), so a reply is min(topk, live rows searched) wide, (0, 0) with none."""
-        segments = [self._segment(file, row) for file in files]
-        width = min(topk, sum(segment.live_count for segment in segments))
-        if width == 0:
-            return SearchResult(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
         match_filter = engine.is_match_filter(row.metric_type)
         parts, candidate_ids, candidate_dist = [], [], []
-        for segment in segments:  # in file order: a match filter keeps its first matches in storage order
+        live_rows = 0
+        for file in files:  # in file order: a match filter keeps its first matches in storage order
+            segment = self._segment(file, row)
+            live_rows += segment.live_count
+            if not segment.live_count:
+                continue
             if segment.index is not None:
                 found, dist = index.search(
                     segment.index, row.metric_type, queries, segment.vectors, segment.ids, segment.deleted, topk, params
@@ -859,6 +860,9 @@ class NodeDB:
                         row.metric_type, queries, segment.vectors, segment.ids, segment.deleted, topk, segment.norms
                     )
                 )
+        width = min(topk, live_rows)
+        if width == 0:
+            return SearchResult(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
         if candidate_ids:  # one ranking over every indexed segment's candidates
             parts.append(engine.select_topk(np.hstack(candidate_dist), np.hstack(candidate_ids), topk, row.metric_type))
         ids, dist = engine.merge_topk(parts, queries.shape[0], topk, row.metric_type)
