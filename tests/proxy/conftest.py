@@ -7,9 +7,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.support.processes import LOCALHOST, ManagedProcess, NodeProcess, cmd_version_probe, free_port
+from tests.support.pymilvus_client import PymilvusClient
 
 
 class MishardsProcess(ManagedProcess):
@@ -70,13 +72,19 @@ class Cluster:
             proc.stop()
 
 
-def start_cluster(meta_uri: str, base: Path, readonly: int = 2, proxy_env: dict[str, str] | None = None) -> Cluster:
+def start_cluster(
+    meta_uri: str,
+    base: Path,
+    readonly: int = 2,
+    proxy_env: dict[str, str] | None = None,
+    writable_args: tuple[str, ...] = (),
+) -> Cluster:
     data = base / "data"
     data.mkdir()
     logs = base / "logs"
     started = []
     try:
-        writable = NodeProcess("writable", meta_uri, data, log_dir=logs).start()
+        writable = NodeProcess("writable", meta_uri, data, log_dir=logs, extra_args=writable_args).start()
         started.append(writable)
         ro_nodes = []
         for _ in range(readonly):
@@ -105,3 +113,39 @@ def cluster(module_meta_uri, tmp_path_factory):
     c = start_cluster(module_meta_uri, tmp_path_factory.mktemp("cluster"))
     yield c
     c.stop()
+
+
+# pymilvus on the proxy and on the reference node, for tests comparing the two
+@pytest.fixture(scope="module")
+def clients(cluster):
+    with (
+        PymilvusClient(cluster.proxy.host, cluster.proxy.port) as proxy,
+        PymilvusClient(cluster.reference.host, cluster.reference.port) as reference,
+    ):
+        yield proxy, reference
+
+
+@pytest.fixture
+def both(clients, request):
+    """Run the same call on the proxy and on the reference node; return both results."""
+    proxy, reference = clients
+    name = "c_" + request.node.name.replace("[", "_").replace("]", "").replace("-", "_")[:60]
+
+    def call(method, *args, **kwargs):
+        return getattr(proxy, method)(*args, **kwargs), getattr(reference, method)(*args, **kwargs)
+
+    yield name, call
+    call("drop_collection", name)
+
+
+def same_search(got, want):
+    (status_a, result_a), (status_b, result_b) = got, want
+    assert status_a.code == status_b.code, (status_a, status_b)
+    if status_a.code != 0:
+        return
+    assert result_a.shape == result_b.shape
+    for row_a, row_b, dist_a, dist_b in zip(
+        result_a.ids, result_b.ids, result_a.distances, result_b.distances, strict=True
+    ):
+        assert row_a == row_b
+        np.testing.assert_allclose(dist_a, dist_b, rtol=1e-5, atol=1e-4)
