@@ -407,7 +407,7 @@ class Peer:
             chunk = self.sock.recv(1 << 20)
         except (ConnectionResetError, ConnectionAbortedError):
             chunk = b""
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise TimeoutError from None
         if not chunk:
             self.eof = True

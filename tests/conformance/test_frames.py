@@ -10,6 +10,7 @@ from .harness import (
     ACK,
     CONTINUATION,
     DATA,
+    DEFAULT_MAX_FRAME,
     ECHO,
     END_HEADERS,
     END_STREAM,
@@ -27,7 +28,6 @@ from .harness import (
     SLOW,
     UNKNOWN_TYPE,
     WINDOW_UPDATE,
-    DEFAULT_MAX_FRAME,
     data,
     goaway,
     grpc_message,
@@ -36,7 +36,6 @@ from .harness import (
     raw_frame,
     request_headers,
     rst_stream,
-    window_update,
 )
 
 
