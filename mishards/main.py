@@ -115,6 +115,7 @@ class Mishards:
             self.host,
             self.settings.server_port if port is None else port,
             self.settings.rpc_transport,
+            self.settings.front_door,
         )
         self.serving = True
         log.info(

@@ -35,6 +35,7 @@ from utils.errors import (
 )
 
 from .core import wire
+from .core.http2 import DEFAULT_LIMITS, Limits
 from .core.merge import is_descending, padding_distance
 from .meta import IN_PROGRESS_FILE_TYPES, FileSet, MetaReader, SchemaCache
 from .nodes import SERVICE, Membership, NodeClient
@@ -379,14 +380,15 @@ class MishardsService:
 
 
 async def start_server(
-    service: MishardsService, host: str, port: int, transport: str = "http2"
+    service: MishardsService, host: str, port: int, transport: str = "http2", limits: Limits = DEFAULT_LIMITS
 ) -> tuple[grpc.aio.Server | H2Server, int]:
     """Serve the API on host:port (port 0: any free one); the server and its port. Call inside the loop.
 
     `http2` is the proxy's own HTTP/2 server (transport.py, about a third of grpc.aio's CPU per
-    call); `grpcio` is grpc.aio, kept as the fallback (RPC_TRANSPORT)."""
+    call, within `limits`: docs/front-door.md); `grpcio` is grpc.aio, kept as the fallback
+    (RPC_TRANSPORT)."""
     if transport == "http2":
-        server = H2Server(service.handlers())
+        server = H2Server(service.handlers(), limits)
         return server, await server.start(host, port)
     methods = {
         path.rpartition("/")[2]: grpc.unary_unary_rpc_method_handler(handler)

@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 
 from environs import Env, EnvError
 
+from mishards.core.http2 import DEFAULT_LIMITS, Limits
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 SUPPORTED_SERVER_VERSIONS = ("0.9", "0.10")  # by major.minor
@@ -61,6 +63,7 @@ class Settings:
     health_check_failures_to_remove: int = 2  # failed checks in a row that take a node out of routing
     health_check_successes_to_restore: int = 2  # passed checks in a row that bring it back
     rpc_transport: str = "http2"  # http2: the proxy's own HTTP/2 (server and search calls); grpcio
+    front_door: Limits = DEFAULT_LIMITS  # the HTTP/2 server's limits (H2_*, docs/front-door.md)
 
 
 def _load_dotenv(env: Env) -> None:
@@ -194,4 +197,26 @@ def _read(env: Env, testing: bool) -> Settings:
         health_check_failures_to_remove=_int(env, "HEALTH_CHECK_FAILURES_TO_REMOVE", 2, minimum=1),
         health_check_successes_to_restore=_int(env, "HEALTH_CHECK_SUCCESSES_TO_RESTORE", 2, minimum=1),
         rpc_transport=_choice(env, "RPC_TRANSPORT", "http2", ("http2", "grpcio")),
+        front_door=_front_door(env),
+    )
+
+
+def _front_door(env: Env) -> Limits:
+    """The H2_* limits of the proxy's own HTTP/2 server; defaults in `Limits` (docs/front-door.md)."""
+    d = DEFAULT_LIMITS
+    return Limits(
+        max_concurrent_streams=_int(env, "H2_MAX_CONCURRENT_STREAMS", d.max_concurrent_streams, minimum=1),
+        max_header_list_size=_int(env, "H2_MAX_HEADER_LIST_SIZE", d.max_header_list_size, minimum=1024),
+        max_message_size=_int(env, "H2_MAX_MESSAGE_SIZE", d.max_message_size, minimum=1024),
+        connection_buffer=_int(env, "H2_MAX_CONNECTION_BUFFER", d.connection_buffer, minimum=65_536),
+        max_buffered=_int(env, "H2_MAX_BUFFERED_BYTES", d.max_buffered, minimum=65_536),
+        max_connections=_int(env, "H2_MAX_CONNECTIONS", d.max_connections, minimum=1),
+        handshake_timeout=_float(env, "H2_HANDSHAKE_TIMEOUT", d.handshake_timeout, minimum=0.1),
+        idle_timeout=_float(env, "H2_IDLE_TIMEOUT", d.idle_timeout, minimum=0.1),
+        read_timeout=_float(env, "H2_READ_TIMEOUT", d.read_timeout, minimum=0.1),
+        abuse_window=_float(env, "H2_ABUSE_WINDOW", d.abuse_window, minimum=0.1),
+        max_resets=_int(env, "H2_MAX_RESETS", d.max_resets, minimum=1),
+        max_pings=_int(env, "H2_MAX_PINGS", d.max_pings, minimum=1),
+        max_settings=_int(env, "H2_MAX_SETTINGS", d.max_settings, minimum=1),
+        max_empty_frames=_int(env, "H2_MAX_EMPTY_FRAMES", d.max_empty_frames, minimum=1),
     )

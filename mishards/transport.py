@@ -23,14 +23,17 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from .core.grpc_h2 import (
+    CODE_OF,
     DEADLINE_EXCEEDED,
     INTERNAL,
     UNAVAILABLE,
     UNIMPLEMENTED,
+    BadMessage,
     CallDone,
     CallFailed,
     ClientConnection,
@@ -38,13 +41,17 @@ from .core.grpc_h2 import (
     RequestCancelled,
     RequestReceived,
     ServerConnection,
+    inflate,
 )
+from .core.http2 import DEFAULT_LIMITS, BufferPool, Limits
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3.0
 PING_TIMEOUT_S = 2.0
 RECONNECT_BACKOFF_S = (0.2, 1.0)  # first and largest wait after a failed connect (as nodes.CHANNEL_OPTIONS)
+TICK_S = 1.0  # how often the server checks its timeouts
+WRITE_BUFFER_HIGH = 1024 * 1024  # bytes queued for a peer before we stop reading from it
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _NO_METADATA = grpc.aio.Metadata()
 
@@ -86,20 +93,28 @@ Handler = Callable[[bytes, RequestContext], Awaitable[bytes]]
 class _ServerProtocol(asyncio.Protocol):
     def __init__(self, server: H2Server) -> None:
         self.server = server
-        self.connection = ServerConnection(server.max_receive)
+        self.loop = asyncio.get_running_loop()
+        self.connection = ServerConnection(server.limits, server.pool, self.loop.time())
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.tasks: dict[int, asyncio.Task] = {}
         self.timers: dict[int, asyncio.TimerHandle] = {}
         self.closing = False
         self.eof_sent = False
+        self.writing_paused_at: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if len(self.server.connections) >= self.server.max_connections:
+            open_now = len(self.server.connections)
+            log.warning("%d client connections open (H2_MAX_CONNECTIONS): refusing one more", open_now)
+            transport.abort()
+            return
         address = transport.get_extra_info("peername")
         if isinstance(address, tuple):  # as grpcio writes peers: ipv4:1.2.3.4:5, ipv6:%5B::1%5D:5
             host = address[0].removeprefix("::ffff:")
             self.peer = f"ipv6:%5B{host}%5D:{address[1]}" if ":" in host else f"ipv4:{host}:{address[1]}"
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.server.connections.add(self)
         self.flush()
 
@@ -108,8 +123,23 @@ class _ServerProtocol(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing() and not self.eof_sent:
             self.transport.write(data)
 
+    def pause_writing(self) -> None:
+        """The peer does not read what we send: stop reading what it sends, so that it cannot make
+        us queue answers (PING and SETTINGS ACKs, resets) without bound."""
+        self.writing_paused_at = self.loop.time()
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused_at = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def data_received(self, data: bytes) -> None:
-        for event in self.connection.receive(data):
+        self._handle(self.connection.receive(data, self.loop.time()))
+
+    def _handle(self, events: list) -> None:
+        for event in events:
             if type(event) is RequestReceived:
                 self._dispatch(event)
             elif type(event) is RequestCancelled:
@@ -120,27 +150,45 @@ class _ServerProtocol(asyncio.Protocol):
         else:
             self._finish_if_done()
 
+    def tick(self, now: float) -> None:
+        """About once a second: timeouts of the connection and its requests."""
+        if self.writing_paused_at is not None and now - self.writing_paused_at > self.server.limits.read_timeout:
+            stalled = now - self.writing_paused_at
+            log.info("%s has not read our answers for %.0f s: closing its connection", self.peer, stalled)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        events = self.connection.expire(now)
+        if events or self.connection.closed:
+            self._handle(events)
+
     def _dispatch(self, event: RequestReceived) -> None:
         handler = self.server.handlers.get(event.path)
         if handler is None:
-            self.connection.send_status(event.stream_id, UNIMPLEMENTED, f"Method not found: {event.path}")
+            path = event.path if len(event.path) <= 200 else event.path[:200] + "..."
+            self.connection.send_status(event.stream_id, UNIMPLEMENTED, f"Method not found: {path}")
+            self.connection.handler_done(event.stream_id)
             return
         deadline = None
         if event.timeout is not None:
             deadline = time.monotonic() + event.timeout
-            loop = asyncio.get_running_loop()
-            self.timers[event.stream_id] = loop.call_later(event.timeout, self._expired, event.stream_id)
+            self.timers[event.stream_id] = self.loop.call_later(event.timeout, self._expired, event.stream_id)
         context = RequestContext(deadline, event.metadata, self.peer)
-        task = asyncio.get_running_loop().create_task(self._run(event.stream_id, handler, event.message, context))
-        self.tasks[event.stream_id] = task
+        self.tasks[event.stream_id] = self.loop.create_task(self._run(event, handler, context))
 
-    async def _run(self, stream_id: int, handler: Handler, message: bytes, context: RequestContext) -> None:
+    async def _run(self, event: RequestReceived, handler: Handler, context: RequestContext) -> None:
+        stream_id, message = event.stream_id, event.message
         try:
+            if event.encoding != b"identity":  # inflated off the loop: a bomb must not stall the others
+                message = await self.server.inflate(message, event.encoding)
             reply = await handler(message, context)
             if not isinstance(reply, bytes):
                 raise TypeError(f"the handler returned {type(reply).__name__}, not bytes")
         except asyncio.CancelledError:
             return  # the client went away or the deadline passed; answered (if at all) by the canceller
+        except BadMessage as exc:
+            self._finish(stream_id)
+            self.connection.send_status(stream_id, CODE_OF[type(exc)], f"bad request body: {exc}")
         except Exception as exc:  # noqa: BLE001 - the service answers every error itself; this is a bug
             log.exception("handler for stream %d failed", stream_id)
             self._finish(stream_id)
@@ -148,6 +196,8 @@ class _ServerProtocol(asyncio.Protocol):
         else:
             self._finish(stream_id)
             self.connection.send_reply(stream_id, reply)
+        finally:
+            self.connection.handler_done(stream_id)
         self.flush()
         self._finish_if_done()
 
@@ -226,13 +276,18 @@ def _bound(family: socket.AddressFamily, address: tuple) -> socket.socket:
 
 
 class H2Server:
-    """Serves `handlers` ({'/package.Service/Method': handler}) on one port."""
+    """Serves `handlers` ({'/package.Service/Method': handler}) on one port, within `limits`."""
 
-    def __init__(self, handlers: dict[str, Handler], max_receive: int = 2**31 - 1) -> None:
+    def __init__(self, handlers: dict[str, Handler], limits: Limits = DEFAULT_LIMITS) -> None:
         self.handlers = handlers
-        self.max_receive = max_receive
+        self.limits = limits
+        self.pool = BufferPool(limits.max_buffered)
+        self.max_connections = limits.max_connections
         self.connections: set[_ServerProtocol] = set()
         self._server: asyncio.base_events.Server | None = None
+        self._ticker: asyncio.Task | None = None
+        # one thread: compressed requests are inflated one at a time, so bombs cannot add up
+        self._inflater = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mishards-inflate")
 
     async def start(self, host: str, port: int) -> int:
         """Listen; the bound port. OSError when the address cannot be bound."""
@@ -244,7 +299,23 @@ class H2Server:
             self._server = await loop.create_server(
                 lambda: _ServerProtocol(self), host.strip("[]"), port, reuse_address=True, backlog=1024
             )
+        self._ticker = loop.create_task(self._tick())
         return self._server.sockets[0].getsockname()[1]
+
+    async def inflate(self, message: bytes, encoding: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._inflater, inflate, message, encoding, self.limits.max_message_size)
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = loop.time()
+            for protocol in list(self.connections):
+                try:
+                    protocol.tick(now)
+                except Exception:  # noqa: BLE001 - one connection's bug must not stop the timeouts of all
+                    log.exception("timeout check of %s failed", protocol.peer)
 
     async def stop(self, grace: float) -> None:
         """GOAWAY to every client; requests already received may finish within `grace` seconds."""
@@ -261,6 +332,9 @@ class H2Server:
             protocol.flush()
             if protocol.transport is not None:
                 protocol.transport.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._inflater.shutdown(wait=False, cancel_futures=True)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -498,6 +572,6 @@ class H2Channel:
         self._closed = True
         protocol = self._protocol
         if protocol is not None:
-            protocol.connection.draining = True
+            protocol.connection.drain()
             if not protocol.calls:
                 protocol.close()

@@ -19,18 +19,23 @@ from urllib.parse import quote, unquote
 
 from .http2 import (
     CANCEL,
+    DEFAULT_LIMITS,
     ENHANCE_YOUR_CALM,
     MAX_STREAM_ID,
     MAX_WINDOW,
     NO_ERROR,
     PREFACE,
     PROTOCOL_ERROR,
+    RECV_HEADERS,
     REFUSED_STREAM,
     RST_STREAM,
     UINT32,
+    BufferPool,
     Connection,
+    Limits,
     ProtocolError,
-    _Stream,
+    Stream,
+    StreamError,
     frame,
     literal,
     literal_indexed_name,
@@ -93,29 +98,42 @@ def frame_message(message: bytes) -> bytes:
 
 def unframe_message(body: bytes | bytearray, encoding: bytes = b"identity", limit: int = MAX_WINDOW) -> bytes:
     """The one message of a unary body, decompressed per `grpc-encoding`; BadMessage says what is wrong."""
+    compressed, payload = split_message(body, encoding)
+    return inflate(payload, encoding, limit) if compressed else payload
+
+
+def split_message(body: bytes | bytearray, encoding: bytes = b"identity") -> tuple[bool, bytes]:
+    """(compressed?, payload) of a unary body: the framing checked, nothing inflated yet (that
+    may be slow, so the server's adapter does it off its event loop)."""
     if len(body) < 5:
         raise BadMessage("no message")
     if int.from_bytes(body[1:5], "big") != len(body) - 5:
         raise BadMessage("not exactly one message")
+    payload = bytes(memoryview(body)[5:])  # one copy (slicing the bytearray would make two)
     if not body[0]:
-        return bytes(memoryview(body)[5:])  # one copy (slicing the bytearray would make two)
+        return False, payload
     if encoding == b"identity":
         raise BadMessage("compressed message without a grpc-encoding")
     if encoding not in _DECOMPRESSORS:
         raise UnsupportedEncoding(f"compressed message with grpc-encoding {encoding.decode('latin-1')!r}")
+    return True, payload
+
+
+def inflate(payload: bytes, encoding: bytes, limit: int) -> bytes:
+    """Decompress at most `limit` bytes (a bomb stops there, having cost no more than the limit)."""
     inflater = _DECOMPRESSORS[encoding]()
     try:
-        message = inflater.decompress(bytes(body[5:]), limit + 1)
+        message = inflater.decompress(payload, limit + 1)
     except zlib.error as exc:
-        raise BadMessage(f"bad {encoding.decode('latin-1')} data: {exc}") from None
+        raise BadMessage(f"bad {encoding.decode('latin-1')} data: {exc}") from exc
     if len(message) > limit or inflater.unconsumed_tail:
-        raise MessageTooLarge(f"message over the {limit} byte limit once decompressed")
+        raise MessageTooLarge(f"message over the {limit} byte limit once decompressed (H2_MAX_MESSAGE_SIZE)")
     if not inflater.eof:
         raise BadMessage("truncated compressed message")
     return message
 
 
-_CODE_OF = {MessageTooLarge: RESOURCE_EXHAUSTED, UnsupportedEncoding: UNIMPLEMENTED, BadMessage: INTERNAL}
+CODE_OF = {MessageTooLarge: RESOURCE_EXHAUSTED, UnsupportedEncoding: UNIMPLEMENTED, BadMessage: INTERNAL}
 
 
 def metadata_headers(metadata) -> bytes:
@@ -127,6 +145,12 @@ def metadata_headers(metadata) -> bytes:
             raw = base64.b64encode(raw).rstrip(b"=")
         block += literal(name, raw)
     return block
+
+
+def _shown(value: bytes | str, limit: int = 100) -> str:
+    """A peer's value quoted in an error, cut short: answers never echo unbounded input."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 # ====================================================================== client
@@ -145,11 +169,11 @@ class PingAcked(NamedTuple):
     opaque: bytes
 
 
-class _Call(_Stream):
+class _Call(Stream):
     __slots__ = ("status", "message", "http_status", "block", "encoding")
 
-    def __init__(self, window: int) -> None:
-        super().__init__(window)
+    def __init__(self, window: int, recv_window: int) -> None:
+        super().__init__(window, recv_window)
         self.encoding = b"identity"
         self.status: int | None = None
         self.message = ""
@@ -158,10 +182,10 @@ class _Call(_Stream):
 
 
 class ClientConnection(Connection):
-    """One connection carrying unary calls; `usable` says whether new calls may start."""
+    """One connection carrying unary calls to a node; `usable` says whether new calls may start."""
 
-    def __init__(self, authority: str, max_receive: int = 512 * 1024 * 1024) -> None:
-        super().__init__()
+    def __init__(self, authority: str, max_receive: int = 512 * 1024 * 1024, limits: Limits = DEFAULT_LIMITS) -> None:
+        super().__init__(limits)
         self.authority = authority.encode()
         self.max_receive = max_receive
         self._next_id = 1
@@ -173,6 +197,13 @@ class ClientConnection(Connection):
     @property
     def usable(self) -> bool:
         return not (self.closed or self.draining)
+
+    def drain(self) -> None:
+        """Start no new calls; the ones running finish."""
+        self.draining = True
+
+    def _is_idle_local(self, stream_id: int) -> bool:
+        return stream_id >= self._next_id
 
     def start_call(self, path: bytes, message: bytes, timeout: float | None, metadata=None) -> int:
         """Open a stream carrying one request; its id, to match the CallDone/CallFailed event."""
@@ -196,7 +227,7 @@ class ClientConnection(Connection):
             block += literal(b"grpc-timeout", encode_timeout(timeout))
         if metadata:
             block += metadata_headers(metadata)
-        call = _Call(self._peer_window)
+        call = _Call(self._peer_window, self.STREAM_WINDOW)
         call.head, call.pending = message_prefix(message), memoryview(message)
         self.streams[stream_id] = call
         if len(self.streams) - len(self.queued) > self.peer_max_streams:
@@ -218,7 +249,7 @@ class ClientConnection(Connection):
             self._open(stream_id, call, block)
 
     def cancel(self, stream_id: int) -> None:
-        """Forget a call (deadline passed) and tell the peer if it had heard of it."""
+        """Forget a call (deadline passed, caller gone) and tell the peer if it had heard of it."""
         call = self.streams.get(stream_id)
         if call is None:
             return
@@ -239,7 +270,7 @@ class ClientConnection(Connection):
         """Every open call fails as UNAVAILABLE: safe to retry elsewhere."""
         self.closed = True
         failed = [CallFailed(stream_id, UNAVAILABLE, reason) for stream_id in self.streams]
-        self.streams.clear()
+        self._forget_streams()
         self.queued.clear()
         return failed
 
@@ -247,41 +278,43 @@ class ClientConnection(Connection):
         super()._settings_applied()
         self._start_queued()
 
-    def _headers(self, stream_id, headers, end_stream, events) -> None:
-        call = self.streams.get(stream_id)
-        if call is None:
-            return
+    def _headers(self, stream_id, stream, headers, end_stream, events) -> None:
         for name, value in headers:
             if name == b":status":
-                call.http_status = int(value)
+                stream.http_status = int(value)
             elif name == b"grpc-status":
-                call.status = int(value)
+                stream.status = int(value)
             elif name == b"grpc-message":
-                call.message = unquote(value.decode("utf-8", "replace"))
+                stream.message = unquote(value.decode("utf-8", "replace"))
             elif name == b"grpc-encoding":
-                call.encoding = value
-        if end_stream:
-            self._finish(stream_id, events)
+                stream.encoding = value
 
-    def _data(self, stream_id, stream, data, end_stream, events) -> None:
+    def _data(self, stream_id, stream, data, end_stream, events) -> bool:
         stream.body += data
         if len(stream.body) > self.max_receive + 5:
             self.cancel(stream_id)
             events.append(CallFailed(stream_id, RESOURCE_EXHAUSTED, f"reply over the {self.max_receive} byte limit"))
-        elif end_stream:
-            self._finish(stream_id, events)
+            return False
+        return True
 
     def _reset_by_peer(self, stream_id, error_code, events) -> None:
         code = _RST_TO_GRPC.get(error_code, INTERNAL)
         events.append(CallFailed(stream_id, code, f"stream reset by the server (HTTP/2 error {error_code})"))
         self._start_queued()
 
+    def _reset_here(self, stream_id, code, reason, events) -> None:
+        events.append(CallFailed(stream_id, INTERNAL, f"the server broke HTTP/2 on this call: {reason}"))
+        self._start_queued()
+
     def _goaway_received(self, last_stream_id, error_code, events) -> None:
         self.draining = True
         for lost in [s for s in self.streams if s > last_stream_id]:  # never processed: safe to retry
-            call = self.streams.pop(lost)
+            call = self.streams[lost]
             if call.block is not None:
                 self.queued.remove(lost)
+                del self.streams[lost]
+            else:
+                self._close(lost, call, reset_here=False)
             events.append(
                 CallFailed(lost, UNAVAILABLE, f"the server is going away (GOAWAY, HTTP/2 error {error_code})")
             )
@@ -289,9 +322,9 @@ class ClientConnection(Connection):
     def _ping_acked(self, opaque, events) -> None:
         events.append(PingAcked(opaque))
 
-    def _finish(self, stream_id: int, events: list) -> None:
-        call = self.streams.pop(stream_id)
-        if call.head or call.pending:  # the server answered before reading all of the request: stop sending it
+    def _complete(self, stream_id: int, call: _Call, events: list) -> None:
+        if stream_id in self.streams:  # the server answered before reading all of the request: stop sending it
+            self._close(stream_id, call, reset_here=True)
             self._out.append(frame(RST_STREAM, 0, stream_id, UINT32.pack(NO_ERROR)))
         self._start_queued()
         if call.http_status != 200:
@@ -305,35 +338,31 @@ class ClientConnection(Connection):
             try:
                 events.append(CallDone(stream_id, unframe_message(call.body, call.encoding, self.max_receive)))
             except BadMessage as exc:
-                events.append(CallFailed(stream_id, _CODE_OF[type(exc)], f"bad reply: {exc}"))
+                events.append(CallFailed(stream_id, CODE_OF[type(exc)], f"bad reply: {exc}"))
 
 
 # ====================================================================== server
 class RequestReceived(NamedTuple):
+    """A complete request. `encoding` other than identity: `message` is still compressed, to be
+    inflated (`inflate`) off the event loop."""
+
     stream_id: int
     path: str
     message: bytes
     timeout: float | None
     metadata: tuple[tuple[str, str], ...]
-
-
-class RequestRejected(NamedTuple):
-    """A request that cannot be served; the trailers-only answer is already queued."""
-
-    stream_id: int
-    code: int
-    details: str
+    encoding: bytes = b"identity"
 
 
 class RequestCancelled(NamedTuple):
     stream_id: int
 
 
-class _Request(_Stream):
+class _Request(Stream):
     __slots__ = ("path", "timeout", "metadata", "answered", "encoding")
 
-    def __init__(self, window: int) -> None:
-        super().__init__(window)
+    def __init__(self, window: int, recv_window: int) -> None:
+        super().__init__(window, recv_window)
         self.encoding = b"identity"
         self.path = ""
         self.timeout: float | None = None
@@ -343,25 +372,43 @@ class _Request(_Stream):
 
 _REPLY_HEADERS = b"\x88" + literal_indexed_name(31, _GRPC_CONTENT_TYPE)  # :status 200, content-type
 _TRAILERS_OK = literal(b"grpc-status", b"0")
+_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":path", b":authority"))
+# headers HTTP/2 forbids (RFC 9113 section 8.2.2)
+_CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
 
 
 class ServerConnection(Connection):
     """The server side of one client connection: requests in, replies and statuses out."""
 
-    STREAM_WINDOW = 4 * 1024 * 1024  # granted again as it is consumed (large inserts stream through)
-    CONNECTION_WINDOW = 64 * 1024 * 1024
-    MAX_STREAMS = 1024
+    STREAM_WINDOW = 4 * 1024 * 1024  # credited again as it is taken (large inserts stream through)
+    CONNECTION_WINDOW = 16 * 1024 * 1024
     MAX_FRAME = 1024 * 1024  # fewer, larger DATA frames for large inserts
+    BOUNDED = True
+    PEER_STARTS_ODD = True
 
-    def __init__(self, max_receive: int = MAX_WINDOW) -> None:
-        super().__init__()
-        self.max_receive = max_receive
+    def __init__(
+        self, limits: Limits = DEFAULT_LIMITS, pool: BufferPool | None = None, now: float | None = None
+    ) -> None:
+        super().__init__(limits, pool, now)
+        self.created = self.last_received
         self._preface_seen = False
-        self.last_stream_id = 0
+        self._settings_seen = False
         self.going_away = False
+        self._handling: set[int] = set()  # requests whose handler runs
+        self._detached: set[int] = set()  # ... of which the stream is gone (reset, timed out)
         self._out.append(self._local_settings())
 
-    def _preface(self, buffer: bytearray) -> int:
+    @property
+    def last_stream_id(self) -> int:
+        return self._highest_peer_stream
+
+    @property
+    def active_streams(self) -> int:
+        """What counts against MAX_CONCURRENT_STREAMS: open streams, and handlers of streams the
+        client reset that have not ended yet (a reset does not make room until the work stopped)."""
+        return len(self.streams) + len(self._detached)
+
+    def _preface(self, buffer) -> int:
         if self._preface_seen:
             return 0
         if buffer[: len(PREFACE)] != PREFACE:
@@ -369,21 +416,38 @@ class ServerConnection(Connection):
         self._preface_seen = True
         return len(PREFACE)
 
-    def receive(self, data: bytes) -> list:
+    def receive(self, data: bytes, now: float | None = None) -> list:
         if not self._preface_seen and len(self._in) + len(data) < len(PREFACE):
             self._in += data
             return [] if PREFACE.startswith(bytes(self._in)) else self._not_http2()
         try:
-            return super().receive(data)
+            return super().receive(data, now)
         except _NotHttp2:
             return self._not_http2()
 
     def _not_http2(self) -> list:
         """Not an HTTP/2 client (an HTTP/1 request, a port scanner): GOAWAY and close."""
         self._in.clear()
-        self.goaway(0, PROTOCOL_ERROR)
+        self.goaway(0, PROTOCOL_ERROR, b"not an HTTP/2 client preface")
         self.closed = True
         return []
+
+    def expire(self, now: float) -> list:
+        """Besides the read timeouts: no handshake within `handshake_timeout`, or no stream and
+        nothing received for `idle_timeout`, ends the connection."""
+        if self.closed:
+            return []
+        limits = self.limits
+        if not self._settings_seen and now - self.created > limits.handshake_timeout:
+            return self.fail(PROTOCOL_ERROR, f"no HTTP/2 handshake within {limits.handshake_timeout:g} s")
+        if not self.active_streams and now - self.last_received > limits.idle_timeout:
+            self.goaway(self._highest_peer_stream, NO_ERROR, b"idle")
+            return self.connection_lost(f"idle for {limits.idle_timeout:g} s")
+        return super().expire(now)
+
+    def _settings(self, payload: bytes) -> None:
+        self._settings_seen = True
+        super()._settings(payload)
 
     # ------------------------------------------------------------------ answers
     def send_reply(self, stream_id: int, message: bytes) -> None:
@@ -391,6 +455,7 @@ class ServerConnection(Connection):
         if request is None or request.answered:
             return  # cancelled by the client meanwhile
         request.answered = True
+        self._handling.discard(stream_id)  # an answer means the handler is done
         self._send_headers(stream_id, _REPLY_HEADERS)
         self._send_body(stream_id, request, message_prefix(message), message, _TRAILERS_OK)
 
@@ -400,8 +465,8 @@ class ServerConnection(Connection):
         if request is None or request.answered:
             return
         request.answered = True
+        self._handling.discard(stream_id)
         self._trailers_only(stream_id, code, details)
-        self.streams.pop(stream_id, None)
 
     def _trailers_only(self, stream_id: int, code: int, details: str) -> None:
         block = _REPLY_HEADERS + literal(b"grpc-status", str(code).encode())
@@ -409,48 +474,74 @@ class ServerConnection(Connection):
             block += literal(b"grpc-message", quote(details, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode())
         self._send_headers(stream_id, block, end_stream=True)
 
-    def _sent(self, stream_id: int) -> None:
-        request = self.streams.get(stream_id)
-        if request is not None and request.answered:
-            del self.streams[stream_id]
+    def handler_done(self, stream_id: int) -> None:
+        """The adapter's handler for this request ended (answered, failed or cancelled)."""
+        self._handling.discard(stream_id)
+        self._detached.discard(stream_id)
+
+    def _closed_stream(self, stream_id: int) -> None:
+        if stream_id in self._handling:
+            self._detached.add(stream_id)
 
     def shutdown(self) -> None:
         """GOAWAY: requests already received are still answered, later ones are refused."""
         if not self.going_away and not self.closed:
             self.going_away = True
-            self.goaway(self.last_stream_id)
+            self.goaway(self._highest_peer_stream)
 
     # ------------------------------------------------------------------ requests
-    def _headers(self, stream_id, headers, end_stream, events) -> None:
-        request = self.streams.get(stream_id)
-        if request is not None:  # trailers from the client: a unary request has none to speak of
-            if end_stream:
-                self._complete(stream_id, request, events)
-            return
-        if stream_id % 2 == 0 or stream_id <= self.last_stream_id:
-            raise ProtocolError(f"bad stream id {stream_id}")
-        self.last_stream_id = stream_id
-        if self.going_away or len(self.streams) >= (self.MAX_STREAMS or 2**31):
+    def _open_by_peer(self, stream_id, headers, end_stream, now, events) -> _Request | None:
+        if self.going_away or self.active_streams >= self.limits.max_concurrent_streams:
+            self._spend(self._resets, "too_many_resets", now)
             self._out.append(frame(RST_STREAM, 0, stream_id, UINT32.pack(REFUSED_STREAM)))
-            return
-        request = _Request(self._peer_window)
-        self.streams[stream_id] = request
-        method = content_type = b""
+            self._recently_reset[stream_id] = None
+            return None
+        request = _Request(self._peer_window, self.STREAM_WINDOW)
+        request.move(stream_id, RECV_HEADERS)
+        self._opened_stream(stream_id, request, now)
+        size = sum(len(name) + len(value) for name, value in headers) + 32 * len(headers)
+        if size > self.limits.max_header_list_size:
+            limit = self.limits.max_header_list_size
+            details = f"request headers of {size} bytes exceed the limit of {limit} bytes (H2_MAX_HEADER_LIST_SIZE)"
+            self._reject(stream_id, request, RESOURCE_EXHAUSTED, details)
+            return request
+        method = content_type = scheme = b""
         encoding = b"identity"
         metadata = []
+        seen_path = regular = False
+        pseudo: set[bytes] = set()
         try:
             for name, value in headers:
                 if name[:1] == b":":
+                    if regular:
+                        raise StreamError(stream_id, PROTOCOL_ERROR, "a pseudo-header after a regular header")
+                    if name not in _REQUEST_PSEUDO or name in pseudo:
+                        raise StreamError(stream_id, PROTOCOL_ERROR, f"pseudo-header {_shown(name, 40)} not allowed")
+                    pseudo.add(name)
                     if name == b":path":
+                        if not value:
+                            raise StreamError(stream_id, PROTOCOL_ERROR, "empty :path")
                         request.path = value.decode("ascii")
+                        seen_path = True
                     elif name == b":method":
                         method = value
-                elif name == b"content-type":
+                    elif name == b":scheme":
+                        scheme = value
+                    continue
+                regular = True
+                if not name.islower() and name != name.lower():
+                    raise StreamError(stream_id, PROTOCOL_ERROR, "upper-case header name")
+                if name in _CONNECTION_SPECIFIC:
+                    raise StreamError(stream_id, PROTOCOL_ERROR, f"connection-specific header {_shown(name, 40)}")
+                if name == b"content-type":
                     content_type = value
                 elif name == b"grpc-timeout":
                     request.timeout = decode_timeout(value)
                 elif name == b"grpc-encoding":
                     encoding = value
+                elif name == b"te":
+                    if value != b"trailers":
+                        raise StreamError(stream_id, PROTOCOL_ERROR, "te other than trailers")
                 elif name not in _RESERVED:
                     text = name.decode("ascii")
                     if text.endswith("-bin"):
@@ -458,54 +549,62 @@ class ServerConnection(Connection):
                     else:
                         metadata.append((text, value.decode("utf-8", "replace")))
         except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
-            return self._reject(stream_id, INTERNAL, f"bad request headers: {exc}", events)
+            self._reject(stream_id, request, INTERNAL, f"bad request headers: {exc}")
+            return request
+        if not method or not scheme or not seen_path:
+            raise StreamError(stream_id, PROTOCOL_ERROR, "a request without :method, :scheme or :path")
         request.metadata = tuple(metadata)
         if method != b"POST":
-            return self._reject(stream_id, UNIMPLEMENTED, "only POST is served", events)
-        if not content_type.startswith(_GRPC_CONTENT_TYPE):
-            return self._reject(
-                stream_id, INTERNAL, f"content-type {content_type.decode('latin-1')!r} is not gRPC", events
-            )
-        if encoding != b"identity" and encoding not in _DECOMPRESSORS:
-            details = f"grpc-encoding {encoding.decode('latin-1')} is not supported"
-            return self._reject(stream_id, UNIMPLEMENTED, details, events)
+            self._reject(stream_id, request, UNIMPLEMENTED, "only POST is served")
+        elif not content_type.startswith(_GRPC_CONTENT_TYPE):
+            details = f"content-type {_shown(content_type)} is not gRPC"
+            self._reject(stream_id, request, INTERNAL, details)
+        elif encoding != b"identity" and encoding not in _DECOMPRESSORS:
+            self._reject(stream_id, request, UNIMPLEMENTED, f"grpc-encoding {_shown(encoding)} is not supported")
         request.encoding = encoding
-        if end_stream:
-            self._complete(stream_id, request, events)
+        return request
 
-    def _reject(self, stream_id: int, code: int, details: str, events: list) -> None:
-        self.streams[stream_id].answered = True
+    def _headers(self, stream_id, stream, headers, end_stream, events) -> None:
+        if not end_stream:  # trailers from the client: a unary request has none, and they must end it
+            raise StreamError(stream_id, PROTOCOL_ERROR, "a second HEADERS without END_STREAM")
+
+    def _reject(self, stream_id: int, request: _Request, code: int, details: str) -> None:
+        """Answer at once; the client's remaining DATA is dropped (and credited) until it ends its half."""
+        request.answered = True
+        request.body = bytearray()
+        self._release(request)
         self._trailers_only(stream_id, code, details)
-        events.append(RequestRejected(stream_id, code, details))
-        # kept in `streams` until the client ends its half, so its DATA is simply dropped
 
-    def _data(self, stream_id, stream, data, end_stream, events) -> None:
-        if not stream.answered:
-            stream.body += data
-            if len(stream.body) > self.max_receive + 5:
-                stream.body = bytearray()
-                self._reject(stream_id, RESOURCE_EXHAUSTED, f"request over the {self.max_receive} byte limit", events)
-        if end_stream:
-            self._complete(stream_id, stream, events)
+    def _data(self, stream_id, stream, data, end_stream, events) -> bool:
+        if stream.answered:
+            return False
+        stream.body += data
+        if len(stream.body) > self.limits.max_message_size + 5:
+            limit = self.limits.max_message_size
+            details = f"request over the {limit} byte limit (H2_MAX_MESSAGE_SIZE)"
+            self._reject(stream_id, stream, RESOURCE_EXHAUSTED, details)
+            return False
+        return True
 
     def _complete(self, stream_id: int, request: _Request, events: list) -> None:
-        if request.answered:  # rejected earlier: forget it now that the client is done sending
-            if not (request.head or request.pending):
-                self.streams.pop(stream_id, None)
-            return
+        if request.answered:
+            return  # refused earlier; the client has now ended its half
         try:
-            message = unframe_message(request.body, request.encoding, self.max_receive)
+            compressed, message = split_message(request.body, request.encoding)
         except BadMessage as exc:
-            code = _CODE_OF[type(exc)]
             request.answered = True
-            self._trailers_only(stream_id, code, f"bad request body: {exc}")
-            self.streams.pop(stream_id, None)
-            events.append(RequestRejected(stream_id, code, str(exc)))
+            self._trailers_only(stream_id, CODE_OF[type(exc)], f"bad request body: {exc}")
             return
-        request.body = bytearray()
-        events.append(RequestReceived(stream_id, request.path, message, request.timeout, request.metadata))
+        finally:
+            request.body = bytearray()
+        self._handling.add(stream_id)
+        encoding = request.encoding if compressed else b"identity"
+        events.append(RequestReceived(stream_id, request.path, message, request.timeout, request.metadata, encoding))
 
     def _reset_by_peer(self, stream_id, error_code, events) -> None:
+        events.append(RequestCancelled(stream_id))
+
+    def _reset_here(self, stream_id, code, reason, events) -> None:
         events.append(RequestCancelled(stream_id))
 
     def _goaway_received(self, last_stream_id, error_code, events) -> None:
@@ -514,5 +613,5 @@ class ServerConnection(Connection):
     def connection_lost(self, reason: str) -> list:
         self.closed = True
         cancelled = [RequestCancelled(stream_id) for stream_id in self.streams]
-        self.streams.clear()
+        self._forget_streams()
         return cancelled

@@ -32,11 +32,21 @@ def pump(client: g.ClientConnection, server: g.ServerConnection, rounds: int = 2
     raise AssertionError("connections never went quiet")
 
 
-def pair(**server_attrs) -> tuple[g.ClientConnection, g.ServerConnection]:
+def pair(server_attrs: dict | None = None, **limits) -> tuple[g.ClientConnection, g.ServerConnection]:
     server_class = type("TestServer", (g.ServerConnection,), server_attrs) if server_attrs else g.ServerConnection
-    client, server = g.ClientConnection("node:19530"), server_class()
+    client, server = g.ClientConnection("node:19530"), server_class(h.Limits(**limits))
     pump(client, server)
     return client, server
+
+
+def answered(server: g.ServerConnection) -> list[tuple[int, int]]:
+    """(stream, grpc-status) of each trailers-only answer the server queued."""
+    out = []
+    for kind, flags, stream, payload in frames(server.data_to_send()):
+        if kind == h.HEADERS and flags & h.END_STREAM:
+            status = dict(Decoder().decode(payload, raw=True)).get(b"grpc-status")
+            out.append((stream, int(status)))
+    return out
 
 
 def frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
@@ -70,7 +80,7 @@ def test_unary_round_trip_with_timeout_and_metadata() -> None:
 @pytest.mark.parametrize("size", [0, 1, 70_000, 5 * 1024 * 1024 + 3])
 def test_large_messages_flow_through_small_windows(size: int) -> None:
     """The server grants only 65535-byte windows: both directions must wait for WINDOW_UPDATEs."""
-    client, server = pair(STREAM_WINDOW=65_535, CONNECTION_WINDOW=65_535)
+    client, server = pair({"STREAM_WINDOW": 65_535, "CONNECTION_WINDOW": 65_535})
     payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     stream = client.start_call(b"/s/M", payload, None)
     _, received = pump(client, server, rounds=5000)
@@ -102,7 +112,7 @@ def test_error_status_travels_as_trailers_only(details: str) -> None:
 
 
 def test_header_block_larger_than_a_frame_uses_continuation() -> None:
-    client, server = pair(MAX_FRAME=h.DEFAULT_MAX_FRAME)
+    client, server = pair({"MAX_FRAME": h.DEFAULT_MAX_FRAME}, max_header_list_size=64_000)
     big = "v" * 40_000
     stream = client.start_call(b"/s/M", b"q", None, (("x-big", big),))
     sent = client.data_to_send()
@@ -140,7 +150,7 @@ def test_goaway_fails_only_calls_the_server_never_saw() -> None:
 
 
 def test_calls_wait_for_the_servers_stream_limit() -> None:
-    client, server = pair(MAX_STREAMS=2)
+    client, server = pair(max_concurrent_streams=2)
     ids = [client.start_call(b"/s/M", bytes([i]), None) for i in range(3)]
     _, received = pump(client, server)
     assert [r.stream_id for r in received] == ids[:2]
@@ -150,7 +160,7 @@ def test_calls_wait_for_the_servers_stream_limit() -> None:
 
 
 def test_cancelled_queued_call_never_reaches_the_server() -> None:
-    client, server = pair(MAX_STREAMS=1)
+    client, server = pair(max_concurrent_streams=1)
     first, queued = client.start_call(b"/s/M", b"1", None), client.start_call(b"/s/M", b"2", None)
     pump(client, server)
     client.cancel(queued)
@@ -186,12 +196,12 @@ def test_reply_over_the_receive_limit_is_refused() -> None:
 
 
 def test_request_over_the_receive_limit_is_refused() -> None:
-    client, server = g.ClientConnection("n:1"), g.ServerConnection(max_receive=1000)
-    pump(client, server)
+    client, server = pair(max_message_size=1000)
     stream = client.start_call(b"/s/M", b"x" * 5000, None)
     answers, received = pump(client, server)
-    assert received[0].code == g.RESOURCE_EXHAUSTED
+    assert received == []
     assert [(a.stream_id, a.code) for a in answers] == [(stream, g.RESOURCE_EXHAUSTED)]
+    assert "H2_MAX_MESSAGE_SIZE" in answers[0].details
     assert not server.streams
 
 
@@ -217,23 +227,29 @@ def test_request_checks() -> None:
     encoder = Encoder()
     streams = iter(range(3, 1000, 2))
 
-    def request(headers, body=b"\x00\x00\x00\x00\x01q") -> list:
+    def request(headers, body=b"\x00\x00\x00\x00\x01q"):
+        """The RequestReceived, or the grpc-status the server answered at once."""
         stream = next(streams)
         block = encoder.encode(headers)
         data = h.frame(h.HEADERS, h.END_HEADERS, stream, block) + h.frame(h.DATA, h.END_STREAM, stream, body)
-        return server.receive(data)
+        events = server.receive(data)
+        if events:
+            return events[0]
+        ((answered_stream, code),) = answered(server)
+        assert answered_stream == stream
+        return code
 
     ok = [(":method", "POST"), (":scheme", "http"), (":path", "/s/M"), ("content-type", "application/grpc")]
-    assert type(request(ok)[0]) is g.RequestReceived
-    assert request([(":method", "GET")] + ok[1:])[0].code == g.UNIMPLEMENTED
-    assert request(ok[:3] + [("content-type", "text/html")])[0].code == g.INTERNAL
-    assert request(ok + [("grpc-encoding", "br")])[0].code == g.UNIMPLEMENTED
+    assert type(request(ok)) is g.RequestReceived
+    assert request([(":method", "GET")] + ok[1:]) == g.UNIMPLEMENTED
+    assert request(ok[:3] + [("content-type", "text/html")]) == g.INTERNAL
+    assert request(ok + [("grpc-encoding", "br")]) == g.UNIMPLEMENTED
     gzipped = gzip.compress(b"hello")
-    (received,) = request(ok + [("grpc-encoding", "gzip")], body=b"\x01" + len(gzipped).to_bytes(4, "big") + gzipped)
-    assert received.message == b"hello"
-    assert request(ok, body=b"\x01\x00\x00\x00\x01q")[0].code == g.INTERNAL  # compressed, no grpc-encoding
-    assert request(ok, body=b"\x00\x00\x00\x00\x05q")[0].code == g.INTERNAL  # length does not match
-    assert request(ok + [("grpc-timeout", "soon")])[0].code == g.INTERNAL
+    received = request(ok + [("grpc-encoding", "gzip")], body=b"\x01" + len(gzipped).to_bytes(4, "big") + gzipped)
+    assert received.encoding == b"gzip" and g.inflate(received.message, b"gzip", 100) == b"hello"
+    assert request(ok, body=b"\x01\x00\x00\x00\x01q") == g.INTERNAL  # compressed, no grpc-encoding
+    assert request(ok, body=b"\x00\x00\x00\x00\x05q") == g.INTERNAL  # length does not match
+    assert request(ok + [("grpc-timeout", "soon")]) == g.INTERNAL
     assert not server.closed
 
 
@@ -330,7 +346,7 @@ def test_gzip_replies_are_decompressed() -> None:
 
 def test_server_answering_early_resets_the_rest_of_the_request() -> None:
     """A reply that arrives while the request still waits for window ends the stream on both sides."""
-    client, server = pair(STREAM_WINDOW=65_535, CONNECTION_WINDOW=65_535)
+    client, server = pair({"STREAM_WINDOW": 65_535, "CONNECTION_WINDOW": 65_535})
     stream = client.start_call(b"/s/M", b"x" * 200_000, None)
     server.receive(client.data_to_send())  # the first window's worth
     server.send_status(stream, g.RESOURCE_EXHAUSTED, "too big")

@@ -27,6 +27,7 @@ from concurrent import futures
 import grpc
 import pytest
 
+from mishards.core.http2 import Limits
 from mishards.transport import H2Channel, H2Server
 
 pytestmark = pytest.mark.timeout(60)
@@ -565,7 +566,7 @@ def test_server_hpack_state_survives_many_distinct_metadata():
 
 def test_server_request_over_limit_is_resource_exhausted():
     async def main():
-        server = H2Server(Handlers().h2(), max_receive=1000)
+        server = H2Server(Handlers().h2(), Limits(max_message_size=1000))
         port = await server.start("127.0.0.1", 0)
         try:
             async with aio_channel(port) as channel:
@@ -599,7 +600,7 @@ def test_server_decompressed_request_over_limit_is_resource_exhausted():
     """As grpcio: a gzip request over max_receive once inflated is RESOURCE_EXHAUSTED (was INTERNAL)."""
 
     async def main():
-        server = H2Server(Handlers().h2(), max_receive=1000)
+        server = H2Server(Handlers().h2(), Limits(max_message_size=1000))
         port = await server.start("127.0.0.1", 0)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", compression=grpc.Compression.Gzip) as channel:
@@ -1079,16 +1080,14 @@ def test_server_decodes_binary_metadata():
     asyncio.run(main())
 
 
-def test_end_to_end_early_answer_does_not_leak_server_streams(monkeypatch):
+def test_end_to_end_early_answer_does_not_leak_server_streams():
     """Regression: when the server answered before the whole request was sent, the client's RST_STREAM
     (NO_ERROR) was never sent, so H2Server kept each such stream open and, once MAX_STREAMS were
     stuck, refused every new call on the connection."""
-    from mishards.core.grpc_h2 import ServerConnection
-
-    monkeypatch.setattr(ServerConnection, "MAX_STREAMS", 4)  # stands for the real 1024
 
     async def main():
-        server = H2Server(Handlers().h2(), max_receive=1000)
+        # 4 streams stand for the real 1024
+        server = H2Server(Handlers().h2(), Limits(max_message_size=1000, max_concurrent_streams=4))
         port = await server.start("127.0.0.1", 0)
         channel = H2Channel(f"127.0.0.1:{port}")
         try:
