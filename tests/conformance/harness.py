@@ -22,7 +22,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from unittest import mock
 
+from environs import Env
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import Settings
@@ -39,7 +41,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from mishards import transport
+from mishards import settings
 from mishards.transport import H2Server
 
 WAIT_S = 2.0  # the longest any single wait for an answer may take
@@ -114,14 +116,11 @@ class Handlers:
 
 
 def build_server(handlers: dict, limits: dict[str, str]) -> H2Server:
-    """An H2Server with the contract's limits given by their environment names (docs/front-door.md).
-
-    The only place that knows how limits reach the server: `transport.server_limits` (when the
-    hardening provides it) reads the same variable names the proxy's settings read."""
-    make_limits = getattr(transport, "server_limits", None)
-    if make_limits is not None:
-        return H2Server(handlers, limits=make_limits(limits))
-    return H2Server(handlers)
+    """An H2Server with the contract's limits given by their environment names (docs/front-door.md),
+    read by the proxy's own settings code, so a misnamed variable fails here as it would in production."""
+    with mock.patch.dict(os.environ, limits):
+        front_door = settings._front_door(Env())
+    return H2Server(handlers, front_door)
 
 
 class ServerThread:
