@@ -372,7 +372,6 @@ class _Request(Stream):
 
 _REPLY_HEADERS = b"\x88" + literal_indexed_name(31, _GRPC_CONTENT_TYPE)  # :status 200, content-type
 _TRAILERS_OK = literal(b"grpc-status", b"0")
-_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":path", b":authority"))
 # headers HTTP/2 forbids (RFC 9113 section 8.2.2)
 _CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
 
@@ -499,34 +498,33 @@ class ServerConnection(Connection):
         request = _Request(self._peer_window, self.STREAM_WINDOW)
         request.move(stream_id, RECV_HEADERS)
         self._opened_stream(stream_id, request, now)
-        size = sum(len(name) + len(value) for name, value in headers) + 32 * len(headers)
+        size = 32 * len(headers)  # RFC 7541's size: name + value + 32 per field
+        for name, value in headers:
+            size += len(name) + len(value)
         if size > self.limits.max_header_list_size:
             limit = self.limits.max_header_list_size
             details = f"request headers of {size} bytes exceed the limit of {limit} bytes (H2_MAX_HEADER_LIST_SIZE)"
             self._reject(stream_id, request, RESOURCE_EXHAUSTED, details)
             return request
-        method = content_type = scheme = b""
+        method = content_type = scheme = path = b""
         encoding = b"identity"
         metadata = []
-        seen_path = regular = False
-        pseudo: set[bytes] = set()
+        regular = authority = False
         try:
             for name, value in headers:
                 if name[:1] == b":":
                     if regular:
                         raise StreamError(stream_id, PROTOCOL_ERROR, "a pseudo-header after a regular header")
-                    if name not in _REQUEST_PSEUDO or name in pseudo:
-                        raise StreamError(stream_id, PROTOCOL_ERROR, f"pseudo-header {_shown(name, 40)} not allowed")
-                    pseudo.add(name)
-                    if name == b":path":
-                        if not value:
-                            raise StreamError(stream_id, PROTOCOL_ERROR, "empty :path")
-                        request.path = value.decode("ascii")
-                        seen_path = True
-                    elif name == b":method":
+                    if name == b":path" and not path:
+                        path = value
+                    elif name == b":method" and not method:
                         method = value
-                    elif name == b":scheme":
+                    elif name == b":scheme" and not scheme:
                         scheme = value
+                    elif name == b":authority" and not authority:
+                        authority = True
+                    else:  # unknown, a response's, or one seen before
+                        raise StreamError(stream_id, PROTOCOL_ERROR, f"pseudo-header {_shown(name, 40)} not allowed")
                     continue
                 regular = True
                 if not name.islower() and name != name.lower():
@@ -551,8 +549,9 @@ class ServerConnection(Connection):
         except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
             self._reject(stream_id, request, INTERNAL, f"bad request headers: {exc}")
             return request
-        if not method or not scheme or not seen_path:
-            raise StreamError(stream_id, PROTOCOL_ERROR, "a request without :method, :scheme or :path")
+        if not method or not scheme or not path:
+            raise StreamError(stream_id, PROTOCOL_ERROR, "a request without :method, :scheme or :path (or empty)")
+        request.path = path.decode("ascii", "replace")
         request.metadata = tuple(metadata)
         if method != b"POST":
             self._reject(stream_id, request, UNIMPLEMENTED, "only POST is served")

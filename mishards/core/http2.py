@@ -98,6 +98,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (HALF_CLOSED_REMOTE, RECV_RESET): CLOSED,
 }
 
+_RECEIVING = frozenset((OPEN, HALF_CLOSED_LOCAL))  # states in which the peer may still send DATA
 # where a stream with something to send waits
 _NOT_WAITING, _ON_CONNECTION, _ON_STREAM = 0, 1, 2
 
@@ -249,7 +250,7 @@ class Stream:
 
     @property
     def receiving(self) -> bool:
-        return self.state in (OPEN, HALF_CLOSED_LOCAL)
+        return self.state in _RECEIVING
 
 
 class Connection:
@@ -469,6 +470,8 @@ class Connection:
 
     def _release(self, stream: Stream) -> None:
         """A request's bytes are no longer buffered here: they count no more, and are credited."""
+        if not (stream.kept or stream.owed):
+            return
         if stream.kept:
             self._buffered -= stream.kept
             self.pool.used -= stream.kept
@@ -524,7 +527,7 @@ class Connection:
                 stream.starved = True
                 self._starved.append(stream_id)
             return
-        if stream.receiving:
+        if stream.state in _RECEIVING:
             self._out.append(frame(WINDOW_UPDATE, 0, stream_id, UINT32.pack(stream.owed)))
             stream.recv_window += stream.owed
         self._conn_owed += stream.owed
@@ -660,7 +663,7 @@ class Connection:
         if not size and not end_stream:
             self._spend(self._empty, "too_many_empty_frames", now)
         stream = self.streams.get(stream_id)
-        if stream is None or not stream.receiving:
+        if stream is None or stream.state not in _RECEIVING:
             self._conn_owed += size  # dropped: the connection's credit comes back at once
             self._credit_connection()
             if stream is not None:
