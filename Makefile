@@ -5,7 +5,7 @@ PYMILVUS_VERSIONS := 0.2.12 0.2.14
 WHEELS := $(foreach v,$(PYMILVUS_VERSIONS),.venv/wheels/$(v)/pymilvus-$(v)-py3-none-any.whl)
 PYTEST_ARGS ?=
 
-.PHONY: venv test run proto coverage bench
+.PHONY: venv test run proto coverage bench attacks
 
 venv: .venv/.stamp $(WHEELS)
 
@@ -36,6 +36,10 @@ bench: venv
 	$(PY) bench/merge_bench.py
 	$(PY) bench/search_bench.py $(BENCH_ARGS)
 	$(PY) bench/node_bench.py
+
+# The attack battery (README "Attack battery"): ATTACK_ARGS passes options (e.g. --seconds 5 --only gzip_bomb).
+attacks: venv
+	$(PY) bench/attacks.py $(ATTACK_ARGS)
 
 # ---- Deployment (README: "Running with Docker", "Running on Kubernetes"). The shell logic lives in
 # scripts/ and kubernetes_demo/start.sh; DOCKER, COMPOSE and KUBECTL name the tools.

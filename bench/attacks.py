@@ -953,6 +953,17 @@ class LegitClient:
         return ordered[min(int(q * len(ordered)), len(ordered) - 1)] * 1000
 
 
+def settle(pid: int, within: float = 15.0) -> None:
+    """Wait (bounded) until the proxy is nearly idle, so one attack's leftovers (work still queued
+    after its attacker left) are not counted against the next."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        before = proc_cpu_seconds(pid)
+        time.sleep(0.5)
+        if proc_cpu_seconds(pid) - before < 0.05:
+            return
+
+
 @dataclass
 class Row:
     attack: str
@@ -973,6 +984,7 @@ def measure(c: Cluster, transport: str, attack: str | None, seconds: float, rss_
     proxy = c.proxies[transport]
     pid = proxy.pid
     nodes = [n.pid for n in c.readonly]
+    settle(pid)
     rss_start = proc_rss_mb(pid)
     cpu_start = proc_cpu_seconds(pid)
     node_start = sum(proc_cpu_seconds(n) for n in nodes)
