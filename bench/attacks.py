@@ -501,7 +501,10 @@ def _many(a: Attack, count: int, handshake: bool) -> None:
         if not a.live():
             break
         try:
-            conns.append(a.connect(handshake=handshake))
+            conn = a.connect(handshake=handshake)
+            conn.poll()  # answer the server's SETTINGS if they are there already
+            conn.flush()
+            conns.append(conn)
         except OSError as exc:
             a.outcome.ended[f"connect failed: {exc.__class__.__name__}"] += 1
     a.hold(conns)
