@@ -79,6 +79,7 @@ def _reply_on_error(reply_type: Callable[..., object] | None):
 
 
 _OK = status_of(None)
+_GONE = pb.TopKQueryResult()  # what a cancelled call "answers": grpcio sends nothing to a caller that left
 
 
 class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
@@ -241,11 +242,15 @@ class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
 
     @_reply_on_error(pb.TopKQueryResult)
     def Search(self, request, context):
+        if not context.is_active():  # the caller reset the call while it waited for a worker
+            return _GONE
         family, queries, topk, params = self._query(request)
         return self._result(self.db.search(family, list(request.partition_tag_array), queries, topk, params))
 
     @_reply_on_error(pb.TopKQueryResult)
     def SearchInFiles(self, request, context):
+        if not context.is_active():  # a proxy cancels the node calls of a search its client gave up
+            return _GONE
         param = request.search_param
         family, queries, topk, params = self._query(param)
         return self._result(self.db.search_in_files(family, list(request.file_id_array), queries, topk, params))

@@ -211,7 +211,7 @@ class _ServerProtocol(asyncio.Protocol):
         self.timers.pop(stream_id, None)
         task = self.tasks.pop(stream_id, None)
         if task is not None:
-            task.cancel()
+            self._stop(stream_id, task)
             self.connection.send_status(stream_id, DEADLINE_EXCEEDED, "Deadline Exceeded")
             self.flush()
 
@@ -219,14 +219,24 @@ class _ServerProtocol(asyncio.Protocol):
         task = self.tasks.get(stream_id)
         self._finish(stream_id)
         if task is not None:
-            task.cancel()
+            self._stop(stream_id, task)
+
+    def _stop(self, stream_id: int, task: asyncio.Task) -> None:
+        """Cancel a request's handler; its stream's slot is free once the task has ended (which a
+        task cancelled before it ever ran does without running `_run`'s own bookkeeping)."""
+        task.cancel()
+        task.add_done_callback(lambda _: self.connection.handler_done(stream_id))
 
     def connection_lost(self, exc: Exception | None) -> None:
         for event in self.connection.connection_lost("connection lost"):
             self._cancel(event.stream_id)
+        self.cancel_all()
+        self.server.connections.discard(self)
+
+    def cancel_all(self) -> None:
+        """Cancel every running handler (the connection is gone, or the server stops)."""
         for stream_id in list(self.tasks):
             self._cancel(stream_id)
-        self.server.connections.discard(self)
 
     @property
     def idle(self) -> bool:
@@ -327,8 +337,7 @@ class H2Server:
         while self.connections and time.monotonic() < deadline:  # each ends once idle and the client hung up
             await asyncio.sleep(0.02)
         for protocol in list(self.connections):
-            for stream_id in list(protocol.tasks):
-                protocol._cancel(stream_id)
+            protocol.cancel_all()
             protocol.flush()
             if protocol.transport is not None:
                 protocol.transport.close()

@@ -36,7 +36,6 @@ from .http2 import (
     ProtocolError,
     Stream,
     StreamError,
-    frame,
     literal,
     literal_indexed_name,
 )
@@ -119,18 +118,30 @@ def split_message(body: bytes | bytearray, encoding: bytes = b"identity") -> tup
     return True, payload
 
 
+_INFLATE_STEP = 1 << 20
+
+
 def inflate(payload: bytes, encoding: bytes, limit: int) -> bytes:
-    """Decompress at most `limit` bytes (a bomb stops there, having cost no more than the limit)."""
+    """Decompress at most `limit` bytes, a step at a time into one growing buffer: a bomb stops at
+    the limit having held about the limit (one `decompress(payload, limit)` call would hold its
+    output twice while joining its internal blocks)."""
     inflater = _DECOMPRESSORS[encoding]()
+    message = bytearray()
+    pending = payload
     try:
-        message = inflater.decompress(payload, limit + 1)
+        while not inflater.eof:
+            chunk = inflater.decompress(pending, _INFLATE_STEP)
+            pending = inflater.unconsumed_tail
+            if not chunk and not pending:
+                break  # the input is used up before the end of the stream
+            message += chunk
+            if len(message) > limit:
+                raise MessageTooLarge(f"message over the {limit} byte limit once decompressed (H2_MAX_MESSAGE_SIZE)")
     except zlib.error as exc:
         raise BadMessage(f"bad {encoding.decode('latin-1')} data: {exc}") from exc
-    if len(message) > limit or inflater.unconsumed_tail:
-        raise MessageTooLarge(f"message over the {limit} byte limit once decompressed (H2_MAX_MESSAGE_SIZE)")
     if not inflater.eof:
         raise BadMessage("truncated compressed message")
-    return message
+    return bytes(message)
 
 
 CODE_OF = {MessageTooLarge: RESOURCE_EXHAUSTED, UnsupportedEncoding: UNIMPLEMENTED, BadMessage: INTERNAL}
@@ -184,6 +195,8 @@ class _Call(Stream):
 class ClientConnection(Connection):
     """One connection carrying unary calls to a node; `usable` says whether new calls may start."""
 
+    OPENING = PREFACE
+
     def __init__(self, authority: str, max_receive: int = 512 * 1024 * 1024, limits: Limits = DEFAULT_LIMITS) -> None:
         super().__init__(limits)
         self.authority = authority.encode()
@@ -192,7 +205,6 @@ class ClientConnection(Connection):
         self.draining = False  # GOAWAY received or ids exhausted: finish what runs, start nothing
         self.queued: deque[int] = deque()  # calls waiting for the peer's MAX_CONCURRENT_STREAMS
         self._prefix: dict[bytes, bytes] = {}
-        self._out += [PREFACE, self._local_settings()]
 
     @property
     def usable(self) -> bool:
@@ -325,7 +337,7 @@ class ClientConnection(Connection):
     def _complete(self, stream_id: int, call: _Call, events: list) -> None:
         if stream_id in self.streams:  # the server answered before reading all of the request: stop sending it
             self._close(stream_id, call, reset_here=True)
-            self._out.append(frame(RST_STREAM, 0, stream_id, UINT32.pack(NO_ERROR)))
+            self.send_frame(RST_STREAM, 0, stream_id, UINT32.pack(NO_ERROR))
         self._start_queued()
         if call.http_status != 200:
             code = _HTTP_TO_GRPC.get(call.http_status, UNKNOWN)
@@ -376,6 +388,12 @@ _TRAILERS_OK = literal(b"grpc-status", b"0")
 _CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
 
 
+def _is_grpc(content_type: bytes) -> bool:
+    """application/grpc, optionally followed by +format or ;parameters (gRPC's HTTP/2 mapping)."""
+    rest = content_type[len(_GRPC_CONTENT_TYPE) :]
+    return content_type.startswith(_GRPC_CONTENT_TYPE) and (not rest or rest[:1] in (b"+", b";"))
+
+
 class ServerConnection(Connection):
     """The server side of one client connection: requests in, replies and statuses out."""
 
@@ -395,7 +413,6 @@ class ServerConnection(Connection):
         self.going_away = False
         self._handling: set[int] = set()  # requests whose handler runs
         self._detached: set[int] = set()  # ... of which the stream is gone (reset, timed out)
-        self._out.append(self._local_settings())
 
     @property
     def last_stream_id(self) -> int:
@@ -492,8 +509,7 @@ class ServerConnection(Connection):
     def _open_by_peer(self, stream_id, headers, end_stream, now, events) -> _Request | None:
         if self.going_away or self.active_streams >= self.limits.max_concurrent_streams:
             self._spend(self._resets, "too_many_resets", now)
-            self._out.append(frame(RST_STREAM, 0, stream_id, UINT32.pack(REFUSED_STREAM)))
-            self._recently_reset[stream_id] = None
+            self.refuse(stream_id, REFUSED_STREAM)
             return None
         request = _Request(self._peer_window, self.STREAM_WINDOW)
         request.move(stream_id, RECV_HEADERS)
@@ -555,7 +571,7 @@ class ServerConnection(Connection):
         request.metadata = tuple(metadata)
         if method != b"POST":
             self._reject(stream_id, request, UNIMPLEMENTED, "only POST is served")
-        elif not content_type.startswith(_GRPC_CONTENT_TYPE):
+        elif not _is_grpc(content_type):
             details = f"content-type {_shown(content_type)} is not gRPC"
             self._reject(stream_id, request, INTERNAL, details)
         elif encoding != b"identity" and encoding not in _DECOMPRESSORS:
@@ -566,6 +582,8 @@ class ServerConnection(Connection):
     def _headers(self, stream_id, stream, headers, end_stream, events) -> None:
         if not end_stream:  # trailers from the client: a unary request has none, and they must end it
             raise StreamError(stream_id, PROTOCOL_ERROR, "a second HEADERS without END_STREAM")
+        if any(name[:1] == b":" for name, _ in headers):
+            raise StreamError(stream_id, PROTOCOL_ERROR, "a pseudo-header in trailers")
 
     def _reject(self, stream_id: int, request: _Request, code: int, details: str) -> None:
         """Answer at once; the client's remaining DATA is dropped (and credited) until it ends its half."""

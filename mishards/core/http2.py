@@ -263,6 +263,7 @@ class Connection:
     #: whether the limits on what we keep apply (the server's; a node's replies are trusted more)
     BOUNDED = False
     PEER_STARTS_ODD = False  # which stream ids the peer opens (odd: it is the client)
+    OPENING = b""  # what this side sends before its SETTINGS (the client's preface)
 
     def __init__(
         self, limits: Limits = DEFAULT_LIMITS, pool: BufferPool | None = None, now: float | None = None
@@ -300,6 +301,7 @@ class Connection:
         self.last_received = now
         self._awaiting_settings = True  # a peer's preface is a SETTINGS frame
         self.closed = False
+        self._out.append(self.OPENING + self._local_settings())
 
     def _local_settings(self) -> bytes:
         settings = _SETTING.pack(ENABLE_PUSH, 0) + _SETTING.pack(INITIAL_WINDOW_SIZE, self.STREAM_WINDOW)
@@ -427,6 +429,11 @@ class Connection:
             self._close(stream_id, stream, reset_here=True)
             if not self.closed:
                 self._out.append(frame(RST_STREAM, 0, stream_id, UINT32.pack(error_code)))
+
+    def refuse(self, stream_id: int, error_code: int) -> None:
+        """Reset a stream the peer opened and we never took; frames still in flight on it are ignored."""
+        self._recently_reset[stream_id] = None
+        self._out.append(frame(RST_STREAM, 0, stream_id, UINT32.pack(error_code)))
 
     def ping(self, opaque: bytes) -> None:
         self._out.append(frame(PING, 0, 0, opaque[:8].ljust(8, b"\0")))
@@ -922,9 +929,12 @@ class Connection:
             del receiving[stream_id]
             if stream is None:
                 continue
-            if stream.recv_window <= 0 or self._recv_window <= 0 or stream.starved:
+            waits_for_us = stream.recv_window <= 0 or self._recv_window <= 0 or stream.starved
+            if waits_for_us and self.pool.used <= self.pool.cap:
                 receiving[stream_id] = now  # waiting for our credit, not slow: not its fault
                 continue
+            # (while the whole process is over its buffer cap, stalled requests expire all the
+            # same: they free the room the others wait for, so the wait cannot go on for ever)
             self.reset(stream_id, CANCEL)
             self._reset_here(stream_id, CANCEL, f"no request bytes for {timeout:g} s", events)
         return events

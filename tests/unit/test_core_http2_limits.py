@@ -258,3 +258,38 @@ def test_partial_frame_left_hanging_ends_the_connection() -> None:
     assert not connection.closed
     connection.expire(36)
     assert connection.closed
+
+
+def test_stalled_requests_expire_when_the_process_is_over_its_buffer_cap() -> None:
+    """Requests that wait for credit never expire while room may come back; when the whole process
+    is over its cap, they do, so that connections waiting on each other cannot wait for ever."""
+    pool = h.BufferPool(cap=1000)
+    connection = server(pool=pool, read_timeout=30)
+    open_requests(connection, [1], end_stream=False)
+    connection.receive(h.frame(h.DATA, 0, 1, b"x" * 900), 0)
+    assert connection.expire(40) == [g.RequestCancelled(1)]  # could send, did not
+    open_requests(connection, [3], end_stream=False, now=40)
+    connection.receive(h.frame(h.DATA, 0, 3, b"x" * 1_000_000) * 3, 40)  # over the cap: no credit
+    assert connection.streams[3].starved
+    pool.cap = 1 << 30
+    assert connection.expire(100) == []  # it waits for us: not its fault
+    pool.cap = 1000
+    assert connection.expire(131) == [g.RequestCancelled(3)]
+    assert pool.used == 0
+
+
+def test_inflate_stops_a_bomb_at_the_limit() -> None:
+    import gzip
+    import zlib
+
+    import pytest
+
+    bomb = gzip.compress(b"\0" * (64 << 20), 9)  # 64 MiB from ~64 KB
+    with pytest.raises(g.MessageTooLarge, match="H2_MAX_MESSAGE_SIZE"):
+        g.inflate(bomb, b"gzip", 1 << 20)
+    assert g.inflate(bomb, b"gzip", 64 << 20) == b"\0" * (64 << 20)
+    assert g.inflate(zlib.compress(b"abc" * 1000), b"deflate", 3000) == b"abc" * 1000
+    with pytest.raises(g.BadMessage, match="truncated"):
+        g.inflate(gzip.compress(b"hello" * 100)[:-12], b"gzip", 10_000)
+    with pytest.raises(g.BadMessage, match="bad gzip data"):
+        g.inflate(b"not gzip at all", b"gzip", 10_000)
