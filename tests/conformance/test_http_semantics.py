@@ -62,11 +62,6 @@ def test_the_connection_serves_the_next_request_after_a_malformed_one(peer) -> N
     assert peer.response(3).message == b"next"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RFC 9113 8.1: pseudo-header fields must not appear in trailers (malformed); the contract is "
-    "silent and the server serves the request",
-)
 def test_pseudo_header_in_trailers_is_a_stream_error(peer) -> None:
     peer.send(
         peer.headers_frame(1, STANDARD),
