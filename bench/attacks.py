@@ -26,6 +26,7 @@ import collections
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -264,8 +265,8 @@ class Conn:
         if self.goaway is not None:
             code, debug = self.goaway
             text = f"GOAWAY {ERROR_NAMES.get(code, code)}"
-            if debug and code:
-                text += f" {debug[:40].decode('latin-1')}"
+            if debug and code:  # numbers replaced, so that one cause is counted as one
+                text += " " + re.sub(r"\d+", "N", debug[:40].decode("latin-1"))
             return text + ("" if self.closed else " (still open)")
         if self.closed:
             return "closed, no GOAWAY" if self.closed == "FIN" else "reset, no GOAWAY"
