@@ -19,8 +19,11 @@ WORKDIR /source
 # Requirements first: the dependency layer is rebuilt only when they change (and is shared with
 # Dockerfile.node, whose first steps are identical).
 COPY requirements.txt ./
-RUN python3 -m venv /opt/venv \
-    && pip install --no-cache-dir -r requirements.txt
+# annoy is published as source only: a compiler for the install, removed in the same layer.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && python3 -m venv /opt/venv \
+    && pip install --no-cache-dir -r requirements.txt \
+    && apt-get purge -y --auto-remove g++ && rm -rf /var/lib/apt/lists/*
 
 # pymilvus 0.2.12 only for all_in_one/probe_test.py (`make probe_deploy`); the proxy never imports it.
 RUN pip install --no-cache-dir --no-deps pymilvus==0.2.12 && pip install --no-cache-dir "requests>=2.22"

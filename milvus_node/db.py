@@ -59,7 +59,9 @@ INDEX_NAMES = {
     12: "ANNOY",
 }
 TTL_SECONDS = {"single": 10, "writable": 3600}
-UNAVAILABLE_INDEX_TYPES = (index.IVF_SQ8H, index.ANNOY)  # GPU-only / not served by this CPU node
+UNAVAILABLE_INDEX_TYPES = (index.IVF_SQ8H,)  # GPU-only: not served by this CPU node
+BUILD_INDEX_THRESHOLD = 4096  # CreateIndex queues every RAW file with at least this many rows
+MAX_GET_IDS = 1000  # GetVectorsByID's id array cap
 MAINTENANCE_PERIOD_S = 1.0  # Milvus' index thread cadence; merges run on the same beat
 
 # Test hook for crash tests: `MILVUS_NODE_CRASH_AT=<point>` makes the process SIGKILL itself at that
@@ -520,9 +522,7 @@ class NodeDB:
             deleted = segment.deleted | hit
             self.store.write_deleted(file.table_id, file.segment_id, deleted)
             live = int(deleted.size - np.count_nonzero(deleted))
-            self.meta.update_segment_rows(
-                file.table_id, file.segment_id, live, live * segment.vectors.shape[1] * segment.vectors.itemsize
-            )
+            self.meta.update_segment_rows(file.table_id, file.segment_id, live)
             self.cache.set_deleted(file.id, deleted)
 
     def compact(self, name: str) -> None:
@@ -612,7 +612,8 @@ class NodeDB:
 
     # ------------------------------------------------------------------ index
     def create_index(self, name: str, index_type: int, params: dict) -> None:
-        """Validate, flush, record the index, build every file at or above index_file_size, then return."""
+        """Validate, flush, record the index, build every RAW file of at least BUILD_INDEX_THRESHOLD rows
+        (whatever its size: 0.9.1's rule; smaller files stay RAW and are searched raw), then return."""
         self._require_writer("CreateIndex")
         row = self.collection(name)
         validation.index_type(index_type)
@@ -631,7 +632,7 @@ class NodeDB:
                 self._discard(self.meta.drop_index_files(tables, engine_type))
                 self.meta.set_index(name, engine_type, params_json)
             if engine_type not in index.EXACT_TYPES:
-                self.meta.mark_to_index(tables, row.index_file_size)
+                self.meta.mark_to_index(tables, BUILD_INDEX_THRESHOLD)
                 self._build_pending_indexes(tables)
 
     def describe_index(self, name: str) -> tuple[int, str]:
@@ -708,7 +709,10 @@ class NodeDB:
             )
             if file.file_type == meta.INDEX and file.engine_type not in index.EXACT_TYPES:
                 data.index = index.load(
-                    file.engine_type, self.store.index_path(file.table_id, file.segment_id, file.file_id)
+                    file.engine_type,
+                    self.store.index_path(file.table_id, file.segment_id, file.file_id),
+                    table.dimension,
+                    table.metric_type,
                 )
             return data
 
@@ -728,8 +732,14 @@ class NodeDB:
             self._segment(file, row)
 
     def get_vectors(self, name: str, ids: np.ndarray) -> tuple[bool, list[np.ndarray | None]]:
-        """One entry per id in request order, None for ids that are not flushed or deleted."""
+        """GetVectorsByID: one entry per id in request order, None for ids that are not flushed or
+        deleted; at most MAX_GET_IDS ids per request, as 0.9.1 allows."""
         row = self.collection(name)
+        if ids.size > MAX_GET_IDS:
+            raise IllegalArgument(f"Input id array size cannot exceed: {MAX_GET_IDS}")
+        return self._vectors_by_id(row, ids)
+
+    def _vectors_by_id(self, row: TableRow, ids: np.ndarray) -> tuple[bool, list[np.ndarray | None]]:
         if ids.size == 0:
             raise IllegalVectorId("The id array is empty")
         found: list[np.ndarray | None] = [None] * ids.size
@@ -784,18 +794,24 @@ class NodeDB:
         return self._search_files(row, usable, queries, topk, params)
 
     def search_by_ids(self, name: str, tags: Sequence[str], ids: np.ndarray, topk: int, params: dict) -> SearchResult:
-        row = self.collection(name)
-        binary, vectors = self.get_vectors(name, ids)
-        width = row.dimension // 8 if binary else row.dimension
-        dtype = np.uint8 if binary else np.float32
+        """One row per id, as wide as the search of the found ids (min(topk, live rows searched));
+        ids that are not stored get a row of padding. Nothing found, or no live row: an empty reply."""
+        family = self.family(name)
+        row = family[0]
+        validation.topk(topk)
+        index.check_search_params(row.engine_type, topk, params)  # also when no id is found
+        _, vectors = self._vectors_by_id(row, ids)
         known = [i for i, v in enumerate(vectors) if v is not None]
-        queries = np.stack([vectors[i] for i in known]) if known else np.zeros((0, width), dtype=dtype)
-        result = self.search(self.family(name), tags, queries, topk, params) if known else None
-        out_ids = np.full((ids.size, topk), -1, dtype=np.int64)
-        out_dist = np.full((ids.size, topk), engine.pad_distance(row.metric_type), dtype=np.float32)
-        if result is not None and result.ids.size:
-            out_ids[known] = result.ids
-            out_dist[known] = result.distances
+        if not known:
+            return SearchResult(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
+        result = self.search(family, tags, np.stack([vectors[i] for i in known]), topk, params)
+        width = result.ids.shape[1]
+        if width == 0:
+            return result
+        out_ids = np.full((ids.size, width), -1, dtype=np.int64)
+        out_dist = np.full((ids.size, width), engine.pad_distance(row.metric_type), dtype=np.float32)
+        out_ids[known] = result.ids
+        out_dist[known] = result.distances
         return SearchResult(out_ids, out_dist)
 
     def reload_segments(self, name: str, file_ids: Sequence[str]) -> None:
@@ -819,24 +835,35 @@ class NodeDB:
     def _search_files(
         self, row: TableRow, files: Sequence[FileRow], queries: np.ndarray, topk: int, params: dict
     ) -> SearchResult:
-        if not files:
-            return SearchResult(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
+        """Milvus' reply width: each file gives min(its live rows, topk) columns and the files merge to
+        min(topk, their sum), so a reply is min(topk, live rows searched) wide, (0, 0) with none."""
+        match_filter = engine.is_match_filter(row.metric_type)
         parts, candidate_ids, candidate_dist = [], [], []
-        for file in files:
+        live_rows = 0
+        for file in files:  # in file order: a match filter keeps its first matches in storage order
             segment = self._segment(file, row)
+            live_rows += segment.live_count
+            if not segment.live_count:
+                continue
             if segment.index is not None:
                 found, dist = index.search(
                     segment.index, row.metric_type, queries, segment.vectors, segment.ids, segment.deleted, topk, params
                 )
-                candidate_ids.append(found)
-                candidate_dist.append(dist)
+                if match_filter:
+                    parts.append(engine.first_matches(dist, found, topk, row.metric_type))
+                else:
+                    candidate_ids.append(found)
+                    candidate_dist.append(dist)
             else:
                 parts.append(
                     engine.search_block(
                         row.metric_type, queries, segment.vectors, segment.ids, segment.deleted, topk, segment.norms
                     )
                 )
+        width = min(topk, live_rows)
+        if width == 0:
+            return SearchResult(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
         if candidate_ids:  # one ranking over every indexed segment's candidates
             parts.append(engine.select_topk(np.hstack(candidate_dist), np.hstack(candidate_ids), topk, row.metric_type))
         ids, dist = engine.merge_topk(parts, queries.shape[0], topk, row.metric_type)
-        return SearchResult(ids, dist.astype(np.float32))
+        return SearchResult(np.ascontiguousarray(ids[:, :width]), dist[:, :width].astype(np.float32))

@@ -12,6 +12,8 @@ import numpy as np
 
 L2, IP, HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE = range(1, 8)
 BINARY_METRICS = frozenset({HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE})
+MATCH_FILTERS = frozenset({SUBSTRUCTURE, SUPERSTRUCTURE})
+"""Metrics that only filter: every match has distance 0.0 and the first matches in storage order win."""
 FLT_MAX = float(np.finfo(np.float32).max)
 
 # Elements of the (queries x rows) distance block computed at once; bounds memory per search.
@@ -22,6 +24,10 @@ _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.float64)
 
 def is_binary(metric: int) -> bool:
     return metric in BINARY_METRICS
+
+
+def is_match_filter(metric: int) -> bool:
+    return metric in MATCH_FILTERS
 
 
 def descending(metric: int) -> bool:
@@ -57,12 +63,11 @@ def distances(metric: int, queries: np.ndarray, vectors: np.ndarray) -> np.ndarr
             return 1.0 - similarity
         if metric == TANIMOTO:
             return -np.log2(similarity)
+        # Match filters as 0.9.1's binary flat search reports them: 0.0 for a match, nothing otherwise.
         if metric == SUBSTRUCTURE:
-            ratio = np.where(v_count > 0, both / np.where(v_count > 0, v_count, 1.0), 1.0)
-            return np.where(both == q_count, 1.0 - ratio, np.inf)
+            return np.where(both == q_count, 0.0, np.inf)
         if metric == SUPERSTRUCTURE:
-            ratio = np.where(q_count > 0, both / np.where(q_count > 0, q_count, 1.0), 1.0)
-            return np.where(both == v_count, 1.0 - ratio, np.inf)
+            return np.where(both == v_count, 0.0, np.inf)
     raise ValueError(f"unknown metric type {metric}")
 
 
@@ -103,6 +108,31 @@ def select_topk(dist: np.ndarray, ids: np.ndarray, topk: int, metric: int) -> tu
     return out_ids, out_dist
 
 
+def first_matches(dist: np.ndarray, ids: np.ndarray, topk: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `topk` qualifying entries of each row of `dist` (nq x m) in column order: how a
+    match filter keeps hits (storage order, not rank). Non-qualifying entries are +inf or id -1."""
+    nq, m = dist.shape
+    ids = np.broadcast_to(ids, dist.shape)
+    out_ids = np.full((nq, topk), -1, dtype=np.int64)
+    out_dist = np.full((nq, topk), pad_distance(metric), dtype=np.float64)
+    if nq == 0 or m == 0:
+        return out_ids, out_dist
+    hit = np.isfinite(dist) & (ids >= 0)
+    rank = np.cumsum(hit, axis=1) - 1  # position among the row's matches
+    keep = hit & (rank < topk)
+    rows, cols = np.nonzero(keep)
+    out_ids[rows, rank[rows, cols]] = ids[rows, cols]
+    out_dist[rows, rank[rows, cols]] = dist[rows, cols]
+    return out_ids, out_dist
+
+
+def select(dist: np.ndarray, ids: np.ndarray, topk: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best `topk` by distance, or for a match filter the first `topk` matches in column order."""
+    if is_match_filter(metric):
+        return first_matches(dist, ids, topk, metric)
+    return select_topk(dist, ids, topk, metric)
+
+
 def search_block(
     metric: int,
     queries: np.ndarray,
@@ -132,7 +162,7 @@ def search_block(
         if preselect:
             i, d = _search_preselected(metric, block, vectors, row_ids, topk, norms)
         else:
-            i, d = select_topk(distances(metric, block, vectors), row_ids, topk, metric)
+            i, d = select(distances(metric, block, vectors), row_ids, topk, metric)
         parts_ids.append(i)
         parts_dist.append(d)
     if not parts_ids:
@@ -185,7 +215,9 @@ def _search_preselected(
 def merge_topk(
     parts: list[tuple[np.ndarray, np.ndarray]], nq: int, topk: int, metric: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Combine per-segment top-k lists (ids are unique across segments of one collection)."""
+    """Combine per-segment top-k lists (ids are unique across segments of one collection).
+
+    For a match filter the parts are in storage order and their matches are kept in that order."""
     if not parts:
         return select_topk(np.zeros((nq, 0)), np.zeros((nq, 0), dtype=np.int64), topk, metric)
     if len(parts) == 1:
@@ -193,4 +225,4 @@ def merge_topk(
     ids = np.concatenate([p[0] for p in parts], axis=1)
     dist = np.concatenate([p[1] for p in parts], axis=1)
     dist = np.where(ids < 0, -np.inf if descending(metric) else np.inf, dist)
-    return select_topk(dist, ids, topk, metric)
+    return select(dist, ids, topk, metric)

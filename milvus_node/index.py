@@ -6,7 +6,8 @@ excluded with a faiss selector (or fetched and dropped where faiss takes none, N
 is re-ranked on the raw vectors in float64 with ties by id, so distances are what the brute-force
 path returns and approximate indexes (SQ8, PQ) fetch a few times topk candidates first.
 Binary IVF assigns rows to Hamming k-means lists with faiss and ranks the probed lists exactly,
-which serves every binary metric, not only Hamming.
+which serves every binary metric, not only Hamming. ANNOY (random projection trees) is built and
+searched with the `annoy` package, one query at a time (it has no batch call).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
+import annoy
 import faiss
 import numpy as np
 
@@ -29,6 +31,8 @@ IVF_TYPES = frozenset({IVF_FLAT, IVF_SQ8, IVF_SQ8H, IVF_PQ, BIN_IVF_FLAT})
 EXACT_TYPES = frozenset({FLAT, BIN_FLAT})
 # Candidates fetched per wanted hit before the exact re-ranking: quantized codes misorder neighbours.
 REFINE_FACTOR = {IVF_SQ8: 4, IVF_PQ: 8}
+ANNOY_SEED = 1  # fixed, so that a segment's trees (and its search results) do not vary between builds
+ANNOY_MAX_SEARCH_K = (1 << 31) - 1  # the annoy binding takes a C int; a larger search_k cannot visit more
 
 
 @dataclass
@@ -46,9 +50,25 @@ def _faiss_metric(metric: int) -> int:
     return faiss.METRIC_INNER_PRODUCT if metric == engine.IP else faiss.METRIC_L2
 
 
+def _annoy_index(dimension: int, metric: int) -> annoy.AnnoyIndex:
+    # Annoy's "euclidean" ranks as squared L2 does and "dot" as IP; distances are recomputed exactly.
+    return annoy.AnnoyIndex(dimension, "dot" if metric == engine.IP else "euclidean")
+
+
+def _build_annoy(metric: int, vectors: np.ndarray, n_trees: int) -> annoy.AnnoyIndex:
+    index = _annoy_index(vectors.shape[1], metric)
+    index.set_seed(ANNOY_SEED)
+    for position, vector in enumerate(vectors.tolist()):  # annoy takes rows one by one only
+        index.add_item(position, vector)
+    index.build(n_trees, n_jobs=1)
+    return index
+
+
 def build(engine_type: int, metric: int, vectors: np.ndarray, params: dict) -> object:
-    """Train and fill a faiss index over all rows of a segment (labels = row positions)."""
+    """Train and fill a faiss (or annoy) index over all rows of a segment (labels = row positions)."""
     n = vectors.shape[0]
+    if engine_type == ANNOY:
+        return _build_annoy(metric, vectors, int(params["n_trees"]))
     if engine_type == BIN_IVF_FLAT:
         bits = vectors.shape[1] * 8
         nlist = max(1, min(int(params["nlist"]), n))
@@ -88,7 +108,11 @@ def write(index: object, path: str) -> int:
     """Write an index file atomically (temp name, fsync, rename, fsync dir); returns its size."""
     temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        if isinstance(index, faiss.IndexBinary):
+        if isinstance(index, annoy.AnnoyIndex):
+            if not index.save(temp, prefault=False):
+                raise OSError(f"annoy could not write {temp}")
+            index.unload()  # save() maps the temp name; the file is read again under its final name
+        elif isinstance(index, faiss.IndexBinary):
             faiss.write_index_binary(index, temp)
         else:
             faiss.write_index(index, temp)
@@ -107,8 +131,13 @@ def write(index: object, path: str) -> int:
     return os.path.getsize(path)
 
 
-def load(engine_type: int, path: str) -> LoadedIndex:
+def load(engine_type: int, path: str, dimension: int, metric: int) -> LoadedIndex:
     size = os.path.getsize(path)
+    if engine_type == ANNOY:
+        index = _annoy_index(dimension, metric)
+        if not index.load(path, prefault=False):
+            raise OSError(f"annoy could not load {path}")
+        return LoadedIndex(engine_type, index, size)
     if engine_type == BIN_IVF_FLAT:
         index = faiss.read_index_binary(path)
         lists = np.empty(index.ntotal, dtype=np.int64)
@@ -135,6 +164,8 @@ def search(
     distances), nq x c, unordered, id -1 for no hit. The caller ranks all segments' candidates at once."""
     if loaded.engine_type == BIN_IVF_FLAT:
         return _search_binary_ivf(loaded, metric, queries, vectors, row_ids, deleted, topk, params)
+    if loaded.engine_type == ANNOY:
+        return _search_annoy(loaded, metric, queries, vectors, row_ids, deleted, topk, params)
     n = vectors.shape[0]
     dead = int(np.count_nonzero(deleted))
     fetch = min(n, topk * REFINE_FACTOR.get(loaded.engine_type, 1))
@@ -156,6 +187,31 @@ def search(
             _, found = index.search(queries32, min(n, fetch + dead))
         found = np.where((found >= 0) & deleted[np.maximum(found, 0)], -1, found)
     del bitmap  # kept alive until faiss is done with the selector
+    candidate_ids = np.where(found >= 0, row_ids[np.maximum(found, 0)], -1)
+    return candidate_ids, engine.exact_distances(metric, queries, vectors, found)
+
+
+def _search_annoy(
+    loaded: LoadedIndex,
+    metric: int,
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    row_ids: np.ndarray,
+    deleted: np.ndarray,
+    topk: int,
+    params: dict,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`search_k` nodes visited per query (Milvus' parameter, passed through); annoy cannot skip
+    deleted rows, so as many more neighbours are fetched as the segment has deleted rows."""
+    n = vectors.shape[0]
+    fetch = min(n, topk + int(np.count_nonzero(deleted)))
+    search_k = min(int(params["search_k"]), ANNOY_MAX_SEARCH_K)
+    found = np.full((queries.shape[0], fetch), -1, dtype=np.int64)
+    with loaded.lock:  # one search per index at a time: annoy's object is not documented thread-safe
+        for row, query in enumerate(np.asarray(queries, dtype=np.float32).tolist()):
+            neighbours = loaded.index.get_nns_by_vector(query, fetch, search_k)
+            found[row, : len(neighbours)] = neighbours
+    found = np.where((found >= 0) & deleted[np.maximum(found, 0)], -1, found)
     candidate_ids = np.where(found >= 0, row_ids[np.maximum(found, 0)], -1)
     return candidate_ids, engine.exact_distances(metric, queries, vectors, found)
 

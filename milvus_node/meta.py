@@ -417,9 +417,10 @@ class MetaStore:
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(query)]
 
-    def update_segment_rows(self, table_id: str, segment_id: str, row_count: int, raw_size: int) -> None:
+    def update_segment_rows(self, table_id: str, segment_id: str, row_count: int) -> None:
         """After deletions were applied to a segment: live row count and a new `updated_time` on its
-        raw and index rows (readers reload files whose `updated_time` changed)."""
+        raw and index rows (readers reload files whose `updated_time` changed). `file_size` stays:
+        the bytes are on disk until Compact rewrites the segment, so data_size does not shrink."""
         stamp = now_us()
         segment = sa.and_(
             table_files_table.c.table_id == table_id,
@@ -428,11 +429,6 @@ class MetaStore:
         )
         with self.engine.begin() as conn:
             conn.execute(sa.update(table_files_table).where(segment).values(row_count=row_count, updated_time=stamp))
-            conn.execute(
-                sa.update(table_files_table)
-                .where(segment, table_files_table.c.file_id == segment_id)
-                .values(file_size=raw_size)
-            )
 
     def set_file_type(self, file_ids: Sequence[int], file_type: int) -> None:
         if not file_ids:
@@ -444,15 +440,15 @@ class MetaStore:
                 .values(file_type=file_type, updated_time=now_us())
             )
 
-    def mark_to_index(self, table_ids: Sequence[str], min_size: int) -> None:
-        """RAW files at or above the index threshold are queued for an index build (TO_INDEX)."""
+    def mark_to_index(self, table_ids: Sequence[str], min_rows: int) -> None:
+        """RAW files of at least `min_rows` rows are queued for an index build (TO_INDEX)."""
         with self.engine.begin() as conn:
             conn.execute(
                 sa.update(table_files_table)
                 .where(
                     table_files_table.c.table_id.in_(list(table_ids)),
                     table_files_table.c.file_type == RAW,
-                    table_files_table.c.file_size >= min_size,
+                    table_files_table.c.row_count >= min_rows,
                 )
                 .values(file_type=TO_INDEX, updated_time=now_us())
             )

@@ -146,8 +146,10 @@ class Scatter:
         deadline: float,
         span=None,
         started: float | None = None,
+        match_filter: bool = False,
     ) -> bytes:
-        """`started` (time.monotonic() when the request arrived) times the access log line."""
+        """`started` (time.monotonic() when the request arrived) times the access log line;
+        `match_filter` merges SUBSTRUCTURE/SUPERSTRUCTURE replies in reply order."""
         started = time.monotonic() if started is None else started
         nodes = self.membership.all()
         unhealthy = {name for name, client in nodes.items() if not client.stats.healthy}
@@ -162,10 +164,10 @@ class Scatter:
             )
         with self.tracer.span("do_merge", span):
             if self.metrics is None:
-                ids, distances = merge_topk(replies, nq, topk, descending)
+                ids, distances = merge_topk(replies, nq, topk, descending, match_filter)
             else:
                 merge_started = time.perf_counter()
-                ids, distances = merge_topk(replies, nq, topk, descending)
+                ids, distances = merge_topk(replies, nq, topk, descending, match_filter)
                 self.metrics.merge.observe(time.perf_counter() - merge_started)
                 self.metrics.fanout.observe(len(groups))
         if access_log.isEnabledFor(logging.INFO):

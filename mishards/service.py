@@ -36,7 +36,7 @@ from utils.errors import (
 
 from .core import wire
 from .core.http2 import DEFAULT_LIMITS, Limits
-from .core.merge import is_descending, padding_distance
+from .core.merge import is_descending, is_match_filter, padding_distance
 from .meta import IN_PROGRESS_FILE_TYPES, FileSet, MetaReader, SchemaCache
 from .nodes import SERVICE, Membership, NodeClient
 from .observability.metrics import Metrics
@@ -46,6 +46,7 @@ from .transport import H2Server, RequestContext
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_GET_IDS = 1000  # a node's GetVectorsByID answers at most this many ids per request
 
 _SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["MilvusService"]
 VECTOR_METHODS = [m.name for m in _SERVICE_DESCRIPTOR.methods if m.index < 26]  # 1..25 + ReloadSegments
@@ -222,7 +223,15 @@ class MishardsService:
                 return wire.encode_topk_result(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
             return await self.forward("Search", search_param, context)
         return await self.scatter.run(
-            name, files, search_param, nq, topk, is_descending(collection.metric_type), deadline, started=started
+            name,
+            files,
+            search_param,
+            nq,
+            topk,
+            is_descending(collection.metric_type),
+            deadline,
+            started=started,
+            match_filter=is_match_filter(collection.metric_type),
         )
 
     def _given_files(self, table_ids: list[str], file_ids: list[str]) -> FileSet:
@@ -259,42 +268,54 @@ class MishardsService:
         validation.topk(param.topk)
         if not param.id_array:
             raise IllegalVectorId("The id array is empty")
-        identity = pb.VectorsIdentity(collection_name=param.collection_name, id_array=param.id_array)
-        vectors = pb.VectorsData.FromString(await self.forward("GetVectorsByID", identity.SerializeToString(), context))
-        if vectors.status.error_code != 0:
-            raise MilvusError(vectors.status.reason, vectors.status.error_code)
-        found = [i for i, record in enumerate(vectors.vectors_data) if record.float_data or record.binary_data]
-        nq, topk = len(param.id_array), param.topk
+        records = []
+        for start in range(0, len(param.id_array), MAX_GET_IDS):  # the node's GetVectorsByID cap
+            identity = pb.VectorsIdentity(
+                collection_name=param.collection_name, id_array=param.id_array[start : start + MAX_GET_IDS]
+            )
+            vectors = pb.VectorsData.FromString(
+                await self.forward("GetVectorsByID", identity.SerializeToString(), context)
+            )
+            if vectors.status.error_code != 0:
+                raise MilvusError(vectors.status.reason, vectors.status.error_code)
+            records.extend(vectors.vectors_data)
+        found = [i for i, record in enumerate(records) if record.float_data or record.binary_data]
         collection = await self._db(self.schemas.get, param.collection_name)
         if collection is None:
             raise collection_missing(param.collection_name)
-        # ids that are not (or no longer) stored get a row of padding, like the node's own SearchByID
-        out_ids = np.full((nq, topk), -1, dtype=np.int64)
-        out_dist = np.full((nq, topk), padding_distance(is_descending(collection.metric_type)), dtype=np.float32)
-        if found:
-            query = pb.SearchParam(
-                collection_name=param.collection_name,
-                partition_tag_array=param.partition_tag_array,
-                query_record_array=[vectors.vectors_data[i] for i in found],
-                topk=topk,
-                extra_params=param.extra_params,
-            )
-            reply = await self._search(
-                param.collection_name,
-                list(param.partition_tag_array),
-                topk,
-                len(found),
-                query.SerializeToString(),
-                context,
-                None,
-            )
-            code, reason, row_num, ids, distances = wire.decode_topk_result(reply)
-            if code != 0:
-                raise MilvusError(reason, code)
-            if row_num:
-                width = ids.size // row_num
-                out_ids[found, :width] = ids.reshape(row_num, width)
-                out_dist[found, :width] = distances.reshape(row_num, width)
+        empty = wire.encode_topk_result(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
+        if not found:  # as the node: nothing to search with gives an empty reply
+            return empty
+        query = pb.SearchParam(
+            collection_name=param.collection_name,
+            partition_tag_array=param.partition_tag_array,
+            query_record_array=[records[i] for i in found],
+            topk=param.topk,
+            extra_params=param.extra_params,
+        )
+        reply = await self._search(
+            param.collection_name,
+            list(param.partition_tag_array),
+            param.topk,
+            len(found),
+            query.SerializeToString(),
+            context,
+            None,
+        )
+        code, reason, row_num, ids, distances = wire.decode_topk_result(reply)
+        if code != 0:
+            raise MilvusError(reason, code)
+        if row_num == 0 or ids.size == 0:  # no live row searched
+            return empty
+        # one row per requested id, as wide as the search (never re-padded to topk); ids that are
+        # not (or no longer) stored get a row of padding, like the node's own SearchByID
+        width = ids.size // row_num
+        out_ids = np.full((len(param.id_array), width), -1, dtype=np.int64)
+        out_dist = np.full(
+            (len(param.id_array), width), padding_distance(is_descending(collection.metric_type)), dtype=np.float32
+        )
+        out_ids[found] = ids.reshape(row_num, width)
+        out_dist[found] = distances.reshape(row_num, width)
         return wire.encode_topk_result(out_ids, out_dist)
 
     # ------------------------------------------------------------------ cluster-wide calls

@@ -53,6 +53,19 @@ def mysql_db_url(mysql_url: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="module", params=["sqlite", "mysql"])
+def module_meta_uri(request, tmp_path_factory) -> Iterator[str]:
+    """A meta DB shared by one test module, once on SQLite and once on a new MySQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('meta')}/meta.sqlite"
+        return
+    url = os.environ.get(MYSQL_URL_ENV)
+    if not url:
+        pytest.skip(f"{MYSQL_URL_ENV} is not set (run `make test`, which starts MariaDB)")
+    with fresh_mysql_database(url) as database_url:
+        yield database_url
+
+
 @pytest.fixture
 def tmp_data_dir(tmp_path: Path) -> Path:
     """An empty data directory for one node or cluster (meta SQLite, segments, WAL)."""

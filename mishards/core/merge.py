@@ -11,13 +11,19 @@ Rules (each fixes a defect of the original merge, original-mishards.md section 8
   distance.
 * Ties are broken by ascending id, so the reply does not depend on node order or timing.
   Distances compare as floats (``-0.0 == 0.0``); NaN ranks after every number.
-* Width: ``K = min(topk, sum of the nodes' widths k_i)``. A 0.9.1 server merges its files'
-  results the same way (``min(topk, src_k + tar_k)`` per file, each file giving
-  ``min(topk, its rows)``), so the reply has the width one server searching the same files would
-  send, and pymilvus -- which cuts each row at its first -1 -- sees the same hits and the same
-  ``shape``. Rows with fewer than K hits are padded with id -1 and the worst distance
+* Width: ``K = min(topk, sum of the nodes' widths k_i)``, never re-padded to topk. A 0.9.1 server
+  merges its files' results the same way (``min(topk, src_k + tar_k)`` per file, each file giving
+  ``min(topk, its live rows)``), so the reply has the width one server searching the same files
+  would send, and pymilvus -- which cuts each row at its first -1 -- sees the same hits and the
+  same ``shape``. Rows with fewer than K hits are padded with id -1 and the worst distance
   (+FLT_MAX ascending, -FLT_MAX descending), as faiss pads. Narrowing K to the most hits found in
-  any row would save bytes but turns "nq rows with no hits" into "no rows" on the client.
+  any row would save bytes but turns "nq rows with no hits" into "no rows" on the client. When
+  K is 0 (no node searched a live row) the reply has no rows at all, (0, 0): what one server
+  answers for files without live rows (``row_num = 0``).
+* Match filters (SUBSTRUCTURE, SUPERSTRUCTURE) have no distance to rank by: each node reports its
+  first matches in storage order, all at 0.0. With ``match_filter`` the merge keeps the nodes'
+  reply order instead (an entry's column in its node's row, then ascending id), so ties are kept
+  deterministically and never sorted by a made-up distance.
 
 How it is fast: distances become uint32 keys whose unsigned order is the rank order (padding and
 NaN get the top codes), packed with the candidate's column into one uint64, so a plain SIMD value
@@ -40,6 +46,7 @@ from utils.errors import IllegalTopK, UnexpectedError
 
 PADDING_ID = -1
 METRIC_IP = 2
+MATCH_FILTER_METRICS = frozenset({6, 7})  # SUBSTRUCTURE, SUPERSTRUCTURE
 FLT_MAX = float(np.finfo(np.float32).max)
 
 SMALL_MERGE_CANDIDATES = 64
@@ -60,22 +67,30 @@ def is_descending(metric_type: int) -> bool:
     return metric_type == METRIC_IP
 
 
+def is_match_filter(metric_type: int) -> bool:
+    """True for SUBSTRUCTURE and SUPERSTRUCTURE: every match is at 0.0, the order is the reply order."""
+    return metric_type in MATCH_FILTER_METRICS
+
+
 def padding_distance(descending: bool) -> float:
     """The distance faiss writes next to a -1 id: the worst possible value for the direction."""
     return -FLT_MAX if descending else FLT_MAX
 
 
 def merge_topk(
-    node_results: Sequence[NodeResult], nq: int, topk: int, descending: bool
+    node_results: Sequence[NodeResult], nq: int, topk: int, descending: bool, match_filter: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The best `topk` distinct ids per query row over all nodes, shaped (nq, K) (module docstring)."""
+    """The best `topk` distinct ids per query row over all nodes, shaped (nq, K), or (0, 0) when
+    K is 0 (module docstring). `match_filter`: rank by reply order, not by distance."""
     if topk < 1:
         raise IllegalTopK(f"topk must be at least 1, got {topk}")
     blocks = _answering_nodes(node_results, nq)
     candidates_per_row = sum(ids.shape[1] for ids, _ in blocks)
     width = min(topk, candidates_per_row)
     if width == 0:
-        return np.empty((nq, 0), np.int64), np.empty((nq, 0), np.float32)
+        return np.empty((0, 0), np.int64), np.empty((0, 0), np.float32)
+    if match_filter:
+        return _merge_in_reply_order(blocks, width, descending)
     if nq * candidates_per_row <= SMALL_MERGE_CANDIDATES:
         return _merge_small(blocks, nq, width, descending)
     ids = np.concatenate([ids for ids, _ in blocks], axis=1)
@@ -100,6 +115,29 @@ def _answering_nodes(node_results: Sequence[NodeResult], nq: int) -> list[NodeRe
             raise UnexpectedError(f"a node answered {ids.shape[0]} query rows, the search has {nq}")
         blocks.append((ids, distances))
     return blocks
+
+
+def _merge_in_reply_order(blocks: list[NodeResult], width: int, descending: bool) -> NodeResult:
+    """Per row, the distinct ids ordered by (column in their node's row, id); an id several nodes
+    returned keeps its earliest copy (smallest column, then first node)."""
+    ids = np.concatenate([ids for ids, _ in blocks], axis=1)
+    distances = np.concatenate([distances for _, distances in blocks], axis=1)
+    columns = np.concatenate([np.broadcast_to(np.arange(b.shape[1]), b.shape) for b, _ in blocks], axis=1)
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    by_id = np.lexsort((positions, columns, ids), axis=1)  # copies of an id together, earliest first
+    sorted_ids = _take_per_row(ids, by_id)
+    later_copy = np.zeros(ids.shape, dtype=bool)
+    later_copy[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    dropped = np.empty_like(later_copy)
+    np.put_along_axis(dropped, by_id, later_copy, axis=1)
+    dropped |= ids == PADDING_ID
+    order = np.lexsort((ids, columns, dropped), axis=1)[:, :width]
+    merged_ids = _take_per_row(ids, order)
+    merged_distances = _take_per_row(distances, order)
+    is_padding = _take_per_row(dropped, order)
+    merged_ids[is_padding] = PADDING_ID
+    merged_distances[is_padding] = padding_distance(descending)
+    return merged_ids, merged_distances
 
 
 def _merge_small(blocks: list[NodeResult], nq: int, width: int, descending: bool) -> NodeResult:

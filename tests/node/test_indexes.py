@@ -32,6 +32,7 @@ FLOAT_CASES = {
         {"search_length": 45, "out_degree": 50, "candidate_pool_size": 300, "knng": 100},
         {"search_length": 45},
     ),
+    "ANNOY": (12, {"n_trees": 16}, {"search_k": 2000}),
 }
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import fresh_mysql_database
 from tests.support.processes import LOCALHOST, ManagedProcess, NodeProcess, cmd_version_probe, free_port
 
 
@@ -71,18 +70,6 @@ class Cluster:
             proc.stop()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "mysql"])
-def cluster_meta_uri(request, tmp_path_factory):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('meta')}/meta.sqlite"
-        return
-    url = os.environ.get("MISHARDS_TEST_MYSQL_URL")
-    if not url:
-        pytest.skip("MISHARDS_TEST_MYSQL_URL is not set (run `make test`, which starts MariaDB)")
-    with fresh_mysql_database(url) as database_url:
-        yield database_url
-
-
 def start_cluster(meta_uri: str, base: Path, readonly: int = 2, proxy_env: dict[str, str] | None = None) -> Cluster:
     data = base / "data"
     data.mkdir()
@@ -114,7 +101,7 @@ def start_cluster(meta_uri: str, base: Path, readonly: int = 2, proxy_env: dict[
 
 
 @pytest.fixture(scope="module")
-def cluster(cluster_meta_uri, tmp_path_factory):
-    c = start_cluster(cluster_meta_uri, tmp_path_factory.mktemp("cluster"))
+def cluster(module_meta_uri, tmp_path_factory):
+    c = start_cluster(module_meta_uri, tmp_path_factory.mktemp("cluster"))
     yield c
     c.stop()

@@ -1,4 +1,7 @@
-"""A brute-force search oracle: every distance in float64 the direct way, ties by ascending id."""
+"""A brute-force search oracle: every distance in float64 the direct way, ties by ascending id.
+
+SUBSTRUCTURE and SUPERSTRUCTURE are match filters (Milvus 0.9.1): every match at 0.0, the first
+topk matches in the order the data is given (storage order), not by id."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import numpy as np
 
 L2, IP, HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE = range(1, 8)
 BINARY_METRICS = (HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE)
+MATCH_FILTERS = (SUBSTRUCTURE, SUPERSTRUCTURE)
 
 
 def _distances(metric: int, q: np.ndarray, data: np.ndarray) -> np.ndarray:
@@ -27,15 +31,16 @@ def _distances(metric: int, q: np.ndarray, data: np.ndarray) -> np.ndarray:
             return 1.0 - sim
         if metric == TANIMOTO:
             return np.where(sim > 0, -np.log2(sim), np.nan)
-        if metric == SUBSTRUCTURE:
-            return np.where(both == nq, 1.0 - np.where(nd > 0, both / nd, 1.0), np.nan)
-        if metric == SUPERSTRUCTURE:
-            return np.where(both == nd, 1.0 - (both / nq if nq else 1.0), np.nan)
+        if metric == SUBSTRUCTURE:  # every set bit of the query is set in the row
+            return np.where(both == nq, 0.0, np.nan)
+        if metric == SUPERSTRUCTURE:  # every set bit of the row is set in the query
+            return np.where(both == nd, 0.0, np.nan)
     raise ValueError(metric)
 
 
 def brute_force(metric: int, queries, data, ids, topk: int) -> list[list[tuple[int, float]]]:
-    """Per query the best `topk` (id, distance) pairs; fewer when fewer rows qualify."""
+    """Per query the best `topk` (id, distance) pairs; fewer when fewer rows qualify. For a match
+    filter, the first `topk` matches in the order of `data`."""
     data = np.asarray(data)
     ids = np.asarray(ids, dtype=np.int64)
     out = []
@@ -43,7 +48,8 @@ def brute_force(metric: int, queries, data, ids, topk: int) -> list[list[tuple[i
         dist = _distances(metric, q, data) if len(data) else np.zeros(0)
         ok = ~np.isnan(dist)
         key = -dist[ok] if metric == IP else dist[ok]
-        order = np.lexsort((ids[ok], key))[:topk]
+        tiebreak = np.arange(ok.sum()) if metric in MATCH_FILTERS else ids[ok]
+        order = np.lexsort((tiebreak, key))[:topk]
         out.append([(int(ids[ok][i]), float(dist[ok][i])) for i in order])
     return out
 

@@ -20,9 +20,12 @@ from utils.errors import IllegalTopK, UnexpectedError
 
 
 def oracle(node_results, nq: int, topk: int, descending: bool):
-    """Best `topk` distinct ids per row, ties by ascending id, width min(topk, sum of widths)."""
+    """Best `topk` distinct ids per row, ties by ascending id, width min(topk, sum of widths);
+    no rows at all when that width is 0 (a server's row_num = 0)."""
     nonempty = [(np.asarray(ids), np.asarray(dists)) for ids, dists in node_results if np.asarray(ids).size]
     width = min(topk, sum(ids.shape[1] for ids, _ in nonempty))
+    if width == 0:
+        return np.empty((0, 0), np.int64), np.empty((0, 0), np.float32)
     padding = (-1, -FLT_MAX if descending else FLT_MAX)
     rows = []
     for row in range(nq):
@@ -186,12 +189,14 @@ def test_width_is_the_one_a_single_server_would_send():
     assert (ids == -1).all()
 
 
-def test_no_answers_give_nq_empty_rows():
+def test_no_answers_give_no_rows_as_one_server_does():
+    """Corrected: nodes that searched no live row answer row_num = 0, and so does one server over
+    all their files; the merge used to give (nq, 0), which encodes as row_num = nq."""
     ids, dists = merge_topk([], nq=2, topk=5, descending=True)
-    assert ids.shape == dists.shape == (2, 0)
+    assert ids.shape == dists.shape == (0, 0)
 
     empty = (np.empty((0, 0), np.int64), np.empty((0, 0), np.float32))
-    assert merge_topk([empty, empty], nq=2, topk=5, descending=False)[0].shape == (2, 0)
+    assert merge_topk([empty, empty], nq=2, topk=5, descending=False)[0].shape == (0, 0)
 
 
 def test_a_node_answering_for_other_query_rows_is_an_error():
@@ -212,3 +217,91 @@ def test_topk_below_one_is_refused():
 
 def test_descending_only_for_inner_product():
     assert [is_descending(metric) for metric in range(1, 8)] == [False, True, False, False, False, False, False]
+
+
+def test_match_filter_keeps_reply_order_then_id_and_zero_distances():
+    """SUBSTRUCTURE/SUPERSTRUCTURE: no distance to rank by; column in the node's row, then id."""
+    node_a = (np.array([[50, 9, -1]]), np.zeros((1, 3), np.float32))
+    node_b = (np.array([[7, 50]]), np.zeros((1, 2), np.float32))
+
+    for nodes in ([node_a, node_b], [node_b, node_a]):
+        ids, dists = merge_topk(nodes, nq=1, topk=10, descending=False, match_filter=True)
+        assert ids.tolist() == [[7, 50, 9, -1, -1]]  # 50 twice (columns 0 and 1): kept once, at column 0
+        assert dists[0, :3].tolist() == [0.0, 0.0, 0.0] and dists[0, 3] == np.float32(FLT_MAX)
+
+    ids, _ = merge_topk([node_a, node_b], nq=1, topk=2, descending=False, match_filter=True)
+    assert ids.tolist() == [[7, 50]]
+    assert merge.is_match_filter(6) and merge.is_match_filter(7) and not merge.is_match_filter(3)
+
+
+# ------------------------------------------------------------- the proxy's width = one node's width
+def _node_reply(metric: int, queries: np.ndarray, files: list, topk: int):
+    """What one compact node answers for `files` [(vectors, ids, deleted)], with its own kernels."""
+    from milvus_node import engine
+
+    live = sum(int((~deleted).sum()) for _, _, deleted in files)
+    width = min(topk, live)
+    if width == 0:
+        return np.empty((0, 0), np.int64), np.empty((0, 0), np.float32)
+    parts = [engine.search_block(metric, queries, v, i, d, topk) for v, i, d in files]
+    ids, dists = engine.merge_topk(parts, queries.shape[0], topk, metric)
+    return ids[:, :width], dists[:, :width].astype(np.float32)
+
+
+@st.composite
+def spread_searches(draw):
+    """Files of 0..topk+2 rows (some all deleted) spread over 1..3 nodes, any metric."""
+    metric = draw(st.integers(1, 7))
+    binary = metric > 2
+    topk = draw(st.integers(1, 8))
+    nq = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    dim = 16 if binary else 4
+    next_id, files = 0, []
+    for _ in range(draw(st.integers(1, 5))):
+        rows = draw(st.integers(0, topk + 2))
+        if binary:
+            vectors = np.packbits(rng.random((rows, dim)) < (0.3 if metric > 5 else 0.5), axis=1)
+        else:
+            vectors = rng.integers(0, 3, (rows, dim)).astype(np.float32)  # small ints: many ties
+        deleted = rng.random(rows) < draw(st.sampled_from([0.0, 0.5, 1.0]))
+        files.append((vectors, np.arange(next_id, next_id + rows, dtype=np.int64), deleted))
+        next_id += rows
+    node_of_file = [draw(st.integers(0, 2)) for _ in files]
+    queries = files[0][0][:1] if files[0][0].shape[0] and draw(st.booleans()) else None
+    if queries is None:
+        queries = np.packbits(rng.random((nq, dim)) < 0.2, axis=1) if binary else rng.random((nq, dim), np.float32)
+    return metric, topk, queries, files, node_of_file
+
+
+@settings(max_examples=120, deadline=None)
+@given(case=spread_searches())
+def test_merged_width_equals_one_node_over_all_files(case):
+    """Per-node replies (widths 0..topk, padding, every metric) merged by the proxy have the shape
+    one node over the union returns; ranked metrics give its exact reply, match filters its count
+    of matches, each a real match at 0.0."""
+    metric, topk, queries, files, node_of_file = case
+    nq = queries.shape[0]
+    replies = [
+        _node_reply(metric, queries, [f for f, n in zip(files, node_of_file, strict=True) if n == node], topk)
+        for node in sorted(set(node_of_file))
+    ]
+    single_ids, single_dists = _node_reply(metric, queries, files, topk)
+    ids, dists = merge_topk(replies, nq, topk, is_descending(metric), match_filter=merge.is_match_filter(metric))
+
+    assert ids.shape == dists.shape == single_ids.shape
+    if merge.is_match_filter(metric):
+        np.testing.assert_array_equal((ids != -1).sum(axis=1), (single_ids != -1).sum(axis=1))
+        from milvus_node import engine
+
+        vectors = np.concatenate([v[~d] for v, _, d in files])
+        live_ids = np.concatenate([i[~d] for _, i, d in files])
+        matches = np.isfinite(engine.distances(metric, queries, vectors))
+        assert (dists[ids != -1] == 0.0).all()
+        for row, got in enumerate(ids):  # every reported id is a match of its query, reported once
+            got = got[got != -1]
+            assert np.isin(got, live_ids[matches[row]]).all() and np.unique(got).size == got.size
+    else:
+        np.testing.assert_array_equal(ids, single_ids)
+        np.testing.assert_allclose(dists, single_dists, rtol=1e-6)

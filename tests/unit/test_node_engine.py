@@ -31,22 +31,26 @@ def oracle_distance(metric: int, q: np.ndarray, d: np.ndarray) -> float | None:
     if metric == engine.TANIMOTO:
         sim = both / union if union else 1.0
         return None if sim == 0 else -math.log2(sim)  # infinite: faiss never ranks it
-    if metric == engine.SUBSTRUCTURE:
-        return None if both != nq else 1.0 - (both / nd if nd else 1.0)
+    if metric == engine.SUBSTRUCTURE:  # a match filter: 0.0 for a match (corrected from ratio distances)
+        return None if both != nq else 0.0
     if metric == engine.SUPERSTRUCTURE:
-        return None if both != nd else 1.0 - (both / nq if nq else 1.0)
+        return None if both != nd else 0.0
     raise AssertionError(metric)
 
 
 def oracle_search(metric, queries, vectors, ids, deleted, topk):
+    """Best `topk` by distance, ties by id; for a match filter the first `topk` matches in row order."""
     rows = []
     for q in queries:
         hits = []
-        for v, i, gone in zip(vectors, ids, deleted, strict=True):
+        for position, (v, i, gone) in enumerate(zip(vectors, ids, deleted, strict=True)):
             dist = oracle_distance(metric, q, v)
             if gone or dist is None:
                 continue
-            hits.append((-dist if metric == engine.IP else dist, int(i), dist))
+            if metric in (engine.SUBSTRUCTURE, engine.SUPERSTRUCTURE):
+                hits.append((position, int(i), dist))
+            else:
+                hits.append((-dist if metric == engine.IP else dist, int(i), dist))
         hits.sort()
         rows.append([(i, dist) for _, i, dist in hits[:topk]])
     return rows
@@ -91,9 +95,21 @@ def test_binary_metrics_match_oracle(metric, data):
     density = data.draw(st.sampled_from([0.1, 0.5, 0.9]))
     vectors = np.packbits(rng.random((n, width * 8)) < density, axis=1)
     queries = np.packbits(rng.random((nq, width * 8)) < density, axis=1)
-    ids = np.arange(n, dtype=np.int64) * 3 + 7
+    ids = rng.permutation(10 * n + 1)[:n].astype(np.int64)  # storage order is not id order
     deleted = rng.random(n) < 0.2
     check(metric, queries, vectors, ids, deleted, topk)
+
+
+@pytest.mark.parametrize("metric", [engine.SUBSTRUCTURE, engine.SUPERSTRUCTURE])
+def test_match_filters_keep_storage_order_across_segments(metric):
+    rng = np.random.default_rng(metric)
+    vectors = np.packbits(rng.random((60, 16)) < 0.3, axis=1)
+    ids = rng.permutation(1000)[:60].astype(np.int64)
+    query = np.zeros((1, 2), np.uint8) if metric == engine.SUBSTRUCTURE else np.full((1, 2), 255, np.uint8)
+    parts = [engine.search_block(metric, query, vectors[s], ids[s], None, 25) for s in (slice(0, 20), slice(20, 60))]
+    merged_ids, merged_dist = engine.merge_topk(parts, 1, 25, metric)
+    assert merged_ids[0].tolist() == ids[:25].tolist(), "every row matches: the first 25 stored"
+    assert (merged_dist == 0.0).all()
 
 
 @pytest.mark.parametrize("metric", [engine.L2, engine.IP])
