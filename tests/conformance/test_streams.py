@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from hyperframe.frame import GoAwayFrame
 
 from .harness import (
@@ -11,6 +13,7 @@ from .harness import (
     REFUSED_STREAM,
     SLOW,
     STREAM_CLOSED,
+    WAIT_S,
     data,
     grpc_message,
     request_headers,
@@ -128,13 +131,17 @@ def test_a_stream_beyond_max_concurrent_streams_is_refused(peer) -> None:
 
 def test_a_refused_stream_does_not_reach_the_handler(server, peer) -> None:
     limit = peer.server_settings[3]
+    before = server.handlers.slow_started
     peer.send(*[peer.request(2 * index + 1, SLOW, b"30") for index in range(limit)])
-    peer.expect_alive()
-    started = server.handlers.slow_started
+    deadline = time.monotonic() + WAIT_S
+    while server.handlers.slow_started - before < limit and time.monotonic() < deadline:
+        peer.expect_alive()  # each round trip lets the server's loop run the handlers it created
+    assert server.handlers.slow_started - before == limit
     over = 2 * limit + 1
     peer.send(peer.request(over, SLOW, b"30"))
     peer.expect_rst(over, REFUSED_STREAM)
-    assert server.handlers.slow_started == started
+    peer.expect_alive()  # a handler created with the refusal would have started by now
+    assert server.handlers.slow_started - before == limit
 
 
 def test_window_update_overflowing_a_stream_is_a_stream_error(peer) -> None:
