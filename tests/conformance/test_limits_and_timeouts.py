@@ -180,7 +180,7 @@ def test_max_header_list_size_setting_is_advertised_and_enforced(server_with) ->
         peer.close()
 
 
-@pytest.mark.parametrize("same_write", [True, False], ids=["reset-in-the-same-write", "reset-after-the-handler-started"])
+@pytest.mark.parametrize("same_write", [True, False], ids=["reset-in-the-same-write", "reset-after-handler-start"])
 def test_a_stream_the_client_reset_frees_its_slot_once_its_handler_ended(server_with, same_write: bool) -> None:
     """The slot of a reset stream is free again once its handler is gone (here: at once, since
     cancellation is immediate), and resetting cannot run more handlers than the limit."""
