@@ -5,7 +5,7 @@ PYMILVUS_VERSIONS := 0.2.12 0.2.14
 WHEELS := $(foreach v,$(PYMILVUS_VERSIONS),.venv/wheels/$(v)/pymilvus-$(v)-py3-none-any.whl)
 PYTEST_ARGS ?=
 
-.PHONY: venv test run proto coverage bench chaos
+.PHONY: venv test run proto coverage bench chaos attacks
 
 venv: .venv/.stamp $(WHEELS)
 
@@ -40,6 +40,10 @@ bench: venv
 # Searches checked against an oracle while nodes are paused, killed, slowed and restarted (~3 min).
 chaos: venv
 	$(PY) bench/chaos_bench.py $(CHAOS_ARGS)
+
+# The attack battery (README "Attack battery"): ATTACK_ARGS passes options (e.g. --seconds 5 --only gzip_bomb).
+attacks: venv
+	$(PY) bench/attacks.py $(ATTACK_ARGS)
 
 # ---- Deployment (README: "Running with Docker", "Running on Kubernetes"). The shell logic lives in
 # scripts/ and kubernetes_demo/start.sh; DOCKER, COMPOSE and KUBECTL name the tools.
