@@ -94,7 +94,7 @@ class Settings:
             "server": f"{self.server_host}:{self.server_port}",
             "rpc_transport": self.rpc_transport,
             "woserver": self.woserver,
-            "meta_db": redact_url(self.sqlalchemy_database_uri),
+            "meta_db": describe_database(self.sqlalchemy_database_uri),
             "discovery": self.discovery_class_name,
             "discovery_settings": discovery,
             "router": self.router_class_name,
@@ -111,6 +111,19 @@ class Settings:
             "log_level": self.log_level,
             "sources": list(self.sources),
         }
+
+
+def describe_database(uri: str) -> str:
+    """The meta DB's kind and server, never its password or file path (pages and logs are shared)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(uri)
+    except Exception:  # noqa: BLE001 - not a URL
+        return "<not a URL>"
+    if url.get_backend_name() == "sqlite":
+        return "sqlite file"
+    return f"{url.get_backend_name()} at {url.host or 'localhost'}:{url.port or 3306}"
 
 
 def redact_url(uri: str) -> str:
