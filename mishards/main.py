@@ -75,9 +75,7 @@ class Mishards:
             raise SettingsError(f"SQLALCHEMY_DATABASE_URI cannot be used: {exc.__class__.__name__}: {exc}") from None
         self.meta = MetaReader(engine)
         # A hung check counts as a failure after this long (a healthy DB answers in milliseconds).
-        self.meta_monitor = MetaMonitor(
-            engine, settings.health_check_interval, max(settings.health_check_timeout, 2.0)
-        )
+        self.meta_monitor = MetaMonitor(engine, settings.health_check_interval, max(settings.health_check_timeout, 2.0))
         fast = settings.rpc_transport == "http2"
         self.writable = NodeClient("writable", settings.woserver, fast_transport=fast)
         self.membership = Membership(

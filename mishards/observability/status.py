@@ -236,7 +236,7 @@ def render_html(snapshot: dict) -> str:
         f"<title>Mishards status</title><style>{_STYLE}</style></head><body>",
         "<h1>Mishards status</h1>",
         f'<div class="sub">{readiness} &middot; meta DB: {html.escape(snapshot["meta_db"])} &middot; '
-        f'up {_duration(snapshot.get("uptime_s", 0))} (since {html.escape(snapshot.get("started_at", ""))}) '
+        f"up {_duration(snapshot.get('uptime_s', 0))} (since {html.escape(snapshot.get('started_at', ''))}) "
         f'&middot; {html.escape(snapshot["generated_at"])} &middot; <a href="/status.json">JSON</a> &middot; '
         '<a href="/metrics">metrics</a></div>',
     ]

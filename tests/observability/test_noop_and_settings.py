@@ -36,7 +36,8 @@ class _Context:
 
 def test_failed_calls_are_logged_rate_limited_with_code_and_collection(caplog, monkeypatch):
     monkeypatch.setattr(rpc, "failure_log", RateLimitedLog(logging.getLogger("mishards.failures"), interval=60))
-    failed = pb.TopKQueryResult(status=status_pb2.Status(error_code=15, reason="meta DB query failed")).SerializeToString()
+    status = status_pb2.Status(error_code=15, reason="meta DB query failed")
+    failed = pb.TopKQueryResult(status=status).SerializeToString()
 
     async def failing(request: bytes, context) -> bytes:
         return failed
