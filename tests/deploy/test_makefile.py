@@ -20,9 +20,22 @@ def make(stubs: Stubs, *args: str, **env: str) -> list[dict]:
 
 def test_build_builds_both_images_on_the_host_network(stubs: Stubs) -> None:
     make(stubs, "build")
+    base = ["--build-arg", "BASE_IMAGE=python:3.11-slim-bookworm"]
     assert stubs.commands() == [
-        ["docker", "build", "--network", "host", "-t", "mishards:latest", "-f", "Dockerfile", "."],
-        ["docker", "build", "--network", "host", "-t", "mishards-node:latest", "-f", "Dockerfile.node", "."],
+        ["docker", "build", "--network", "host", *base, "-t", "mishards:latest", "-f", "Dockerfile", "."],
+        ["docker", "build", "--network", "host", *base, "-t", "mishards-node:latest", "-f", "Dockerfile.node", "."],
+    ]
+
+
+def test_build_and_push_take_registry_tag_and_base_image(stubs: Stubs) -> None:
+    make(stubs, "build", "push", "REGISTRY=registry.example.com/team/", "TAG=1.2", "BASE_IMAGE=debian-py:3.11")
+    base = ["--build-arg", "BASE_IMAGE=debian-py:3.11"]
+    proxy, node = "registry.example.com/team/mishards:1.2", "registry.example.com/team/mishards-node:1.2"
+    assert stubs.commands() == [
+        ["docker", "build", "--network", "host", *base, "-t", proxy, "-f", "Dockerfile", "."],
+        ["docker", "build", "--network", "host", *base, "-t", node, "-f", "Dockerfile.node", "."],
+        ["docker", "push", proxy],
+        ["docker", "push", node],
     ]
 
 
