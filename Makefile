@@ -89,19 +89,23 @@ clean_deploy_m:
 
 probe_deploy_m: probe_deploy
 
+# The demo's namespace and proxy image: NAMESPACE (mishards) and IMAGE (above); start.sh reads them.
+NAMESPACE ?= mishards
+K8S = KUBECTL=$(KUBECTL) NAMESPACE=$(NAMESPACE) PROXY_IMAGE=$(IMAGE) kubernetes_demo/start.sh
+
 cluster:
-	KUBECTL=$(KUBECTL) kubernetes_demo/start.sh cluster
+	$(K8S) cluster
 
 # The proxy's LoadBalancer address, probed from this machine.
 probe_cluster:
-	address="$$(KUBECTL=$(KUBECTL) kubernetes_demo/start.sh address)" && \
+	address="$$($(K8S) address)" && \
 	$(PROBE) --host "$${address% *}" --port "$${address#* }"
 
 cluster_status:
-	KUBECTL=$(KUBECTL) kubernetes_demo/start.sh status
+	$(K8S) status
 
 clean_cluster:
-	KUBECTL=$(KUBECTL) kubernetes_demo/start.sh delete
+	$(K8S) delete
 
 style: venv
 	$(PY) -m ruff check .

@@ -105,8 +105,13 @@ def test_probe_cluster_fails_without_a_load_balancer_address(stubs: Stubs) -> No
 
 def test_clean_cluster_deletes_every_manifest(stubs: Stubs) -> None:
     make(stubs, "clean_cluster")
-    assert len(stubs.commands()) == 8
+    assert len(stubs.commands()) == 9
     assert stubs.commands()[-1] == ["kubectl", "delete", "-f", "mishards_namespace.yaml", "--ignore-not-found"]
+
+
+def test_namespace_and_image_reach_start_sh(stubs: Stubs) -> None:
+    make(stubs, "cluster_status", "NAMESPACE=vectors")
+    assert stubs.commands()[0] == ["kubectl", "get", "pods", "-n", "vectors", "-o", "wide"]
 
 
 def test_kubectl_variable_reaches_start_sh(stubs: Stubs) -> None:
