@@ -62,7 +62,8 @@ class ObservabilityServer:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.open_connections = 0
-        self.refused_connections = 0
+        self.served_connections = 0  # accepted and served, ever
+        self.refused_connections = 0  # closed at accept because `max_connections` were open
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self._pages = ThreadPoolExecutor(2, thread_name_prefix="mishards-http")
@@ -89,6 +90,7 @@ class ObservabilityServer:
             writer.transport.close()  # sends what is buffered, then closes; nothing is awaited
             return
         self.open_connections += 1
+        self.served_connections += 1
         self._writers.add(writer)
         try:
             while await self._one_request(reader, writer):
