@@ -23,7 +23,7 @@ RUN python3 -m venv /opt/venv \
     && pip install --no-cache-dir -r requirements-base.txt -r requirements-proxy.txt
 
 # pymilvus 0.2.12 only for all_in_one/probe_test.py (`make probe_deploy`); the proxy never imports it.
-RUN pip install --no-cache-dir --no-deps pymilvus==0.2.12 && pip install --no-cache-dir "requests>=2.22"
+RUN pip install --no-cache-dir --no-deps pymilvus==0.2.12 && pip install --no-cache-dir "requests>=2.22" "ujson>=5"
 
 COPY . .
 RUN pip install --no-cache-dir --no-deps . && rm -rf build
