@@ -47,7 +47,7 @@ log = logging.getLogger("mishards")
 
 
 class Mishards:
-    """The assembled proxy; `start` returns the bound port."""
+    """The assembled proxy: build (configuration errors raise `SettingsError`), `bind`, `connect`, `serve`."""
 
     def __init__(self, settings: Settings, tracer: Tracer | None = None) -> None:
         """`tracer` replaces the one TRACER_CLASS_NAME names (for embedding and tests)."""
