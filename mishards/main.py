@@ -9,6 +9,7 @@ configuration error is one line on stderr naming the variable, and exit code 2.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import functools
 import logging
@@ -236,8 +237,15 @@ def _try_listen(host: str, port: int) -> None:
         probe.listen(1)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Start-up: every configuration error is one line on stderr naming the variable, exit code 2."""
+    parser = argparse.ArgumentParser(
+        prog="mishards",
+        description="Mishards, a sharding proxy for Milvus 0.9/0.10. It is configured by environment variables, "
+        "a .env file (mishards/.env, .env, or the file MISHARDS_ENV_FILE names) and, with FROM_EXAMPLE=true, "
+        ".env.example; README.md lists them. Required: WOSERVER, SQLALCHEMY_DATABASE_URI.",
+    )
+    parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = load_settings()
         app = Mishards(settings)
