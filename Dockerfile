@@ -1,6 +1,7 @@
-# Mishards, the sharding proxy: `docker build -t mishards .` (make build).
-# BASE_IMAGE is any Debian-like image with python3 >= 3.11 and its venv module; the smoke test
-# (scripts/smoke_docker.sh) passes a locally built one because no image registry is reachable there.
+# Mishards, the sharding proxy: `make build` (docker build -t mishards -f Dockerfile .).
+# BASE_IMAGE is any Debian-like image with python3 >= 3.11 and its venv module (make BASE_IMAGE=...);
+# the smoke test (scripts/smoke_docker.sh) passes a locally built one.
+# Only the proxy's dependency set (requirements-base.txt + requirements-proxy.txt): no faiss.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -16,21 +17,18 @@ RUN useradd --uid 10001 --user-group --no-create-home --home-dir /source --shell
     && chown -R mishards:mishards /var/lib/milvus /tmp/mishards
 
 WORKDIR /source
-# Requirements first: the dependency layer is rebuilt only when they change (and is shared with
-# Dockerfile.node, whose first steps are identical).
-COPY requirements.txt ./
-# annoy is published as source only: a compiler for the install, removed in the same layer.
-RUN apt-get update && apt-get install -y --no-install-recommends g++ \
-    && python3 -m venv /opt/venv \
-    && pip install --no-cache-dir -r requirements.txt \
-    && apt-get purge -y --auto-remove g++ && rm -rf /var/lib/apt/lists/*
+# Requirements first: the dependency layer is rebuilt only when they change.
+COPY requirements-base.txt requirements-proxy.txt ./
+RUN python3 -m venv /opt/venv \
+    && pip install --no-cache-dir -r requirements-base.txt -r requirements-proxy.txt
 
 # pymilvus 0.2.12 only for all_in_one/probe_test.py (`make probe_deploy`); the proxy never imports it.
-RUN pip install --no-cache-dir --no-deps pymilvus==0.2.12 && pip install --no-cache-dir "requests>=2.22"
+RUN pip install --no-cache-dir --no-deps pymilvus==0.2.12 && pip install --no-cache-dir "requests>=2.22" "ujson>=5"
 
 COPY . .
+RUN pip install --no-cache-dir --no-deps . && rm -rf build
 USER mishards
 EXPOSE 19530
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "scripts/docker_healthcheck.py", "SERVER_PORT", "SERVER_HOST"]
-CMD ["python", "mishards/main.py"]
+CMD ["mishards"]

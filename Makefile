@@ -9,10 +9,15 @@ PYTEST_ARGS ?=
 
 venv: .venv/.stamp $(WHEELS)
 
-# Rebuilt when a requirements file is newer than the stamp.
-.venv/.stamp: requirements.txt requirements-dev.txt
+# Rebuilt when a requirements file or pyproject.toml is newer than the stamp. The package itself is
+# installed editable (console scripts `mishards`, `milvus-node`; no sys.path edits anywhere).
+REQUIREMENTS := requirements.txt requirements-base.txt requirements-proxy.txt requirements-node.txt requirements-dev.txt
+.venv/.stamp: $(REQUIREMENTS) pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Mishards needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) --version 2>&1). Try: make venv PYTHON=python3.11" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv .venv
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # The reference wheels for conformance tests and the real-client harness; one version per download.
@@ -50,8 +55,13 @@ attacks: venv
 DOCKER ?= docker
 COMPOSE ?= docker-compose
 KUBECTL ?= kubectl
-IMAGE ?= mishards:latest
-NODE_IMAGE ?= mishards-node:latest
+# Image names: REGISTRY (with its trailing slash, e.g. registry.example.com/team/) and TAG; IMAGE and
+# NODE_IMAGE override the whole name. BASE_IMAGE: any Debian-like image with Python >= 3.11 and venv.
+REGISTRY ?=
+TAG ?= latest
+BASE_IMAGE ?= python:3.11-slim-bookworm
+IMAGE ?= $(REGISTRY)mishards:$(TAG)
+NODE_IMAGE ?= $(REGISTRY)mishards-node:$(TAG)
 # The compose file `deploy` uses: all_in_one_node.yml runs the project's node image instead of Milvus.
 DEPLOY_FILE ?= all_in_one.yml
 # What probe_deploy probes: `make probe_deploy host=H port=P`, as in the original.
@@ -59,12 +69,16 @@ PROBE_HOST := $(or $(host),127.0.0.1)
 PROBE_PORT := $(or $(port),19530)
 PROBE = $(DOCKER) run --rm --network host $(IMAGE) python all_in_one/probe_test.py
 
-.PHONY: build deploy clean_deploy probe_deploy deploy_m clean_deploy_m probe_deploy_m
+.PHONY: build push deploy clean_deploy probe_deploy deploy_m clean_deploy_m probe_deploy_m
 .PHONY: cluster probe_cluster cluster_status clean_cluster style smoke-docker
 
 build:
-	$(DOCKER) build --network host -t $(IMAGE) -f Dockerfile .
-	$(DOCKER) build --network host -t $(NODE_IMAGE) -f Dockerfile.node .
+	$(DOCKER) build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) -f Dockerfile .
+	$(DOCKER) build --network host --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(NODE_IMAGE) -f Dockerfile.node .
+
+push:
+	$(DOCKER) push $(IMAGE)
+	$(DOCKER) push $(NODE_IMAGE)
 
 deploy: clean_deploy
 	cd all_in_one && MISHARDS_IMAGE=$(IMAGE) MILVUS_NODE_IMAGE=$(NODE_IMAGE) $(COMPOSE) -f $(DEPLOY_FILE) up -d
@@ -83,19 +97,23 @@ clean_deploy_m:
 
 probe_deploy_m: probe_deploy
 
+# The demo's namespace and proxy image: NAMESPACE (mishards) and IMAGE (above); start.sh reads them.
+NAMESPACE ?= mishards
+K8S = KUBECTL=$(KUBECTL) NAMESPACE=$(NAMESPACE) PROXY_IMAGE=$(IMAGE) kubernetes_demo/start.sh
+
 cluster:
-	KUBECTL=$(KUBECTL) kubernetes_demo/start.sh cluster
+	$(K8S) cluster
 
 # The proxy's LoadBalancer address, probed from this machine.
 probe_cluster:
-	address="$$(KUBECTL=$(KUBECTL) kubernetes_demo/start.sh address)" && \
+	address="$$($(K8S) address)" && \
 	$(PROBE) --host "$${address% *}" --port "$${address#* }"
 
 cluster_status:
-	KUBECTL=$(KUBECTL) kubernetes_demo/start.sh status
+	$(K8S) status
 
 clean_cluster:
-	KUBECTL=$(KUBECTL) kubernetes_demo/start.sh delete
+	$(K8S) delete
 
 style: venv
 	$(PY) -m ruff check .

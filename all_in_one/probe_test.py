@@ -20,7 +20,7 @@ import uuid
 
 # pymilvus 0.2.12's generated modules need the pure-Python protobuf backend, and it imports a
 # class from protobuf's removed C++ extension: give it the class the active backend uses
-# (wire-protocol.md §12.3). Both must happen before pymilvus (or protobuf) is imported.
+# (docs/protocol.md, "Old clients on a current protobuf"). Both must happen before pymilvus (or protobuf) is imported.
 os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 _PYEXT = "google.protobuf.pyext._message"
 try:

@@ -257,7 +257,7 @@ def check_range(params: dict, key: str, low: int, high: int) -> int:
 
 
 def check_index_params(engine_type: int, dimension: int, params: dict) -> None:
-    """CreateIndex parameters for an engine type (milvus-semantics.md §8.2 and §9)."""
+    """CreateIndex parameters for an engine type (docs/semantics.md)."""
     if engine_type in IVF_TYPES:
         check_range(params, "nlist", 1, 999999)
     if engine_type == IVF_PQ:

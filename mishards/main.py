@@ -1,64 +1,83 @@
-"""Start Mishards: `python mishards/main.py` or `python -m mishards`.
+"""Start Mishards: `mishards` (the installed console script), `python -m mishards`, or
+`python mishards/main.py` in the environment it is installed in (`make venv` installs it).
 
-Reads the configuration, checks the writable node's version, starts discovery of the read-only
-nodes and serves the Milvus API until SIGINT or SIGTERM, then shuts down in order.
+Reads the configuration, takes its ports, checks the meta DB and the writable node (neither being
+down stops start-up: both are logged and `/readyz` says why), starts discovery of the read-only
+nodes and serves the Milvus API until SIGINT or SIGTERM, then shuts down in order. A
+configuration error is one line on stderr naming the variable, and exit code 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import functools
 import logging
-import os
 import signal
+import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
+try:
+    import grpc
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from discovery import discovery_factory  # noqa: E402
-from discovery.plugins.static import DiscoveryConfigError  # noqa: E402
-from mishards.core.hedging import TailPolicy, TailTolerance  # noqa: E402
-from mishards.meta import MetaReader, SchemaCache, create_engine  # noqa: E402
-from mishards.nodes import HandshakeError, HealthPolicy, Membership, NodeClient  # noqa: E402
-from mishards.observability.http import ObservabilityServer  # noqa: E402
-from mishards.observability.metrics import Metrics  # noqa: E402
-from mishards.observability.status import StatusSource  # noqa: E402
-from mishards.router import router_factory  # noqa: E402
-from mishards.service import MishardsService, start_server  # noqa: E402
-from mishards.settings import Settings, SettingsError, load_settings  # noqa: E402
-from mishards.transport import H2Server  # noqa: E402
-from tracer import Tracer, create_tracer  # noqa: E402
-from utils import logger  # noqa: E402
-from utils.plugins import PluginError  # noqa: E402
+    from discovery import discovery_factory
+    from discovery.plugins.static import DiscoveryConfigError
+    from mishards.core.hedging import TailPolicy, TailTolerance
+    from mishards.meta import MetaReader, SchemaCache, create_engine
+    from mishards.nodes import HandshakeError, HealthPolicy, Membership, NodeClient
+    from mishards.observability.health import MetaMonitor
+    from mishards.observability.http import ObservabilityServer, bind_socket
+    from mishards.observability.metrics import Metrics
+    from mishards.observability.status import StatusSource
+    from mishards.router import router_factory
+    from mishards.service import MishardsService, start_server
+    from mishards.settings import Settings, SettingsError, load_settings
+    from mishards.transport import H2Server
+    from tracer import Tracer, create_tracer
+    from utils import logger
+    from utils.plugins import PluginError
+except ModuleNotFoundError as missing:  # run outside the environment it was installed in
+    sys.exit(
+        f"mishards: cannot import {missing.name!r}: install Mishards first (`make venv`, then `.venv/bin/mishards`; "
+        "or `pip install -e '.[proxy]'` in a Python 3.11+ virtualenv)"
+    )
 
 log = logging.getLogger("mishards")
 
 
 class Mishards:
-    """The assembled proxy; `start` returns the bound port."""
+    """The assembled proxy: build (configuration errors raise `SettingsError`), `bind`, `connect`, `serve`."""
 
     def __init__(self, settings: Settings, tracer: Tracer | None = None) -> None:
         """`tracer` replaces the one TRACER_CLASS_NAME names (for embedding and tests)."""
         self.settings = settings
         self.host = settings.server_host
-        self.tracer = tracer or create_tracer(
-            settings.tracer_class_name, settings.tracer_plugin_path, settings.tracing_config
-        )
+        self.started_at = time.time()
+        try:
+            self.tracer = tracer or create_tracer(
+                settings.tracer_class_name, settings.tracer_plugin_path, settings.tracing_config
+            )
+        except PluginError as exc:
+            raise SettingsError(f"TRACER_CLASS_NAME={settings.tracer_class_name!r}: {exc}") from None
         self.metrics = Metrics() if settings.metrics_port else None
-        engine = create_engine(
-            settings.sqlalchemy_database_uri,
-            echo=settings.sql_echo,
-            pool_size=settings.pool_size,
-            pool_recycle=settings.pool_recycle,
-            pool_timeout=settings.pool_timeout,
-            pool_pre_ping=settings.pool_pre_ping,
-            max_overflow=settings.max_overflow,
-        )
+        try:
+            engine = create_engine(
+                settings.sqlalchemy_database_uri,
+                echo=settings.sql_echo,
+                pool_size=settings.pool_size,
+                pool_recycle=settings.pool_recycle,
+                pool_timeout=settings.pool_timeout,
+                pool_pre_ping=settings.pool_pre_ping,
+                max_overflow=settings.max_overflow,
+            )
+        except (ArgumentError, NoSuchModuleError, ImportError, TypeError) as exc:
+            raise SettingsError(f"SQLALCHEMY_DATABASE_URI cannot be used: {exc.__class__.__name__}: {exc}") from None
         self.meta = MetaReader(engine)
+        # A hung check counts as a failure after this long (a healthy DB answers in milliseconds).
+        self.meta_monitor = MetaMonitor(engine, settings.health_check_interval, max(settings.health_check_timeout, 2.0))
         fast = settings.rpc_transport == "http2"
         self.writable = NodeClient("writable", settings.woserver, fast_transport=fast)
         self.membership = Membership(
@@ -71,10 +90,18 @@ class Mishards:
             ),
             writable=self.writable,
         )
-        self.router = router = router_factory(settings.router_plugin_path).create(settings.router_class_name)
-        self.discovery = discovery_factory(settings.discovery_plugin_path).create(
-            settings.discovery_class_name, config=settings.discovery_config, membership=self.membership
-        )
+        try:
+            self.router = router = router_factory(settings.router_plugin_path).create(settings.router_class_name)
+        except PluginError as exc:
+            raise SettingsError(f"ROUTER_CLASS_NAME={settings.router_class_name!r}: {exc}") from None
+        try:
+            self.discovery = discovery_factory(settings.discovery_plugin_path).create(
+                settings.discovery_class_name, config=settings.discovery_config, membership=self.membership
+            )
+        except PluginError as exc:
+            raise SettingsError(f"DISCOVERY_CLASS_NAME={settings.discovery_class_name!r}: {exc}") from None
+        except DiscoveryConfigError as exc:
+            raise SettingsError(str(exc)) from None
         self.service = MishardsService(
             writable=self.writable,
             membership=self.membership,
@@ -91,15 +118,45 @@ class Mishards:
         self.server: grpc.aio.Server | H2Server | None = None
         self.serving = False
         self.http: ObservabilityServer | None = None
+        self._metrics_socket: socket.socket | None = None
+
+    def bind(self) -> None:
+        """Take the ports now, before anything else starts, so a taken one is a configuration error
+        naming its variable: METRICS_PORT is bound and kept; SERVER_PORT is tried and released (the
+        server binds it again when it starts)."""
+        self._bind_metrics()
+        s = self.settings
+        if s.server_port:
+            try:
+                _try_listen(s.server_host, s.server_port)
+            except OSError as exc:
+                raise SettingsError(
+                    f"SERVER_PORT={s.server_port}: cannot listen on {s.server_host}:{s.server_port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+
+    def _bind_metrics(self) -> None:
+        s = self.settings
+        if s.metrics_port and self._metrics_socket is None:
+            try:
+                self._metrics_socket = bind_socket(s.metrics_host, s.metrics_port)
+            except OSError as exc:
+                raise SettingsError(
+                    f"METRICS_PORT={s.metrics_port}: cannot listen on {s.metrics_host}:{s.metrics_port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
 
     def connect(self) -> None:
-        """Check the writable node's version, then find the read-only nodes (blocking, before serving)."""
+        """Check the writable node's version and the meta DB, then find the read-only nodes (blocking,
+        before serving). Neither being down stops start-up: both are logged and shown by /readyz."""
+        self.meta_monitor.check()
+        self.meta_monitor.start()
         try:
             self.service.backend_version = self.writable.handshake()
             log.info("writable node %s runs Milvus %s", self.writable.address, self.service.backend_version)
         except HandshakeError as exc:
-            if "runs Milvus" in str(exc):
-                raise  # an unsupported version is a configuration error, not an outage
+            if "runs Milvus" in str(exc):  # an unsupported version is a configuration error, not an outage
+                raise SettingsError(f"WOSERVER={self.settings.woserver}: {exc}") from None
             self.writable.set_health(False, str(exc))
             log.warning("writable node not reachable at start (searches still work): %s", exc)
         self.discovery.start()
@@ -113,13 +170,13 @@ class Mishards:
         """Serve until `stopping` is set, then shut down in order."""
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(self.settings.max_workers, thread_name_prefix="mishards-db"))
-        self.server, bound = await start_server(
-            self.service,
-            self.host,
-            self.settings.server_port if port is None else port,
-            self.settings.rpc_transport,
-            self.settings.front_door,
-        )
+        port = self.settings.server_port if port is None else port
+        try:
+            self.server, bound = await start_server(
+                self.service, self.host, port, self.settings.rpc_transport, self.settings.front_door
+            )
+        except OSError as exc:
+            raise SettingsError(f"SERVER_PORT={port}: cannot listen on {self.host}:{port}: {exc}") from None
         self.serving = True
         log.info(
             "Mishards serving on %s:%d; writable %s; read-only %s",
@@ -129,20 +186,22 @@ class Mishards:
             ", ".join(self.membership.names()) or "none yet",
         )
         if self.metrics is not None:
-            self.start_http()
+            await self.start_http()
         await stopping.wait()
         log.info("stopping")
         self.serving = False
         await self.server.stop(grace=3)
         if self.http is not None:
-            self.http.stop()
+            await self.http.stop()
+        self.meta_monitor.stop()
         self.discovery.stop()
         self.membership.stop()
         self.writable.close()
         self.tracer.close()
 
-    def start_http(self) -> None:
-        """The side port (METRICS_PORT): metrics, status page and probes."""
+    async def start_http(self) -> None:
+        """The side port (METRICS_PORT): metrics, status page and probes, on this event loop."""
+        self._bind_metrics()
         self.metrics.watch(self.membership, self.writable)
         source = StatusSource(
             membership=self.membership,
@@ -151,9 +210,19 @@ class Mishards:
             engine=self.meta.engine,
             conn_stats=self.service.conn_stats,
             serving=lambda: self.serving,
+            meta_monitor=self.meta_monitor,
+            metrics=self.metrics,
+            settings_summary=self.settings.summary(),
+            started_at=self.started_at,
         )
-        self.http = ObservabilityServer(self.settings.metrics_host, self.settings.metrics_port, self.metrics, source)
-        self.http.start()
+        self.http = ObservabilityServer(
+            self.metrics,
+            source,
+            idle_timeout=self.settings.metrics_idle_timeout,
+            max_connections=self.settings.metrics_max_connections,
+        )
+        sock, self._metrics_socket = self._metrics_socket, None
+        await self.http.start(sock)
         log.info("metrics, status page and probes on http://%s:%d/", self.settings.metrics_host, self.http.port)
 
 
@@ -173,18 +242,44 @@ def tail_policy(settings: Settings) -> TailPolicy:
     )
 
 
-def main() -> int:
+def _try_listen(host: str, port: int) -> None:
+    """Raise OSError when host:port cannot be listened on (taken, or not an address of this machine)."""
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        if host != "::":
+            raise
+        host, probe = "0.0.0.0", socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # no IPv6 here
+    with probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        probe.listen(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start-up: every configuration error is one line on stderr naming the variable, exit code 2."""
+    parser = argparse.ArgumentParser(
+        prog="mishards",
+        description="Mishards, a sharding proxy for Milvus 0.9/0.10. It is configured by environment variables, "
+        "a .env file (mishards/.env, .env, or the file MISHARDS_ENV_FILE names) and, with FROM_EXAMPLE=true, "
+        ".env.example; README.md lists them. Required: WOSERVER, SQLALCHEMY_DATABASE_URI.",
+    )
+    parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = load_settings()
+        app = Mishards(settings)
+        app.bind()
     except SettingsError as exc:
         print(f"mishards: configuration error: {exc}", file=sys.stderr)
         return 2
-    logger.configure(settings.log_level, settings.log_path, settings.log_name)
+    logger.configure(settings.log_level, settings.log_path, settings.log_name, settings.log_third_party_level)
+    log.info("configuration read from %s", ", ".join(settings.sources))
     try:
-        app = Mishards(settings)
         app.connect()
-    except (PluginError, DiscoveryConfigError, HandshakeError) as exc:
-        print(f"mishards: cannot start: {exc}", file=sys.stderr)
+    except (SettingsError, PluginError, DiscoveryConfigError, HandshakeError) as exc:
+        print(f"mishards: configuration error: {exc}", file=sys.stderr)
         return 2
 
     async def run() -> None:
@@ -196,8 +291,8 @@ def main() -> int:
 
     try:
         asyncio.run(run())
-    except OSError as exc:
-        print(f"mishards: cannot start: {exc}", file=sys.stderr)
+    except SettingsError as exc:
+        print(f"mishards: configuration error: {exc}", file=sys.stderr)
         return 2
     return 0
 

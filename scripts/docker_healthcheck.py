@@ -13,9 +13,7 @@ import sys
 
 import grpc
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from milvus_grpc import milvus_pb2, milvus_pb2_grpc  # noqa: E402
+from milvus_grpc import milvus_pb2, milvus_pb2_grpc  # the installed package (make venv, the images)
 
 WILDCARDS = {"", "0.0.0.0", "[::]", "::"}
 

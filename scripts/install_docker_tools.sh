@@ -2,7 +2,7 @@
 # scripts/install_docker_tools.sh [compose|engine]
 #   compose: Debian's docker-compose 1.29.2 only, to validate compose files offline (tests, CI).
 #   engine:  also the docker.io engine, containerd, runc and debootstrap (make smoke-docker).
-# Installs only what is missing; needs root and Debian's package archive (environment.md §6).
+# Installs only what is missing; needs root and Debian's package archive (docs/development.md).
 set -euo pipefail
 what="${1:-compose}"
 case "$what" in

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/mariadb.sh {start|stop|status|url}
 # A private MariaDB for tests: own datadir under .run/, own socket, 127.0.0.1 only, no systemd
-# (environment.md §2.2). Safe to run again at any time: "start" on a running instance only
+# (docs/development.md). Safe to run again at any time: "start" on a running instance only
 # re-checks it and re-applies the grants; "stop" stops by PID, never by process name.
 set -euo pipefail
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make smoke-docker: the images and the node-image all_in_one cluster, for real, on this machine.
 #
-# Starts a private Docker engine (environment.md §6.2: no bridge, no iptables, state under
+# Starts a private Docker engine (docs/development.md: no bridge, no iptables, state under
 # $DOCKER_BASE), builds a Debian base image with debootstrap (no image registry is reachable;
 # the rootfs tarball is cached in .run/docker-cache), builds the proxy and node images from it with
 # the legacy builder on the host network, brings up all_in_one/all_in_one_node.yml (every container

@@ -11,6 +11,8 @@ if [ -z "${MISHARDS_MYSQL_PORT:-}" ]; then
   MISHARDS_MYSQL_PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 fi
 export MISHARDS_MYSQL_PORT
+# No developer .env may configure the proxies under test (tests name their own .env files).
+export MISHARDS_ENV_FILE=none
 export MISHARDS_MYSQL_BASE="${MISHARDS_MYSQL_BASE:-$PWD/.run/mariadb-test}"
 
 trap 'scripts/mariadb.sh stop >/dev/null' EXIT

@@ -16,6 +16,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `import milvus_grpc`, `tests.support` from any cwd
 
 MYSQL_URL_ENV = "MISHARDS_TEST_MYSQL_URL"
+# A developer's mishards/.env (or .env) must not configure the proxies under test: settings read
+# no .env file unless a test names one. Subprocesses inherit it (scripts/test.sh sets it too).
+os.environ["MISHARDS_ENV_FILE"] = "none"
 
 
 @pytest.fixture(scope="session")

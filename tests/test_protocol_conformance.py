@@ -1,6 +1,6 @@
 """Our compiled protocol against the descriptors shipped in pymilvus 0.2.12 and 0.2.14.
 
-wire-protocol.md §12.1: ours is the 0.2.12 (Milvus 0.9.1) descriptor plus the 0.10 ReloadSegments
+docs/protocol.md: ours is the 0.2.12 (Milvus 0.9.1) descriptor plus the 0.10 ReloadSegments
 RPC and its ReLoadSegmentsParam message. The wheels' modules need the pure-Python protobuf
 backend, so their descriptors are dumped by a child process and parsed here on upb.
 """
@@ -81,7 +81,7 @@ VECTOR_RPCS = [
 ]
 RELOAD_KEYS = {f"message {PKG}.ReLoadSegmentsParam", f"rpc {SERVICE}/ReloadSegments"}
 
-# wire-protocol.md §11: the 0.2.12 -> 0.2.14 delta, less the two ReloadSegments keys we carry.
+# docs/protocol.md: the 0.2.12 -> 0.2.14 delta, less the two ReloadSegments keys we carry.
 HYBRID_DELTA_0_2_14 = {
     *(f"rpc {SERVICE}/{name}" for name in ["HybridSearchPB", "HybridSearch", "GetEntityByID"]),
     *(
@@ -144,7 +144,7 @@ def project_files() -> FileDescriptors:
 
 
 def shape(files: FileDescriptors) -> Shape:
-    """What matters on the wire, keyed by fully qualified name (§12.1 step 6)."""
+    """What matters on the wire, keyed by fully qualified name (name, number, type, label, oneof)."""
     result: Shape = {}
     for f in files:
         p = f.package

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from utils.plugins import PluginFactory
+from utils.plugins import PluginError, PluginFactory
 
 _NO_SPAN = contextlib.nullcontext()
 Metadata = Sequence[tuple[str, str]]
@@ -60,4 +60,9 @@ def create_tracer(class_name: str, plugin_path: str = "", config: dict[str, str]
         return Tracer()
     module = BUILTIN_PLUGINS.get(class_name.lower())
     builtins = [importlib.import_module(module).PLUGIN] if module else []
-    return PluginFactory("tracer", builtins=builtins, search_path=plugin_path).create(class_name, config=config or {})
+    factory = PluginFactory("tracer", builtins=builtins, search_path=plugin_path)
+    if module is None and class_name.lower() not in factory.names:
+        # built-ins are imported only when chosen, so list them by name
+        available = sorted({*BUILTIN_PLUGINS, *factory.names})
+        raise PluginError(f"tracer plugin {class_name} Not Installed! Available: {', '.join(available)}")
+    return factory.create(class_name, config=config or {})

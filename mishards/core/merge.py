@@ -3,7 +3,7 @@
 Each read-only node answers for its share of the files: per query row, its best `k_i` hits,
 padded with id -1. The proxy keeps, per row, the best `topk` distinct ids over all nodes.
 
-Rules (each fixes a defect of the original merge, original-mishards.md section 8.2):
+Rules (each fixes a defect of the original merge, docs/semantics.md, "Merging"):
 
 * Direction: ascending distance for L2 and the binary metrics, descending for IP.
 * Entries with id -1 are padding and never compete, whatever their distance.

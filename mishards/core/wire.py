@@ -1,7 +1,7 @@
 """Wire-level codecs for the search path that never decode or rebuild query vectors.
 
 Touching vectors from Python is what costs (building a 100 x 768 request field by field takes
-~20 ms), while the protobuf encoding lets the proxy avoid it (wire-protocol.md section 13):
+~20 ms), while the protobuf encoding lets the proxy avoid it (docs/protocol.md, "Byte-level facts"):
 
 * ``SearchInFilesParam`` is field 1 (file ids) followed by field 2 holding a ``SearchParam``,
   so the client's ``SearchParam`` bytes are forwarded exactly as received;

@@ -13,7 +13,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -37,6 +37,21 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
+
+    def quantiles_ms(self, quantiles: tuple[float, ...]) -> list[float | None]:
+        """Upper bound (ms) of the bucket holding each quantile; None when it is past the last bound."""
+        counts = list(self.counts)
+        total = sum(counts)
+        out: list[float | None] = []
+        for q in quantiles:
+            running, rank, bound = 0, q * total, None
+            for upper, count in zip(self.bounds, counts, strict=False):
+                running += count
+                if running >= rank:
+                    bound = upper * 1000
+                    break
+            out.append(bound if total else None)
+        return out
 
     def cumulative(self) -> tuple[list[tuple[str, int]], float]:
         counts, total = list(self.counts), self.total
@@ -93,10 +108,19 @@ class Metrics:
         self._meta: dict[str, Histogram] = {}
         self._membership: Callable[[], Iterable[Metric]] = lambda: ()
         self.registry.register(_Collector(self))
+        # the standard series (process_cpu_seconds_total, process_resident_memory_bytes, python_gc_*,
+        # python_info) that dashboards expect of any Python service
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     def rpc(self, method: str) -> RpcSeries:
         """The series of `method`; bound once per handler."""
         return self._rpcs.setdefault(method, RpcSeries())
+
+    def rpc_series(self) -> list[tuple[str, RpcSeries]]:
+        """Every method's series (a snapshot of the dict, safe from another thread)."""
+        return list(self._rpcs.items())
 
     def node(self, name: str) -> NodeSeries:
         series = self._nodes.get(name)

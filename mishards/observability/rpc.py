@@ -1,4 +1,5 @@
-"""The per-RPC wrapper: a server span and metrics around a handler, only when either is on.
+"""The per-RPC wrapper: a server span and metrics around a handler when either is on, and a
+WARNING for every failed call (rate-limited per method and code) always.
 
 Every handler answers with bytes of the method's reply type, whose Milvus `Status` says whether
 the call failed (gRPC itself says OK), so the wrapper reads that status from the reply bytes:
@@ -8,6 +9,7 @@ the whole message for `Status` replies, else field 1 found by skipping over the 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -17,8 +19,11 @@ from google.protobuf.message import DecodeError
 from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import status_pb2
 from tracer import Tracer
+from utils.logger import RateLimitedLog
 
 from .metrics import Metrics
+
+failure_log = RateLimitedLog(logging.getLogger("mishards.failures"), interval=10.0)
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 SERVICE = "milvus.grpc.MilvusService"
@@ -76,12 +81,63 @@ def reply_status(method: str, reply: bytes) -> tuple[int, str]:
     return status.error_code, status.reason
 
 
+_REQUEST_TYPES = {
+    m.name: pb.DESCRIPTOR.message_types_by_name.get(m.input_type.name)
+    for m in pb.DESCRIPTOR.services_by_name["MilvusService"].methods
+}
+
+
+def collection_of(method: str, request: bytes) -> str:
+    """The collection a request names ('' when none or unreadable); only decoded for failed calls."""
+    descriptor = _REQUEST_TYPES.get(method)
+    if descriptor is None:
+        return ""
+    try:
+        from google.protobuf import message_factory
+
+        message = message_factory.GetMessageClass(descriptor).FromString(request)
+    except (DecodeError, TypeError):
+        return ""
+    for holder in (message, getattr(message, "search_param", None)):
+        name = getattr(holder, "collection_name", None)
+        if name:
+            return str(name)
+    names = getattr(message, "collection_name_array", None)
+    return ",".join(names) if names else ""
+
+
+def log_failure(method: str, request: bytes, code: int, reason: str, peer: str = "") -> None:
+    """One WARNING per method and code per 10 s: the code, the collection, the reason and the caller."""
+    held_back = failure_log.allow((method, code))
+    if held_back is None:
+        return
+    suffix = f" ({held_back} more {method} failures with code {code} in the last 10 s not logged)" if held_back else ""
+    failure_log.logger.warning(
+        "%s failed: code %d, collection %r: %s%s%s",
+        method,
+        code,
+        collection_of(method, request),
+        reason[:300],
+        f" (client {peer})" if peer else "",
+        suffix,
+    )
+
+
 def instrument(method: str, handle: Handler, tracer: Tracer, metrics: Metrics | None) -> Handler:
-    """`handle` inside the RPC's server span and metrics; `handle` itself when neither is on."""
-    if not tracer.enabled and metrics is None:
-        return handle
+    """`handle` inside the RPC's server span and metrics; failed calls logged either way."""
     path = f"/{SERVICE}/{method}"
     series = metrics.rpc(method) if metrics is not None else None
+
+    if not tracer.enabled and metrics is None:
+
+        async def logged(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            reply = await handle(request, context)
+            code, reason = reply_status(method, reply)
+            if code:
+                log_failure(method, request, code, reason, _peer(context))
+            return reply
+
+        return logged
 
     async def observed(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
@@ -92,9 +148,18 @@ def instrument(method: str, handle: Handler, tracer: Tracer, metrics: Metrics | 
                 tracer.rpc_finished(span, code, reason, request, reply)
         else:
             reply = await handle(request, context)
-            code = reply_status(method, reply)[0]
+            code, reason = reply_status(method, reply)
         if series is not None:
             series.observe(time.perf_counter() - started, code)
+        if code:
+            log_failure(method, request, code, reason, _peer(context))
         return reply
 
     return observed
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return str(context.peer() or "")
+    except Exception:  # noqa: BLE001 - a context without a peer still gets its failure logged
+        return ""

@@ -1,4 +1,5 @@
-"""What the status page shows: the nodes, and per collection how its files spread over them.
+"""What the status page shows: readiness, uptime, the effective settings, request rates, the
+nodes, and per collection how its files spread over them.
 
 The spread is what routing would do now: each collection's searchable files (from the meta DB)
 assigned by the proxy's own router over the current read-only nodes, unhealthy ones excluded.
@@ -9,10 +10,11 @@ shown: nodes by address, the meta DB by dialect only.
 from __future__ import annotations
 
 import html
+import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -21,6 +23,10 @@ from utils.errors import NoAvailableNode
 from utils.logger import redact
 
 from ..nodes import Membership, NodeClient
+from .health import MetaMonitor
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 WRITABLE = "<writable>"
 _FILES_SQL = sa.text(
@@ -42,6 +48,10 @@ class StatusSource:
         engine: Engine,
         conn_stats: Callable[[], dict],
         serving: Callable[[], bool],
+        meta_monitor: MetaMonitor | None = None,
+        metrics: Metrics | None = None,
+        settings_summary: dict | None = None,
+        started_at: float | None = None,
     ) -> None:
         self.membership = membership
         self.writable = writable
@@ -49,11 +59,22 @@ class StatusSource:
         self.engine = engine
         self.conn_stats = conn_stats
         self.serving = serving
+        self.meta_monitor = meta_monitor
+        self.metrics = metrics
+        self.settings_summary = settings_summary or {}
+        self.started_at = time.time() if started_at is None else started_at
+        self._samples: deque[tuple[float, dict[str, tuple[int, int]]]] = deque(maxlen=64)
+        self._samples_lock = threading.Lock()
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready when serving and some node can answer searches (a healthy read-only or the writable node)."""
+        """Ready when serving, the meta DB can be read and some node can answer searches (a healthy
+        read-only or the writable node)."""
         if not self.serving():
             return False, "the gRPC server is not serving"
+        if self.meta_monitor is not None:
+            readable, reason = self.meta_monitor.state()
+            if not readable:
+                return False, f"meta DB unreadable: {reason}"
         if self.writable.stats.healthy or any(c.stats.healthy for c in self.membership.all().values()):
             return True, "ok"
         return False, "no healthy node: the writable node and every read-only node are down"
@@ -100,18 +121,66 @@ class StatusSource:
             )
         return out
 
+    def requests(self) -> list[dict]:
+        """Per method: totals, and requests and errors per second over the last minute or so (between
+        this call and the oldest page view within 60 s; since start on the first view)."""
+        if self.metrics is None:
+            return []
+        now = time.monotonic()
+        all_series = dict(self.metrics.rpc_series())
+        counts = {method: (series.requests, series.errors) for method, series in all_series.items()}
+        with self._samples_lock:
+            while self._samples and now - self._samples[0][0] > 60:
+                self._samples.popleft()
+            base_time, base = self._samples[0] if self._samples else (now - self.uptime(), {})
+            if not self._samples or now - self._samples[-1][0] >= 1:
+                self._samples.append((now, counts))
+        window = max(now - base_time, 1e-6)
+        rows = []
+        for method, (requests, errors) in sorted(counts.items()):
+            if not requests:
+                continue
+            old_requests, old_errors = base.get(method, (0, 0))
+            series = all_series[method]
+            rows.append(
+                {
+                    "method": method,
+                    "requests": requests,
+                    "errors": errors,
+                    "requests_per_s": round((requests - old_requests) / window, 3),
+                    "errors_per_s": round((errors - old_errors) / window, 3),
+                    "window_s": round(window, 1),
+                    "mean_ms": round(1000 * series.latency.total / requests, 3),
+                    "latency_ms": series.latency.quantiles_ms((0.5, 0.99)),
+                }
+            )
+        return rows
+
+    def uptime(self) -> float:
+        return max(time.time() - self.started_at, 0.0)
+
     def snapshot(self) -> dict:
         ready, reason = self.readiness()
-        try:
-            collections, meta_error = self.collections(), ""
-        except Exception as exc:  # noqa: BLE001 - the page must still show the nodes
-            collections, meta_error = [], redact(f"{exc.__class__.__name__}: {exc}")[:500]
+        meta_error = ""
+        if self.meta_monitor is not None:
+            readable, why = self.meta_monitor.state()
+            meta_error = "" if readable else why
+        collections: list[dict] = []
+        if not meta_error:
+            try:
+                collections = self.collections()
+            except Exception as exc:  # noqa: BLE001 - the page must still show the nodes
+                meta_error = redact(f"{exc.__class__.__name__}: {exc}")[:500]
         return {
             "generated_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.started_at)),
+            "uptime_s": round(self.uptime(), 1),
             "ready": ready,
             "ready_reason": reason,
             "meta_db": self.engine.dialect.name,
             "meta_error": meta_error,
+            "settings": self.settings_summary,
+            "requests": self.requests(),
             "nodes": self.nodes(),
             "collections": collections,
         }
@@ -131,7 +200,24 @@ th { background: #eef1f5; font-weight: 600; } td.num { text-align: right; font-v
 .bar { background: #e3e6eb; width: 160px; height: 10px; border-radius: 5px; display: inline-block; }
 .bar span { background: #3f7be0; height: 10px; border-radius: 5px; display: block; }
 .err { color: #8c1d1d; font-size: 12px; white-space: normal; max-width: 380px; }
+.legend { color: #5b6475; font-size: 12px; max-width: 900px; margin-top: 6px; }
 """
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{seconds:02d}"
+
+
+def _setting_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
 
 
 def _cell(value: Any, numeric: bool = False) -> str:
@@ -150,8 +236,44 @@ def render_html(snapshot: dict) -> str:
         f"<title>Mishards status</title><style>{_STYLE}</style></head><body>",
         "<h1>Mishards status</h1>",
         f'<div class="sub">{readiness} &middot; meta DB: {html.escape(snapshot["meta_db"])} &middot; '
-        f'{html.escape(snapshot["generated_at"])} &middot; <a href="/status.json">JSON</a> &middot; '
+        f"up {_duration(snapshot.get('uptime_s', 0))} (since {html.escape(snapshot.get('started_at', ''))}) "
+        f'&middot; {html.escape(snapshot["generated_at"])} &middot; <a href="/status.json">JSON</a> &middot; '
         '<a href="/metrics">metrics</a></div>',
+    ]
+    if snapshot.get("settings"):
+        parts.append("<h2>Settings in effect</h2><table><tr><th>setting</th><th>value</th></tr>")
+        for key, value in snapshot["settings"].items():
+            parts.append("<tr>" + _cell(key) + _cell(_setting_value(value)) + "</tr>")
+        parts.append("</table>")
+    if snapshot.get("requests"):
+        parts.append(
+            "<h2>Requests</h2><table><tr><th>method</th><th>requests</th><th>errors</th><th>requests/s</th>"
+            "<th>errors/s</th><th>mean ms</th><th>p50 ms</th><th>p99 ms</th></tr>"
+        )
+        for row in snapshot["requests"]:
+            p50, p99 = (row["latency_ms"] + [None, None])[:2]
+            parts.append(
+                "<tr>"
+                + _cell(row["method"])
+                + _cell(row["requests"], True)
+                + _cell(row["errors"], True)
+                + _cell(f"{row['requests_per_s']:.2f}", True)
+                + _cell(f"{row['errors_per_s']:.2f}", True)
+                + _cell(row["mean_ms"], True)
+                + _cell(p50 if p50 is not None else "", True)
+                + _cell(p99 if p99 is not None else "", True)
+                + "</tr>"
+            )
+        window = snapshot["requests"][0]["window_s"]
+        parts.append(
+            "</table>"
+            f'<div class="legend">Rates over the last {window:g} s (between page views, at most 60 s; since start '
+            "on the first view). Errors are replies with a non-zero Milvus status. Latency is the time from the "
+            "request's arrival to its reply inside the proxy (nodes' time included, network to the client not); "
+            "p50 and p99 are upper bounds of the histogram bucket that holds that quantile (buckets of "
+            "0.5 ms to 60 s, as in /metrics <code>mishards_request_duration_seconds</code>).</div>"
+        )
+    parts += [
         "<h2>Nodes</h2><table><tr><th>node</th><th>role</th><th>address</th><th>state</th><th>version</th>"
         "<th>calls</th><th>failures</th><th>failovers</th><th>hedges</th><th>hedges won</th><th>ejections</th>"
         "<th>files routed</th><th>latency ms</th><th>last error</th></tr>",
@@ -174,7 +296,10 @@ def render_html(snapshot: dict) -> str:
             + _cell(node.get("latency_ms", ""), True)
             + f'<td class="err">{html.escape(node.get("last_error", ""))}</td></tr>'
         )
-    parts.append("</table><h2>Collections: files per node (as routed now)</h2>")
+    parts.append(
+        '</table><div class="legend">Node latency ms: moving average of this node\'s search and health-check '
+        "calls as the proxy timed them.</div><h2>Collections: files per node (as routed now)</h2>"
+    )
     if snapshot["meta_error"]:
         parts.append(f'<p class="err">meta DB unreadable: {html.escape(snapshot["meta_error"])}</p>')
     elif not snapshot["collections"]:

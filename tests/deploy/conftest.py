@@ -78,8 +78,11 @@ class Stubs:
         return [json.loads(line) for line in self.log.read_text().splitlines()]
 
     def commands(self) -> list[list[str]]:
-        """Each call as [tool, *argv]."""
-        return [[call["tool"], *call["argv"]] for call in self.calls()]
+        """Each call as [tool, *argv]; a manifest path as its file name (start.sh applies rendered copies)."""
+        return [
+            [call["tool"], *(Path(arg).name if arg.endswith(".yaml") else arg for arg in call["argv"])]
+            for call in self.calls()
+        ]
 
 
 @pytest.fixture

@@ -163,6 +163,6 @@ def test_the_proxy_accepts_its_compose_environment(resolved: tuple[Path, dict[st
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": os.environ["PATH"], "LOG_PATH": str(tmp_path), **environment},
+        env={"PATH": os.environ["PATH"], "MISHARDS_ENV_FILE": "none", "LOG_PATH": str(tmp_path), **environment},
     )
     assert result.returncode == 0, result.stderr

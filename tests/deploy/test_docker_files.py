@@ -34,12 +34,48 @@ def test_dockerfile_is_slim_non_root_healthchecked_and_exposes_19530(name: str) 
     (healthcheck,) = [value for kind, value in steps if kind == "HEALTHCHECK"]
     assert "scripts/docker_healthcheck.py" in healthcheck
     copies = [value for kind, value in steps if kind == "COPY"]
-    assert copies[0] == "requirements.txt ./", "dependencies are installed before the source is copied"
+    assert copies[0].startswith("requirements-base.txt "), "dependencies are installed before the source is copied"
 
 
-def test_the_images_start_the_documented_commands() -> None:
-    assert ("CMD", '["python", "mishards/main.py"]') in instructions("Dockerfile")
-    assert ("CMD", '["python", "-m", "milvus_node"]') in instructions("Dockerfile.node")
+def test_the_images_start_the_installed_console_scripts() -> None:
+    assert ("CMD", '["mishards"]') in instructions("Dockerfile")
+    assert ("CMD", '["milvus-node"]') in instructions("Dockerfile.node")
+    for name in DOCKERFILES:
+        assert any(kind == "RUN" and "pip install --no-cache-dir --no-deps ." in v for kind, v in instructions(name))
+
+
+def _requirements(*files: str) -> set[str]:
+    names = set()
+    for name in files:
+        for line in (ROOT / name).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line and not line.startswith("-r"):
+                names.add(re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0].lower().replace("_", "-"))
+    return names
+
+
+def test_each_image_installs_only_its_own_dependency_set() -> None:
+    """The proxy image carries no faiss, the node image no kubernetes client (each was ~630 MB with both)."""
+    proxy_copy = [v for kind, v in instructions("Dockerfile") if kind == "COPY"][0]
+    node_copy = [v for kind, v in instructions("Dockerfile.node") if kind == "COPY"][0]
+    assert proxy_copy == "requirements-base.txt requirements-proxy.txt ./"
+    assert node_copy == "requirements-base.txt requirements-node.txt ./"
+    proxy, node = (
+        _requirements("requirements-base.txt", "requirements-proxy.txt"),
+        _requirements("requirements-base.txt", "requirements-node.txt"),
+    )
+    assert "faiss-cpu" not in proxy and "kubernetes" not in node and "faiss-cpu" in node
+    assert {"hpack", "uhashring", "prometheus-client", "python-dotenv"} <= proxy
+    assert proxy | node == _requirements("requirements-base.txt", "requirements-proxy.txt", "requirements-node.txt")
+
+
+def test_the_packages_import_only_what_their_dependency_set_installs() -> None:
+    """No module of the proxy imports faiss, and none of the node imports kubernetes or prometheus."""
+    for package, banned in (("mishards", ("faiss",)), ("milvus_node", ("kubernetes", "prometheus_client", "hpack"))):
+        for path in (ROOT / package).rglob("*.py"):
+            text = path.read_text()
+            for module in banned:
+                assert not re.search(rf"^\s*(import|from) {module}\b", text, re.M), f"{path} imports {module}"
 
 
 def test_dockerignore_keeps_secrets_and_state_out_but_the_probe_in() -> None:

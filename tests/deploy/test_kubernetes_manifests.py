@@ -82,18 +82,19 @@ def test_milvus_images_are_versions_the_proxy_accepts() -> None:
 @pytest.mark.parametrize(
     ("kind", "name", "configmap", "mode"),
     [
-        ("Deployment", "mishards-wo-servers", "mishards-woserver-configmap", "cluster_writable"),
-        ("StatefulSet", "mishards-ro-servers", "mishards-roserver-configmap", "cluster_readonly"),
+        ("Deployment", "mishards-wo-servers", "mishards-woserver-config", "cluster_writable"),
+        ("StatefulSet", "mishards-ro-servers", "mishards-roserver-config", "cluster_readonly"),
     ],
 )
 def test_milvus_config_is_mounted_where_milvus_reads_it(kind: str, name: str, configmap: str, mode: str) -> None:
+    """From a Secret: the file carries the DB password (Milvus 0.9 reads backend_url only there)."""
     spec = pod_spec(kind, name)
     (container,) = spec["containers"]
     mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
     config_mount = mounts["/var/lib/milvus/conf/server_config.yaml"]
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
-    assert volumes[config_mount["name"]]["configMap"]["name"] == configmap
-    milvus = yaml.safe_load(find("ConfigMap", configmap)["data"][config_mount["subPath"]])
+    assert volumes[config_mount["name"]]["secret"]["secretName"] == configmap
+    milvus = yaml.safe_load(find("Secret", configmap)["stringData"][config_mount["subPath"]])
     assert milvus["server_config"]["deploy_mode"] == mode
     assert milvus["db_config"]["backend_url"] == "mysql://root:milvusroot@mishards-mysql:3306/milvus"
     assert volumes[mounts["/var/lib/milvus/db"]["name"]]["persistentVolumeClaim"]["claimName"] == "mishards-db-disk"
@@ -146,14 +147,69 @@ def test_the_proxy_runs_as_non_root_on_port_19530() -> None:
     spec = pod_spec("Deployment", "mishards-proxy")
     assert spec["securityContext"]["runAsNonRoot"] is True
     (container,) = spec["containers"]
-    assert [port["containerPort"] for port in container["ports"]] == [19530]
+    assert [port["containerPort"] for port in container["ports"]] == [19530, 19121]  # API, side port
     service = find("Service", "mishards-proxy-servers")
     assert service["spec"]["type"] == "LoadBalancer"
     assert service["spec"]["ports"][0]["port"] == 19530
 
 
-def test_the_proxy_accepts_its_configmap(tmp_path: Path) -> None:
+def test_no_password_in_a_configmap_and_the_proxy_reads_its_uri_from_the_secret() -> None:
+    for doc in documents():
+        if doc["kind"] == "ConfigMap":
+            assert "milvusroot" not in yaml.safe_dump(doc), doc["metadata"]["name"]
+    (container,) = pod_spec("Deployment", "mishards-proxy")["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["SQLALCHEMY_DATABASE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mishards-mysql-secret"
+    (mysql,) = pod_spec("Deployment", "mishards-mysql")["containers"]
+    env = {item["name"]: item for item in mysql["env"]}
+    assert env["MYSQL_ROOT_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mishards-mysql-secret"
+    secret = find("Secret", "mishards-mysql-secret")["stringData"]
+    assert secret["MYSQL_ROOT_PASSWORD"] in secret["SQLALCHEMY_DATABASE_URI"]
+
+
+def test_the_proxy_side_port_is_on_probed_and_scraped() -> None:
+    config = find("ConfigMap", "mishards-proxy-configmap")["data"]
+    template = find("Deployment", "mishards-proxy")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["metrics"] == int(config["METRICS_PORT"])
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == config["METRICS_PORT"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_rendered_manifests_with_another_image_and_namespace_pass_strict_validation(tmp_path: Path) -> None:
+    tool = require_tool("kubernetes-validate", Path(sys.executable).parent / "kubernetes-validate")
+    out = tmp_path / "rendered"
+    env = {**os.environ, "NAMESPACE": "vectors-prod", "PROXY_IMAGE": "registry.example.com/team/mishards:1.2"}
+    env.update({"STORAGE_CLASS": "nfs-client", "MYSQL_PASSWORD": "another-pw"})
+    subprocess.run([str(DEMO / "start.sh"), "render", str(out)], env=env, check=True, timeout=60, capture_output=True)
+    rendered = sorted(out.glob("*.yaml"))
+    assert {path.name for path in rendered} == {path.name for path in MANIFESTS}
+    result = subprocess.run(
+        [tool, "--strict", "--quiet", *map(str, rendered)], capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    docs = [doc for path in rendered for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for doc in docs:
+        if doc["kind"] == "Namespace":
+            assert doc["metadata"]["name"] == "vectors-prod"
+        else:
+            assert doc["metadata"]["namespace"] == "vectors-prod", doc["metadata"]["name"]
+    images = [
+        c["image"] for d in docs if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]
+    ]
+    assert "registry.example.com/team/mishards:1.2" in images
+
+
+def test_the_proxy_accepts_its_configmap_and_secret(tmp_path: Path) -> None:
     environment = find("ConfigMap", "mishards-proxy-configmap")["data"]
+    environment["SQLALCHEMY_DATABASE_URI"] = find("Secret", "mishards-mysql-secret")["stringData"][
+        "SQLALCHEMY_DATABASE_URI"
+    ]
     check = "from mishards.settings import load_settings; load_settings()"
     result = subprocess.run(
         [sys.executable, "-c", check],
@@ -161,6 +217,6 @@ def test_the_proxy_accepts_its_configmap(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": os.environ["PATH"], **environment, "LOG_PATH": str(tmp_path)},
+        env={"PATH": os.environ["PATH"], "MISHARDS_ENV_FILE": "none", **environment, "LOG_PATH": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr

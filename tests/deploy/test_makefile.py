@@ -20,9 +20,22 @@ def make(stubs: Stubs, *args: str, **env: str) -> list[dict]:
 
 def test_build_builds_both_images_on_the_host_network(stubs: Stubs) -> None:
     make(stubs, "build")
+    base = ["--build-arg", "BASE_IMAGE=python:3.11-slim-bookworm"]
     assert stubs.commands() == [
-        ["docker", "build", "--network", "host", "-t", "mishards:latest", "-f", "Dockerfile", "."],
-        ["docker", "build", "--network", "host", "-t", "mishards-node:latest", "-f", "Dockerfile.node", "."],
+        ["docker", "build", "--network", "host", *base, "-t", "mishards:latest", "-f", "Dockerfile", "."],
+        ["docker", "build", "--network", "host", *base, "-t", "mishards-node:latest", "-f", "Dockerfile.node", "."],
+    ]
+
+
+def test_build_and_push_take_registry_tag_and_base_image(stubs: Stubs) -> None:
+    make(stubs, "build", "push", "REGISTRY=registry.example.com/team/", "TAG=1.2", "BASE_IMAGE=debian-py:3.11")
+    base = ["--build-arg", "BASE_IMAGE=debian-py:3.11"]
+    proxy, node = "registry.example.com/team/mishards:1.2", "registry.example.com/team/mishards-node:1.2"
+    assert stubs.commands() == [
+        ["docker", "build", "--network", "host", *base, "-t", proxy, "-f", "Dockerfile", "."],
+        ["docker", "build", "--network", "host", *base, "-t", node, "-f", "Dockerfile.node", "."],
+        ["docker", "push", proxy],
+        ["docker", "push", node],
     ]
 
 
@@ -92,8 +105,13 @@ def test_probe_cluster_fails_without_a_load_balancer_address(stubs: Stubs) -> No
 
 def test_clean_cluster_deletes_every_manifest(stubs: Stubs) -> None:
     make(stubs, "clean_cluster")
-    assert len(stubs.commands()) == 8
+    assert len(stubs.commands()) == 9
     assert stubs.commands()[-1] == ["kubectl", "delete", "-f", "mishards_namespace.yaml", "--ignore-not-found"]
+
+
+def test_namespace_and_image_reach_start_sh(stubs: Stubs) -> None:
+    make(stubs, "cluster_status", "NAMESPACE=vectors")
+    assert stubs.commands()[0] == ["kubectl", "get", "pods", "-n", "vectors", "-o", "wide"]
 
 
 def test_kubectl_variable_reaches_start_sh(stubs: Stubs) -> None:

@@ -6,6 +6,8 @@ here every command names namespace `mishards`, and a scale that does not become 
 
 from __future__ import annotations
 
+import pytest
+
 from tests.deploy.conftest import ROOT, Stubs
 
 START = str(ROOT / "kubernetes_demo" / "start.sh")
@@ -23,6 +25,7 @@ def test_cluster_applies_in_dependency_order_and_waits_for_each_tier(stubs: Stub
     assert stubs.commands() == [
         kubectl("apply", "-f", "mishards_namespace.yaml"),
         kubectl("apply", "-f", "mishards_data_pvc.yaml"),
+        kubectl("apply", "-f", "mishards_secret.yaml"),
         kubectl("apply", "-f", "mishards_configmap.yaml"),
         kubectl("apply", "-f", "mishards_auxiliary.yaml"),
         kubectl("rollout", "status", "deployment/mishards-mysql", *NS, *ROLLOUT),
@@ -102,6 +105,7 @@ def test_delete_removes_everything_in_reverse_order(stubs: Stubs) -> None:
         "mishards_write_servers.yaml",
         "mishards_auxiliary.yaml",
         "mishards_configmap.yaml",
+        "mishards_secret.yaml",
         "mishards_data_pvc.yaml",
         "mishards_namespace.yaml",
     ]
@@ -148,3 +152,53 @@ def test_kubectl_is_configurable(stubs: Stubs) -> None:
     (stubs.bin / "kubectl").rename(stubs.bin / "kubectl-1.30")
     assert stubs.run([START, "status"], KUBECTL="kubectl-1.30").returncode == 0
     assert [call["tool"] for call in stubs.calls()] == ["kubectl-1.30", "kubectl-1.30"]
+
+
+def test_cluster_applies_rendered_copies_and_removes_them(stubs: Stubs, tmp_path) -> None:
+    result = stubs.run(
+        [START, "cluster"], NAMESPACE="vectors", PROXY_IMAGE="reg.example/mishards:2", TMPDIR=str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    applied = [call["argv"][2] for call in stubs.calls() if call["argv"][:2] == ["apply", "-f"]]
+    assert all(path.startswith(str(tmp_path / "mishards-k8s.")) for path in applied), applied
+    assert not list(tmp_path.glob("mishards-k8s.*")), "the rendered copies are removed on exit"
+    waits = [call["argv"] for call in stubs.calls() if call["argv"][:1] == ["rollout"]]
+    assert all(argv[argv.index("-n") + 1] == "vectors" for argv in waits)
+
+
+def test_render_fills_in_namespace_image_password_and_storage_class(stubs: Stubs, tmp_path) -> None:
+    out = tmp_path / "rendered"
+    result = stubs.run(
+        [START, "render", str(out)],
+        NAMESPACE="vectors",
+        PROXY_IMAGE="reg.example/team/mishards:2",
+        PULL_POLICY="Always",
+        MYSQL_PASSWORD="s3cret",
+        STORAGE_CLASS="nfs-client",
+    )
+    assert result.returncode == 0, result.stderr
+    assert stubs.commands() == []
+    text = "\n".join(path.read_text() for path in sorted(out.glob("*.yaml")))
+    assert "namespace: mishards" not in text and "namespace: vectors" in text
+    assert "name: vectors" in (out / "mishards_namespace.yaml").read_text()
+    assert "DISCOVERY_KUBERNETES_NAMESPACE: vectors" in text
+    assert "image: reg.example/team/mishards:2" in text and "imagePullPolicy: Always  # proxy" in text
+    assert "milvusroot" not in text and "s3cret" in (out / "mishards_secret.yaml").read_text()
+    assert text.count("storageClassName: nfs-client") == 2
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [("NAMESPACE", "Not_A_Label"), ("PROXY_IMAGE", "a b"), ("MYSQL_PASSWORD", "p|w"), ("PULL_POLICY", "Sometimes")],
+)
+def test_render_rejects_bad_settings(stubs: Stubs, tmp_path, variable: str, value: str) -> None:
+    result = stubs.run([START, "render", str(tmp_path / "out")], **{variable: value})
+    assert result.returncode == 2 and variable in result.stderr
+
+
+def test_usage_from_any_directory(stubs: Stubs, tmp_path) -> None:
+    """From the repository root (or anywhere) it printed a sed error instead of its usage."""
+    for cwd in (ROOT, tmp_path):
+        result = stubs.run([START], cwd=cwd)
+        assert result.returncode == 2
+        assert "start.sh cluster" in result.stderr and "sed" not in result.stderr, result.stderr

@@ -1,4 +1,4 @@
-"""A fake Kubernetes API server for discovery tests (recipe: shared/spec/environment.md section 5).
+"""A fake Kubernetes API server for discovery tests (docs/development.md).
 
 It serves what the real `kubernetes` client asks for when it lists and watches pods: the pod
 list (filtered by label selector, with a resourceVersion), single pods, and chunked watch streams

@@ -1,4 +1,4 @@
-"""The remaining validation rules of milvus-semantics.md §8/§9 on a real node: index parameters,
+"""The remaining validation rules of docs/semantics.md on a real node: index parameters,
 search parameters per the collection's current index type, unavailable index types, the 256 MB
 insert limit, set_config keys and values. Each case asserts the Milvus code and the reason."""
 

@@ -1,4 +1,4 @@
-"""Every validation rule answers with Milvus' error code (milvus-semantics.md §8).
+"""Every validation rule answers with Milvus' error code (docs/semantics.md).
 
 The same cases run against a `single` node and through Mishards in front of a writable and a
 read-only node: the proxy must answer bad input exactly as one Milvus server would.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -150,3 +151,11 @@ def test_failovers_retries_and_health_after_a_node_dies(observed: ObservedCluste
     assert value(samples, "mishards_node_healthy", node=doomed.address, role="readonly") == 0
     assert value(samples, "mishards_readonly_nodes", state="healthy") == 1
     assert get("/readyz")[0] == 200, "one healthy node is enough to serve"
+
+
+def test_metrics_include_the_standard_process_and_python_series(observed: ObservedCluster):
+    status, text = observed.get("/metrics")
+    assert status == 200
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds", "python_info"):
+        assert re.search(rf"^{name}(\{{.*\}})? ", text, re.M), name
+    assert "python_gc_collections_total" in text

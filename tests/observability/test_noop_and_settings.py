@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import pytest
 
 from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import status_pb2
+from mishards.observability import rpc
 from mishards.observability.rpc import instrument, reply_status, status_field
 from tracer import Tracer, create_tracer
-from utils.logger import redact
+from utils.logger import RateLimitedLog, redact
 from utils.plugins import PluginError
 
 
@@ -21,7 +25,53 @@ def test_no_tracer_is_free():
     assert type(tracer) is Tracer and not tracer.enabled
     assert tracer.span("do_merge") is tracer.span("get_routing")  # one shared object: nothing allocated
     assert tracer.outgoing_metadata() is None
-    assert instrument("Search", _handler, tracer, None) is _handler, "no wrapper when tracing and metrics are off"
+    wrapped = instrument("Search", _handler, tracer, None)
+    assert wrapped.__name__ == "logged", "tracing and metrics off: only the failure log, no span, no series"
+
+
+class _Context:
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5000"
+
+
+def test_failed_calls_are_logged_rate_limited_with_code_and_collection(caplog, monkeypatch):
+    monkeypatch.setattr(rpc, "failure_log", RateLimitedLog(logging.getLogger("mishards.failures"), interval=60))
+    status = status_pb2.Status(error_code=15, reason="meta DB query failed")
+    failed = pb.TopKQueryResult(status=status).SerializeToString()
+
+    async def failing(request: bytes, context) -> bytes:
+        return failed
+
+    async def insert_fails(request: bytes, context) -> bytes:
+        return pb.VectorIds(status=status_pb2.Status(error_code=4, reason="collection not found")).SerializeToString()
+
+    search = instrument("Search", failing, create_tracer(""), None)
+    insert = instrument("Insert", insert_fails, create_tracer(""), None)
+    request = pb.SearchParam(collection_name="books", topk=3).SerializeToString()
+    with caplog.at_level(logging.WARNING, logger="mishards.failures"):
+        for _ in range(50):
+            asyncio.run(search(request, _Context()))
+        asyncio.run(insert(pb.InsertParam(collection_name="gone").SerializeToString(), _Context()))
+    lines = [r.getMessage() for r in caplog.records if r.name == "mishards.failures"]
+    assert len(lines) == 2, lines  # 50 failed searches: one line until the interval passes
+    assert "Search failed: code 15, collection 'books': meta DB query failed" in lines[0]
+    assert "127.0.0.1:5000" in lines[0]
+    assert "Insert failed: code 4, collection 'gone'" in lines[1]
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.name == "mishards.failures")
+
+
+def test_rate_limited_log_reports_what_it_held_back():
+    limiter = RateLimitedLog(logging.getLogger("test"), interval=0.0)
+    assert limiter.allow("k") == 0 and limiter.allow("k") == 0
+    limiter.interval = 60
+    assert limiter.allow("k") is None and limiter.allow("k") is None
+    limiter.interval = 0
+    assert limiter.allow("k") == 2, "the next line carries the count held back"
+
+
+def test_unknown_tracer_lists_the_available_ones():
+    with pytest.raises(PluginError, match="Available: jaeger, opentelemetry"):
+        create_tracer("zipkin")
 
 
 def test_jaeger_is_chosen_by_name_with_the_original_defaults():

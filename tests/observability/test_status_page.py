@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from milvus_grpc import milvus_pb2 as pb
 from tests.support.processes import ROOT
+from tests.support.stubs import milvus_stub
 
 from .conftest import COLLECTION, ROWS, SEGMENTS, ObservedCluster
 
@@ -73,6 +76,26 @@ def test_status_json_lists_nodes_and_file_spread(observed: ObservedCluster):
     assert sum(s["files"] for s in entry["spread"]) == SEGMENTS
     assert {s["node"] for s in entry["spread"]} <= {n.address for n in observed.readonly}
     assert "sqlite:///" not in body, "the meta DB URI stays out of the page"
+
+
+def test_status_json_shows_uptime_settings_and_request_rates(observed: ObservedCluster):
+    with milvus_stub(observed.proxy.address) as stub:
+        for _ in range(3):
+            stub.HasCollection(pb.CollectionName(collection_name=COLLECTION), timeout=20)
+    snapshot = json.loads(observed.get("/status.json")[1])
+    assert snapshot["uptime_s"] > 0 and snapshot["started_at"]
+    settings = snapshot["settings"]
+    assert settings["rpc_transport"] == "http2" and settings["tracer"] == "jaeger"
+    assert settings["discovery"] == "static" and settings["meta_db"] == "sqlite file"
+    assert settings["timeout_s"] == 20 and settings["health_check"]["interval_s"] == 2
+    rows = {row["method"]: row for row in snapshot["requests"]}
+    has = rows["HasCollection"]
+    assert has["requests"] >= 3 and has["errors"] == 0 and has["requests_per_s"] > 0
+    assert has["latency_ms"][0] is not None and has["latency_ms"][0] <= has["latency_ms"][1]
+    page = observed.get("/")[1]
+    assert "Settings in effect" in page and "Requests" in page and "p99 ms" in page
+    assert "upper bounds of the histogram bucket" in page, "the latency legend"
+    assert re.search(r"up \d\d:\d\d:\d\d", page)
 
 
 def test_probes(observed: ObservedCluster):

@@ -2,7 +2,7 @@
 
 On a 2-core machine real nodes searching beside the proxy saturate first and steal its CPU, so
 the proxy's capacity cost (CPU per search at saturation) is measured against this instead
-(peers-and-design.md section 7): `SearchInFiles` answers a synthetic, correctly shaped
+(docs/design.md, "Proxy capacity"): `SearchInFiles` answers a synthetic, correctly shaped
 TopKQueryResult for the request's nq and topk (built once per shape), `Cmd` answers version
 0.9.1, `ReloadSegments` and `PreloadCollection` succeed, anything else is UNIMPLEMENTED.
 

@@ -1,8 +1,8 @@
 """The real pymilvus client (0.2.12 or 0.2.14), run in a worker subprocess.
 
 pymilvus' old generated modules need the pure-Python protobuf backend for the whole process, and
-their descriptors would clash with ours, so the client lives in a child (wire-protocol.md §12.3,
-recipe A). Tests call it as if it were local:
+their descriptors would clash with ours, so the client lives in a child (docs/protocol.md,
+"Old clients on a current protobuf"). Tests call it as if it were local:
 
     client = PymilvusClient("127.0.0.1", port)
     status, exists = client.has_collection("demo")
@@ -39,7 +39,7 @@ _workers: set[PymilvusClient] = set()
 @dataclass(frozen=True)
 class Status:
     """A pymilvus Status: `code` is the Milvus error code, or a grpc.StatusCode name such as
-    "UNAVAILABLE" when the call failed below the Milvus layer (wire-protocol.md §7)."""
+    "UNAVAILABLE" when the call failed below the Milvus layer (docs/protocol.md, "The status convention")."""
 
     code: int | str
     message: str

@@ -2,7 +2,7 @@
 
 `make venv` downloads them into .venv/wheels/<version>/; a test run without that step downloads
 them itself. They are never installed into the venv: their old generated protobuf modules need
-the slow pure-Python backend process-wide (wire-protocol.md §12), so they are only ever imported
+the slow pure-Python backend process-wide (docs/protocol.md), so they are only ever imported
 in child processes, from an extracted copy under .cache/.
 """
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WHEEL_DIR = ROOT / ".venv" / "wheels"
 CACHE_DIR = ROOT / ".cache" / "pymilvus"
 
-# Recipe A of wire-protocol.md §12.3: importable pymilvus on a current protobuf.
+# docs/protocol.md, "Old clients on a current protobuf": importable pymilvus on a current protobuf.
 SHIM = """\
 # sitecustomize.py - lets pymilvus 0.2.12 / 0.2.14 import on a current protobuf
 import os, sys, types

@@ -1,6 +1,6 @@
 """The file hash ring against an independent rebuild of the original ketama layout.
 
-The oracle follows original-mishards.md section 7.2 literally (md5 of "<node>-<j>" for 40 points,
+The oracle follows docs/semantics.md ("The hash ring") literally (md5 of "<node>-<j>" for 40 points,
 3 little-endian keys per digest, bisect-right lookup with wrap-around), without uhashring, so these
 tests pin down both the batched lookups and compatibility with the original assignment.
 """

@@ -15,35 +15,57 @@ ROOT = settings_module.REPO_DIR
 REQUIRED = {"WOSERVER": "tcp://127.0.0.1:19540", "SQLALCHEMY_DATABASE_URI": "sqlite:////tmp/x.sqlite"}
 
 
+_MISHARDS_PREFIXES = {
+    "WOSERVER",
+    "SQLALCHEMY",
+    "SQL",
+    "DISCOVERY",
+    "ROUTER",
+    "TRACER",
+    "TRACING",
+    "LOG",
+    "SERVER",
+    "MAX",
+    "TIMEOUT",
+    "DEBUG",
+    "FROM",
+    "TIMEZONE",
+    "SCHEMA",
+    "HEALTH",
+    "METRICS",
+    "RPC",
+}
+
+
 @pytest.fixture
 def env(monkeypatch, tmp_path):
-    """A clean environment (no Mishards variables, no .env found) plus the required ones."""
+    """A clean environment (no Mishards variables, no .env read) plus the required ones."""
     for key in list(os.environ):
-        if key.isupper() and key.split("_")[0] in {
-            "WOSERVER",
-            "SQLALCHEMY",
-            "SQL",
-            "DISCOVERY",
-            "ROUTER",
-            "TRACER",
-            "TRACING",
-            "LOG",
-            "SERVER",
-            "MAX",
-            "TIMEOUT",
-            "DEBUG",
-            "FROM",
-            "TIMEZONE",
-            "SCHEMA",
-        }:
+        if key.isupper() and key.split("_")[0] in _MISHARDS_PREFIXES:
             monkeypatch.delenv(key)
     for key in ("pool_size", "pool_recycle", "pool_timeout", "pool_pre_ping", "max_overflow"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(settings_module, "PACKAGE_DIR", tmp_path)  # no mishards/.env
+    monkeypatch.setenv(settings_module.ENV_FILE_VARIABLE, "none")
+    monkeypatch.setattr(settings_module, "PACKAGE_DIR", tmp_path / "mishards")  # the .env lookup: none there
     monkeypatch.setattr(settings_module, "REPO_DIR", tmp_path)
     for key, value in REQUIRED.items():
         monkeypatch.setenv(key, value)
     return monkeypatch
+
+
+@pytest.fixture
+def dotenv_only(env, tmp_path):
+    """Write a .env (which MISHARDS_ENV_FILE names) holding the required variables; the environment has none."""
+    path = tmp_path / "only.env"
+
+    def write(extra: str) -> None:
+        for key in REQUIRED:
+            env.delenv(key, raising=False)
+        body = "".join(f"{k}={v}\n" for k, v in REQUIRED.items())
+        path.write_text(body + extra)
+        env.setenv(settings_module.ENV_FILE_VARIABLE, str(path))
+
+    return write
 
 
 def test_defaults_follow_the_guide(env):
@@ -82,6 +104,12 @@ def test_required_variables(env, name):
         ("WOSERVER", "http://h:1"),
         ("pool_size", "many"),
         ("RPC_TRANSPORT", "carrier-pigeon"),
+        ("SQLALCHEMY_DATABASE_URI", "nonsense"),
+        ("SQLALCHEMY_DATABASE_URI", "postgresql://u:p@h/db"),
+        ("SQLALCHEMY_DATABASE_URI", "nosuchdialect://h/db"),
+        ("METRICS_PORT", "70000"),
+        ("HEALTH_CHECK_TIMEOUT", "nan"),
+        ("LOG_THIRD_PARTY_LEVEL", "chatty"),
     ],
 )
 def test_invalid_values_name_the_variable(env, name, value):
@@ -113,15 +141,110 @@ def test_discovery_and_tracing_settings_are_passed_through(env):
     assert s.tracing_config["TRACING_SERVICE_NAME"] == "svc"
 
 
-def test_dotenv_and_from_example(env, tmp_path):
+def test_dotenv_lookup_environment_over_dotenv_over_example(env, tmp_path):
     env.delenv("WOSERVER")
+    env.delenv(settings_module.ENV_FILE_VARIABLE)  # the default lookup: mishards/.env, then the repository's .env
     (tmp_path / ".env").write_text("WOSERVER=tcp://10.1.2.3:19531\nSERVER_PORT=19600\n")
     assert load_settings().woserver == "10.1.2.3:19531"
+    (tmp_path / "mishards").mkdir()
+    (tmp_path / "mishards" / ".env").write_text("WOSERVER=tcp://10.9.9.9:1\n")
+    assert load_settings().woserver == "10.9.9.9:1", "mishards/.env comes first"
     env.setenv("SERVER_PORT", "19700")
     assert load_settings().server_port == 19700, "the environment wins over .env"
-    (tmp_path / ".env.example").write_text("WOSERVER=tcp://example:1\n")
+    (tmp_path / ".env.example").write_text("WOSERVER=tcp://example:1\nMAX_RETRY=7\nFROM_EXAMPLE=false\n")
     env.setenv("FROM_EXAMPLE", "true")
-    assert load_settings().woserver == "example:1"
+    s = load_settings()
+    assert s.woserver == "10.9.9.9:1", ".env wins over .env.example"
+    assert s.max_retry == 7, ".env.example fills what .env leaves out"
+    assert s.sources == ("environment", str(tmp_path / "mishards" / ".env"), str(tmp_path / ".env.example"))
+
+
+def test_from_example_may_be_set_in_dotenv(dotenv_only, tmp_path):
+    (tmp_path / ".env.example").write_text("DISCOVERY_STATIC_HOSTS=from-example:5\n")
+    dotenv_only("FROM_EXAMPLE=true\n")
+    assert load_settings().discovery_config["DISCOVERY_STATIC_HOSTS"] == "from-example:5"
+
+
+def test_env_file_variable_none_and_missing(env, tmp_path):
+    (tmp_path / ".env").write_text("MAX_RETRY=9\n")
+    assert load_settings().max_retry == 3, "MISHARDS_ENV_FILE=none reads no .env"
+    env.setenv(settings_module.ENV_FILE_VARIABLE, str(tmp_path / "absent.env"))
+    with pytest.raises(SettingsError, match=settings_module.ENV_FILE_VARIABLE):
+        load_settings()
+
+
+def test_discovery_group_from_dotenv_only(dotenv_only):
+    dotenv_only(
+        "DISCOVERY_CLASS_NAME=kubernetes\nDISCOVERY_STATIC_HOSTS=10.0.0.1:19541,10.0.0.2  # two nodes\n"
+        "DISCOVERY_KUBERNETES_NAMESPACE=milvus\nDISCOVERY_KUBERNETES_POD_PATT=.*-ro-.*\n"
+    )
+    s = load_settings()
+    assert s.discovery_class_name == "kubernetes"
+    assert s.discovery_config["DISCOVERY_STATIC_HOSTS"] == "10.0.0.1:19541,10.0.0.2"
+    assert s.discovery_config["DISCOVERY_KUBERNETES_NAMESPACE"] == "milvus"
+    assert s.discovery_config["DISCOVERY_KUBERNETES_POD_PATT"] == ".*-ro-.*"
+
+
+def test_discovery_from_dotenv_reaches_the_static_plugin(dotenv_only):
+    """The case a new user met: DISCOVERY_STATIC_HOSTS in .env was reported empty."""
+    from discovery.plugins.static import StaticDiscovery
+
+    dotenv_only("DISCOVERY_STATIC_HOSTS=127.0.0.1:19541,127.0.0.1:19542\n")
+    plugin = StaticDiscovery.create(config=load_settings().discovery_config, membership=None)
+    assert [address for _, address in plugin.nodes] == ["127.0.0.1:19541", "127.0.0.1:19542"]
+
+
+def test_tracing_group_from_dotenv_only(dotenv_only):
+    dotenv_only(
+        "TRACER_CLASS_NAME=jaeger\nTRACER_PLUGIN_PATH=/opt/tracers\nTRACING_SERVICE_NAME=from-dotenv\n"
+        "TRACING_REPORTING_HOST=jaeger-agent\nTRACING_REPORTING_PORT=6831\nTRACING_SAMPLER_PARAM=0.5\n"
+    )
+    s = load_settings()
+    assert (s.tracer_class_name, s.tracer_plugin_path) == ("jaeger", "/opt/tracers")
+    assert s.tracing_config == {
+        "TRACING_SERVICE_NAME": "from-dotenv",
+        "TRACING_REPORTING_HOST": "jaeger-agent",
+        "TRACING_REPORTING_PORT": "6831",
+        "TRACING_SAMPLER_PARAM": "0.5",
+    }
+
+
+def test_db_group_from_dotenv_only(dotenv_only):
+    dotenv_only(
+        "SQLALCHEMY_DATABASE_URI=mysql+pymysql://milvus:pw@db:3306/milvus?charset=utf8mb4\n"
+        "SQLALCHEMY_POOL_SIZE=12\nSQLALCHEMY_POOL_RECYCLE=60\nSQL_ECHO=true\nSCHEMA_CACHE_TTL=0.5\npool_pre_ping=false\n"
+    )
+    s = load_settings()
+    assert s.sqlalchemy_database_uri.startswith("mysql+pymysql://milvus:pw@db:3306/")
+    assert (s.pool_size, s.pool_recycle, s.sql_echo, s.schema_cache_ttl, s.pool_pre_ping) == (12, 60, True, 0.5, False)
+    assert "pw" not in str(s.summary()), "the status page's summary hides the password"
+
+
+def test_server_group_from_dotenv_only(dotenv_only):
+    dotenv_only(
+        "SERVER_HOST=127.0.0.1\nSERVER_PORT=19600\nWOSERVER=tcp://wo:19540\nMAX_RETRY=5\nTIMEOUT=7.5\n"
+        "MAX_WORKERS=4\nRPC_TRANSPORT=grpcio\nMETRICS_PORT=19122\nLOG_LEVEL=warning\nDEBUG=false\n"
+    )
+    s = load_settings()
+    assert (s.server_host, s.server_port, s.woserver) == ("127.0.0.1", 19600, "wo:19540")
+    assert (s.max_retry, s.timeout, s.max_workers, s.rpc_transport) == (5, 7.5, 4, "grpcio")
+    assert (s.metrics_port, s.log_level, s.debug) == (19122, "WARNING", False)
+
+
+def test_health_group_from_dotenv_only(dotenv_only):
+    dotenv_only(
+        "HEALTH_CHECK_INTERVAL=0.5\nHEALTH_CHECK_TIMEOUT=0.25\n"
+        "HEALTH_CHECK_FAILURES_TO_REMOVE=4\nHEALTH_CHECK_SUCCESSES_TO_RESTORE=3\n"
+    )
+    s = load_settings()
+    assert (s.health_check_interval, s.health_check_timeout) == (0.5, 0.25)
+    assert (s.health_check_failures_to_remove, s.health_check_successes_to_restore) == (4, 3)
+
+
+def test_bad_value_in_dotenv_names_the_variable(dotenv_only):
+    dotenv_only("HEALTH_CHECK_INTERVAL=soon\n")
+    with pytest.raises(SettingsError, match="HEALTH_CHECK_INTERVAL"):
+        load_settings()
 
 
 def test_woserver_forms():
