@@ -43,7 +43,7 @@ from .core.grpc_h2 import (
     ServerConnection,
     inflate,
 )
-from .core.http2 import DEFAULT_LIMITS, BufferPool, Limits
+from .core.http2 import DEFAULT_LIMITS, ENHANCE_YOUR_CALM, BufferPool, Limits
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class _ServerProtocol(asyncio.Protocol):
         self.closing = False
         self.eof_sent = False
         self.writing_paused_at: float | None = None
+        self.host = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -112,8 +113,11 @@ class _ServerProtocol(asyncio.Protocol):
             return
         address = transport.get_extra_info("peername")
         if isinstance(address, tuple):  # as grpcio writes peers: ipv4:1.2.3.4:5, ipv6:%5B::1%5D:5
-            host = address[0].removeprefix("::ffff:")
+            self.host = host = address[0].removeprefix("::ffff:")
             self.peer = f"ipv6:%5B{host}%5D:{address[1]}" if ":" in host else f"ipv4:{host}:{address[1]}"
+            if self.server.penalties.refuses(host, self.loop.time()):
+                transport.abort()  # it abused its last connection moments ago: no protocol work for it
+                return
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.server.connections.add(self)
         self.flush()
@@ -127,16 +131,29 @@ class _ServerProtocol(asyncio.Protocol):
         """The peer does not read what we send: stop reading what it sends, so that it cannot make
         us queue answers (PING and SETTINGS ACKs, resets) without bound."""
         self.writing_paused_at = self.loop.time()
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._reading(False)
 
     def resume_writing(self) -> None:
         self.writing_paused_at = None
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self._reading(True)
+
+    def _reading(self, wanted: bool) -> None:
+        """Read from the peer unless its answers back up or its frames wait their turn (backlog)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if wanted and self.writing_paused_at is None and not self.connection.backlog:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         self._handle(self.connection.receive(data, self.loop.time()))
+
+    def _go_on(self) -> None:
+        """Handle the frames a flood left waiting (FRAMES_PER_CALL per turn of the loop)."""
+        self._handle(self.connection.receive(b"", self.loop.time()))
+        self._reading(True)
 
     def _handle(self, events: list) -> None:
         for event in events:
@@ -146,9 +163,14 @@ class _ServerProtocol(asyncio.Protocol):
                 self._cancel(event.stream_id)
         self.flush()
         if self.connection.closed and self.transport is not None:
+            if self.connection.failed_with == ENHANCE_YOUR_CALM and self.host:
+                self.server.penalties.offence(self.host, self.loop.time())
             self.transport.close()
-        else:
-            self._finish_if_done()
+            return
+        if self.connection.backlog:
+            self._reading(False)
+            self.loop.call_soon(self._go_on)
+        self._finish_if_done()
 
     def tick(self, now: float) -> None:
         """About once a second: timeouts of the connection and its requests."""
@@ -179,6 +201,9 @@ class _ServerProtocol(asyncio.Protocol):
     async def _run(self, event: RequestReceived, handler: Handler, context: RequestContext) -> None:
         stream_id, message = event.stream_id, event.message
         try:
+            # one turn of the loop first: a reset already on its way (a rapid-reset client sends it
+            # in the next write) is read before the handler starts calling nodes
+            await asyncio.sleep(0)
             if event.encoding != b"identity":  # inflated off the loop: a bomb must not stall the others
                 message = await self.server.inflate(message, event.encoding)
             reply = await handler(message, context)
@@ -285,6 +310,32 @@ def _bound(family: socket.AddressFamily, address: tuple) -> socket.socket:
     return sock
 
 
+class Penalties:
+    """Peers whose connection was ended for abuse (GOAWAY ENHANCE_YOUR_CALM): their new connections
+    are closed at once for a cooldown that doubles with each offence (1 s, 2 s, ... up to `longest`)
+    and is forgotten after a quiet minute, so an abuser cannot reconnect to a fresh set of budgets.
+    Established connections from the same address are not touched."""
+
+    def __init__(self, longest: float, size: int = 4096) -> None:
+        self.longest = longest
+        self.size = size
+        self._until: dict[str, tuple[float, float]] = {}  # host -> (refused until, last cooldown)
+
+    def offence(self, host: str, now: float) -> None:
+        if self.longest <= 0:
+            return
+        until, cooldown = self._until.pop(host, (0.0, 0.0))
+        cooldown = min(cooldown * 2, self.longest) if now - until < 60 else 1.0
+        self._until[host] = (now + min(cooldown, self.longest), cooldown)
+        if len(self._until) > self.size:
+            del self._until[next(iter(self._until))]
+        log.warning("%s broke an abuse limit: its new connections are refused for %.0f s", host, cooldown)
+
+    def refuses(self, host: str, now: float) -> bool:
+        entry = self._until.get(host)
+        return entry is not None and now < entry[0]
+
+
 class H2Server:
     """Serves `handlers` ({'/package.Service/Method': handler}) on one port, within `limits`."""
 
@@ -293,6 +344,7 @@ class H2Server:
         self.limits = limits
         self.pool = BufferPool(limits.max_buffered)
         self.max_connections = limits.max_connections
+        self.penalties = Penalties(limits.abuse_cooldown)
         self.connections: set[_ServerProtocol] = set()
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.Task | None = None

@@ -399,7 +399,8 @@ class ServerConnection(Connection):
 
     STREAM_WINDOW = 4 * 1024 * 1024  # credited again as it is taken (large inserts stream through)
     CONNECTION_WINDOW = 16 * 1024 * 1024
-    MAX_FRAME = 1024 * 1024  # fewer, larger DATA frames for large inserts
+    MAX_FRAME = 64 * 1024  # larger DATA frames for large inserts; what a half-sent frame may hold
+    FRAMES_PER_CALL = 256
     BOUNDED = True
     PEER_STARTS_ODD = True
 
@@ -595,7 +596,13 @@ class ServerConnection(Connection):
     def _data(self, stream_id, stream, data, end_stream, events) -> bool:
         if stream.answered:
             return False
+        fresh = len(stream.body) < 5
         stream.body += data
+        if fresh and len(stream.body) >= 5 and int.from_bytes(stream.body[1:5], "big") > self.limits.max_message_size:
+            limit = self.limits.max_message_size  # announced in the message prefix: refused before it arrives
+            details = f"request over the {limit} byte limit (H2_MAX_MESSAGE_SIZE)"
+            self._reject(stream_id, stream, RESOURCE_EXHAUSTED, details)
+            return False
         if len(stream.body) > self.limits.max_message_size + 5:
             limit = self.limits.max_message_size
             details = f"request over the {limit} byte limit (H2_MAX_MESSAGE_SIZE)"

@@ -139,6 +139,7 @@ class Limits:
     idle_timeout: float = 300.0
     read_timeout: float = 30.0
     max_connections: int = 4096  # the server's, not one connection's
+    abuse_cooldown: float = 10.0  # the server's: longest refusal of new connections from an abuser
     max_buffered: int = 1 << 30  # request bytes buffered by the whole process
 
 
@@ -166,13 +167,13 @@ class Budget:
         self.tokens = float(size)
         self.stamp = now
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, count: int = 1) -> bool:
         tokens = min(self.size, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if tokens < 1:
-            self.tokens = tokens
+        if tokens < count:
+            self.tokens = max(tokens - count, 0.0)
             return False
-        self.tokens = tokens - 1
+        self.tokens = tokens - count
         return True
 
 
@@ -264,6 +265,9 @@ class Connection:
     BOUNDED = False
     PEER_STARTS_ODD = False  # which stream ids the peer opens (odd: it is the client)
     OPENING = b""  # what this side sends before its SETTINGS (the client's preface)
+    #: frames handled per `receive` call; the rest stays buffered, `backlog` is set, and the adapter
+    #: calls `receive(b"")` on its next turn: a flood of small frames cannot hold the event loop
+    FRAMES_PER_CALL = 1 << 30
 
     def __init__(
         self, limits: Limits = DEFAULT_LIMITS, pool: BufferPool | None = None, now: float | None = None
@@ -300,6 +304,8 @@ class Connection:
         self._resets = Budget(limits.max_resets, limits.abuse_window, now)
         self.last_received = now
         self._awaiting_settings = True  # a peer's preface is a SETTINGS frame
+        self.backlog = False  # complete frames left unhandled by the last `receive` (FRAMES_PER_CALL)
+        self.failed_with: int | None = None  # the GOAWAY code of a connection error we ended it with
         self.closed = False
         self._out.append(self.OPENING + self._local_settings())
 
@@ -573,7 +579,9 @@ class Connection:
         if self.closed:
             return []
         now = time.monotonic() if now is None else now
-        self.last_received = now
+        if data:
+            self.last_received = now
+        self.backlog = False
         buffer = self._in
         if buffer:
             buffer += data
@@ -587,7 +595,12 @@ class Connection:
                 position = self._preface(source)
                 available = len(source)
                 limit = self.MAX_FRAME
+                budget = self.FRAMES_PER_CALL
                 while available - position >= 9:
+                    if not budget:  # the rest waits for `receive(b"")`: other peers take their turn
+                        self.backlog = True
+                        break
+                    budget -= 1
                     length = int.from_bytes(view[position : position + 3], "big")
                     if length > limit:  # refused from its header: a huge frame is never buffered
                         raise ProtocolError(f"frame of {length} bytes, over the {limit} we accept", FRAME_SIZE_ERROR)
@@ -634,6 +647,7 @@ class Connection:
     def fail(self, code: int, reason: str, debug: bytes = b"") -> list:
         """End the connection with GOAWAY(code); the events that ends."""
         if not self.closed:
+            self.failed_with = code
             self.goaway(self._highest_peer_stream, code, debug or reason.encode()[:256])
         return self.connection_lost(reason)
 
@@ -654,9 +668,10 @@ class Connection:
         return 0
 
     @staticmethod
-    def _spend(budget: Budget, what: str, now: float) -> None:
-        """One frame of a budgeted kind; past the budget, ENHANCE_YOUR_CALM with `what` as debug data."""
-        if not budget.take(now):
+    def _spend(budget: Budget, what: str, now: float, count: int = 1) -> None:
+        """A frame of a budgeted kind (`count` tokens for a large one); past the budget,
+        ENHANCE_YOUR_CALM with `what` as debug data."""
+        if not budget.take(now, count):
             raise ProtocolError(what, ENHANCE_YOUR_CALM)
 
     def _data_frame(self, flags: int, stream_id: int, payload: memoryview, now: float, events: list) -> None:
@@ -725,7 +740,8 @@ class Connection:
                 return
             if len(payload) % 6:
                 raise ProtocolError("SETTINGS length not a multiple of 6", FRAME_SIZE_ERROR)
-            self._spend(self._settings_budget, "too_many_settings", now)
+            # a frame of many entries costs like several frames: a token per 64 entries
+            self._spend(self._settings_budget, "too_many_settings", now, 1 + len(payload) // (6 * 64))
             self._settings(payload)
             # the ACK goes out before any DATA the new windows allow: peers enforce a setting
             # from the moment it is acknowledged
@@ -874,7 +890,7 @@ class Connection:
     def _header_block_done(self, stream_id: int, now: float, events: list) -> None:
         block = bytes(self._header_block)
         self._header_block = bytearray()
-        if block and min(block) >= 0x80:
+        if len(block) <= 64 and block and min(block) >= 0x80:
             # Only one-byte "indexed field" representations: they cannot change the dynamic table,
             # so the same bytes decode the same way until a block with literals arrives. Replies
             # from gRPC servers are such blocks after the first one.

@@ -17,6 +17,7 @@ from .harness import (
     HEADERS,
     SLOW,
     UNKNOWN_TYPE,
+    ConnectionEnded,
     Peer,
     data,
     ping,
@@ -153,3 +154,32 @@ def test_a_budget_refills_over_its_window(server_with) -> None:
         peer.expect_goaway(ENHANCE_YOUR_CALM, b"too_many_pings")
     finally:
         peer.close()
+
+
+def test_an_abuser_cannot_reconnect_to_fresh_budgets_during_its_cooldown(server_with) -> None:
+    """After a GOAWAY ENHANCE_YOUR_CALM, new connections from that address are closed at once for
+    the cooldown; a connection it already had goes on."""
+    server = server_with(H2_ABUSE_COOLDOWN=30)
+    established = Peer(server.port)
+    abuser = Peer(server.port)
+    try:
+        abuser.try_send(*[ping(b"%08d" % i) for i in range(MAX_PINGS * 3 // 2)])
+        abuser.expect_goaway(ENHANCE_YOUR_CALM, b"too_many_pings")
+        with pytest.raises(ConnectionEnded):
+            Peer(server.port)  # refused before any protocol work
+        established.send(ping(b"still-ok"))
+        established.expect_alive()
+    finally:
+        established.close()
+        abuser.close()
+
+
+def test_without_a_cooldown_an_abuser_may_reconnect(server_with) -> None:
+    server = server_with(H2_ABUSE_COOLDOWN=0)
+    abuser = Peer(server.port)
+    abuser.try_send(*[ping(b"%08d" % i) for i in range(MAX_PINGS * 3 // 2)])
+    abuser.expect_goaway(ENHANCE_YOUR_CALM, b"too_many_pings")
+    abuser.close()
+    again = Peer(server.port)
+    again.expect_alive()
+    again.close()

@@ -90,10 +90,13 @@ def test_window_update_flood_looks_only_at_streams_it_unblocks() -> None:
 def test_settings_with_many_window_entries_apply_once() -> None:
     connection = server()
     open_requests(connection, range(1, 201, 2), end_stream=False)
-    entries = b"".join(struct.pack(">HI", h.INITIAL_WINDOW_SIZE, value) for value in range(100, 100_100))
-    connection.receive(h.frame(h.SETTINGS, 0, 0, entries[: 174_000 * 6]), 0)
+    entries = b"".join(struct.pack(">HI", h.INITIAL_WINDOW_SIZE, value) for value in range(100, 5100))
+    connection.receive(h.frame(h.SETTINGS, 0, 0, entries), 0)
     assert not connection.closed
-    assert {stream.window for stream in connection.streams.values()} == {100_099}
+    assert {stream.window for stream in connection.streams.values()} == {5099}
+    # such a frame costs a token per 64 entries: the next one exhausts the SETTINGS budget (100)
+    connection.receive(h.frame(h.SETTINGS, 0, 0, entries), 0)
+    assert connection.closed and goaway_code(connection) == (h.ENHANCE_YOUR_CALM, b"too_many_settings")
 
 
 def test_budgets_end_the_connection_with_enhance_your_calm() -> None:
@@ -154,9 +157,9 @@ def test_unfinished_bodies_are_bounded_per_connection() -> None:
     connection = server(pool=pool, connection_buffer=cap)
     ids = list(range(1, 33, 2))
     open_requests(connection, ids, end_stream=False)
-    chunk = b"x" * (256 * 1024)
+    chunk = b"x" * (64 * 1024)
     sent = 0
-    for _ in range(200):  # a peer sending as fast as its windows allow
+    for _ in range(800):  # a peer sending as fast as its windows allow
         progressed = False
         for stream_id in ids:
             stream = connection.streams[stream_id]
@@ -180,14 +183,19 @@ def test_unfinished_bodies_are_bounded_per_connection() -> None:
 def test_request_over_the_message_limit_is_answered_and_its_bytes_released() -> None:
     pool = h.BufferPool()
     connection = server(pool=pool, max_message_size=1000)
-    open_requests(connection, [1], end_stream=False)
-    connection.receive(h.frame(h.DATA, 0, 1, g.message_prefix(b"x" * 5000) + b"x" * 900), 0)
-    assert pool.used == 905
-    connection.receive(h.frame(h.DATA, 0, 1, b"x" * 200), 0)
+    open_requests(connection, [1, 3], end_stream=False)
+    # announced in the prefix: answered before the body arrives, nothing kept
+    connection.receive(h.frame(h.DATA, 0, 1, g.message_prefix(b"x" * 5000) + b"x" * 100), 0)
     assert pool.used == 0
-    (trailers,) = [f for f in frames(connection.data_to_send()) if f[0] == h.HEADERS]
-    assert b"H2_MAX_MESSAGE_SIZE" in trailers[3]
-    connection.receive(h.frame(h.DATA, h.END_STREAM, 1, b"x" * 3900), 0)  # the rest is dropped
+    # a prefix that understates it: answered once the body passes the limit, its bytes released
+    connection.receive(h.frame(h.DATA, 0, 3, g.message_prefix(b"x" * 900) + b"x" * 900), 0)
+    assert pool.used == 905
+    connection.receive(h.frame(h.DATA, 0, 3, b"x" * 200), 0)
+    assert pool.used == 0
+    trailers = [f for f in frames(connection.data_to_send()) if f[0] == h.HEADERS]
+    assert [f[2] for f in trailers] == [1, 3] and all(b"H2_MAX_MESSAGE_SIZE" in f[3] for f in trailers)
+    connection.receive(h.frame(h.DATA, h.END_STREAM, 1, b"x" * 4900), 0)  # the rest is dropped
+    connection.receive(h.frame(h.DATA, h.END_STREAM, 3, b"x" * 10), 0)
     assert not connection.streams and not connection.closed
 
 
@@ -226,8 +234,8 @@ def test_read_timeout_resets_a_stalled_request_and_frees_it() -> None:
     pool = h.BufferPool()
     connection = server(pool=pool, read_timeout=30)
     open_requests(connection, [1, 3], end_stream=False, now=0)
-    connection.receive(h.frame(h.DATA, 0, 1, b"x" * 100), 10)
-    connection.receive(h.frame(h.DATA, 0, 3, b"x" * 100), 25)
+    connection.receive(h.frame(h.DATA, 0, 1, g.message_prefix(b"x" * 1000) + b"x" * 95), 10)
+    connection.receive(h.frame(h.DATA, 0, 3, g.message_prefix(b"x" * 1000) + b"x" * 95), 25)
     assert connection.expire(39) == []
     assert connection.expire(41) == [g.RequestCancelled(1)]
     assert pool.used == 100 and list(connection.streams) == [3]
@@ -266,10 +274,11 @@ def test_stalled_requests_expire_when_the_process_is_over_its_buffer_cap() -> No
     pool = h.BufferPool(cap=1000)
     connection = server(pool=pool, read_timeout=30)
     open_requests(connection, [1], end_stream=False)
-    connection.receive(h.frame(h.DATA, 0, 1, b"x" * 900), 0)
+    connection.receive(h.frame(h.DATA, 0, 1, g.message_prefix(b"x" * 5000) + b"x" * 895), 0)
     assert connection.expire(40) == [g.RequestCancelled(1)]  # could send, did not
     open_requests(connection, [3], end_stream=False, now=40)
-    connection.receive(h.frame(h.DATA, 0, 3, b"x" * 1_000_000) * 3, 40)  # over the cap: no credit
+    body = g.message_prefix(b"x" * 10_000_000) + b"x" * 60_000
+    connection.receive(h.frame(h.DATA, 0, 3, body) * 40, 40)  # over the cap: no credit
     assert connection.streams[3].starved
     pool.cap = 1 << 30
     assert connection.expire(100) == []  # it waits for us: not its fault
