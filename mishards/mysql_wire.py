@@ -27,6 +27,10 @@ _STATUS_IN_TRANS = 0x0001
 _STATUS_MORE_RESULTS = 0x0008
 _CLIENT_DEPRECATE_EOF = 1 << 24
 
+# Errors with which the server ends the session (killed, shutting down, idle too long): the
+# statement never ran, and the connection is gone.
+_SESSION_ENDED = frozenset({1053, 1927, 4031})
+
 _HEAD, _COLUMNS, _COLUMNS_END, _ROWS = range(4)
 
 Row = tuple[Any, ...]
@@ -213,6 +217,8 @@ class MysqlChannel(asyncio.Protocol):
             self._state = _ROWS
 
     def _answer(self, result: list[Row] | ServerError) -> None:
+        if isinstance(result, ServerError) and result.code in _SESSION_ENDED:
+            raise WireError(f"the server ended the session: {result}")
         if not self._pending:
             raise WireError("an answer nobody asked for")
         future = self._pending.popleft()
