@@ -111,6 +111,7 @@ class MysqlChannel(asyncio.Protocol):
         self._converters: list[Callable[[bytes], Any]] = []
         self._rows: list[Row] = []
         self._decode = lambda value: value.decode(encoding)
+        self._known_columns: dict[bytes, Callable[[bytes], Any]] = {}  # column definition -> converter
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,27 +121,56 @@ class MysqlChannel(asyncio.Protocol):
         self._fail_all(ConnectionLost(self.reason or f"the meta DB closed the connection ({exc or 'EOF'})"))
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
+        # Rows, nearly every packet of an answer, are parsed right here; the rest goes to `_packet`.
+        if self._buffer:
+            self._buffer += data
+            buffer: bytes | bytearray = self._buffer
+        else:
+            buffer = data
         pos, end = 0, len(buffer)
+        rows, converters = self._rows, self._converters
         try:
             while end - pos >= 4:
                 length = buffer[pos] | buffer[pos + 1] << 8 | buffer[pos + 2] << 16
-                stop = pos + 4 + length
+                start = pos + 4
+                stop = start + length
                 if stop > end:
                     break
-                payload = bytes(buffer[pos + 4 : stop])
                 pos = stop
+                if self._state == _ROWS and 0 < length < _MAX_PAYLOAD and self._long is None:
+                    first = buffer[start]
+                    if first != 0xFE and first != 0xFF:  # not EOF, not ERR: a row
+                        values = []
+                        at = start
+                        for convert in converters:
+                            size = buffer[at]
+                            if size < 0xFB:
+                                at += 1
+                            elif size == 0xFB:
+                                values.append(None)
+                                at += 1
+                                continue
+                            else:
+                                size, at = _length(buffer, at)
+                            values.append(convert(buffer[at : at + size]))
+                            at += size
+                        rows.append(tuple(values))
+                        continue
+                payload = bytes(buffer[start:stop])
                 if length == _MAX_PAYLOAD or self._long is not None:
                     self._long = (self._long or bytearray()) + payload
                     if length == _MAX_PAYLOAD:
                         continue
                     payload, self._long = bytes(self._long), None
                 self._packet(payload)
-        except WireError as exc:  # the stream is out of step: nothing after this can be trusted
-            self.abort(f"meta DB protocol error: {exc}")
+                rows, converters = self._rows, self._converters
+        except (WireError, IndexError, ValueError) as exc:  # out of step: nothing after this can be trusted
+            self.abort(f"meta DB protocol error: {exc.__class__.__name__}: {exc}")
             return
-        del buffer[:pos]
+        if pos == end:
+            self._buffer = bytearray()
+        else:
+            self._buffer = bytearray(buffer[pos:])
 
     # ------------------------------------------------------------------ queries
     def query(self, sql: str) -> asyncio.Future[list[Row]]:
@@ -236,6 +266,15 @@ class MysqlChannel(asyncio.Protocol):
 
     def _converter(self, definition: bytes) -> Callable[[bytes], Any]:
         """The Python value of a column's text: int, float or str, by the column definition's type."""
+        known = self._known_columns.get(definition)
+        if known is not None:
+            return known
+        if len(self._known_columns) > 256:  # the reader asks a handful of statements: bounded anyway
+            self._known_columns.clear()
+        known = self._known_columns[definition] = self._parse_converter(definition)
+        return known
+
+    def _parse_converter(self, definition: bytes) -> Callable[[bytes], Any]:
         pos = 0
         for _ in range(6):  # catalog, schema, table, org_table, name, org_name
             size, pos = _length(definition, pos)
