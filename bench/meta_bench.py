@@ -243,6 +243,10 @@ def proxy_table(
             lines.append(
                 f"{tree:<16} {meta:<8} {median:>14.3f} {cpu[0]:>6.3f}-{cpu[-1]:.3f} {median / sqlite_median:>9.3f}x"
             )
+    lines.append("MariaDB / SQLite measured back to back in each round (median, range):")
+    for tree in trees:
+        ratios = sorted(m / s for m, s in zip(results[(tree, "MariaDB")], results[(tree, "SQLite")], strict=True))
+        lines.append(f"{tree:<16} {statistics.median(ratios):.3f}x  {ratios[0]:.3f}-{ratios[-1]:.3f}")
     return lines
 
 

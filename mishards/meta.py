@@ -114,7 +114,10 @@ class MetaReader:
         """One statement's rows; MetaFailed (with the reason) when the DB cannot answer in `timeout` s."""
         session = self._session
         if session is not None and session.usable:
-            return await session.rows(sql, params, max(timeout, MIN_QUERY_TIMEOUT_S))
+            try:
+                return await session.rows(sql, params, max(timeout, MIN_QUERY_TIMEOUT_S))
+            except Unsupported as exc:
+                log.warning("meta DB reads fall back to pooled connections on worker threads: %s", exc)
         if self._held is not None:
             return self._inline_rows(sql, params)
         try:
@@ -247,18 +250,18 @@ class _HeldSession:
                 return await asyncio.shield(opening)
         except TimeoutError:
             raise MetaFailed(f"meta DB query failed: no connection in {timeout:.1f} s") from None
-        except Unsupported as exc:
+        except Unsupported:
             self.usable = False
-            log.warning("meta DB reads fall back to pooled connections on worker threads: %s", exc)
-            raise MetaFailed(f"meta DB query failed: {exc}; retry") from None
-        except MetaFailed:
             raise
         except Exception as exc:  # connect errors differ per cause (refused, auth, unknown DB)
             raise MetaFailed(f"meta DB unreachable: {exc.__class__.__name__}: {exc}") from None
 
     async def _open_now(self, loop: asyncio.AbstractEventLoop, timeout: float) -> MysqlChannel:
         if self._channel is not None:
-            self._channel.close()
+            try:
+                self._channel.close()
+            except RuntimeError:  # it belonged to an event loop that is closed now
+                pass
             self._channel = None
         sock, session = await asyncio.to_thread(open_session, self._connect, self._args, self._params, timeout)
         try:
