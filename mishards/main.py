@@ -194,6 +194,7 @@ class Mishards:
         if self.http is not None:
             await self.http.stop()
         self.meta_monitor.stop()
+        await self.meta.close()  # the held MySQL session quits politely
         self.discovery.stop()
         self.membership.stop()
         self.writable.close()

@@ -1,11 +1,14 @@
 """Read-only access to the shared Milvus meta DB: which tables a collection has, which files to search.
 
-Each call takes a pooled connection for one short statement, so on MySQL's REPEATABLE READ no
-request reads through an old snapshot. The proxy never writes here.
+Every read is one statement that sees the latest commit (autocommit, or SQLite's statement-level
+reads), so a search after a flush finds the flushed files; the file list is never cached. The
+proxy never writes here.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -17,9 +20,16 @@ from sqlalchemy.engine import Engine
 
 from utils.errors import MetaFailed
 
+from .mysql_wire import ConnectionLost, MysqlChannel, ServerError, Unsupported, open_session
+
+log = logging.getLogger(__name__)
+
 SEARCHABLE_FILE_TYPES = (1, 2, 3)  # RAW, TO_INDEX, INDEX
 IN_PROGRESS_FILE_TYPES = (0, 5, 6)  # NEW, NEW_MERGE, NEW_INDEX: still being written
 STATE_TO_DELETE = 1
+# A meta read waits at least this long, even for a request with less time left: a DB that is merely
+# slower than one caller's deadline is not dropped and reconnected for it.
+MIN_QUERY_TIMEOUT_S = 1.0
 
 # Plain SQL on a raw DB-API cursor: the search path runs one of these per request, and going
 # through SQLAlchemy's statement compilation costs ~10x the SQLite query itself.
@@ -82,29 +92,58 @@ def create_engine(
 
 
 class MetaReader:
+    """The proxy's reads of the meta DB, each one statement that sees the latest commit.
+
+    SQLite is read inline on the event loop through one held connection per thread (Python's
+    sqlite3 opens no transaction for a SELECT). MySQL/MariaDB through PyMySQL is read on the loop
+    too, over one held autocommit session (`mysql_wire`), without a worker thread. Anything else
+    (TLS, another driver) takes a pooled connection on a worker thread per statement.
+    """
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._placeholder = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-        # SQLite is read inline on the event loop: that thread keeps one connection (a pool
-        # checkout and reset per query cost as much as the query). Python's sqlite3 opens no
-        # transaction for a SELECT, so each statement still sees the latest commit.
         self._held = threading.local() if engine.dialect.name == "sqlite" else None
+        self._session: _HeldSession | None = None
+        if engine.dialect.name == "mysql" and engine.dialect.driver == "pymysql":
+            args, params = engine.dialect.create_connect_args(engine.url)
+            if not any(key.startswith("ssl") for key in params):
+                self._session = _HeldSession(engine.dialect.loaded_dbapi.connect, tuple(args), params)
 
-    def _rows(self, sql: str, params: Sequence) -> list[tuple]:
-        """One statement; on servers on a pooled connection, rolled back on return, so no snapshot
-        outlives it."""
+    async def _rows(self, sql: str, params: Sequence, timeout: float) -> list[tuple]:
+        """One statement's rows; MetaFailed (with the reason) when the DB cannot answer in `timeout` s."""
+        session = self._session
+        if session is not None and session.usable:
+            try:
+                return await session.rows(sql, params, max(timeout, MIN_QUERY_TIMEOUT_S))
+            except Unsupported as exc:
+                log.warning("meta DB reads fall back to pooled connections on worker threads: %s", exc)
+        if self._held is not None:
+            return self._inline_rows(sql, params)
+        try:
+            async with asyncio.timeout(max(timeout, MIN_QUERY_TIMEOUT_S)):
+                return await asyncio.to_thread(self._pooled_rows, sql, params)
+        except TimeoutError:
+            raise MetaFailed(f"meta DB query failed: no answer in {max(timeout, MIN_QUERY_TIMEOUT_S):.1f} s") from None
+
+    def _inline_rows(self, sql: str, params: Sequence) -> list[tuple]:
         held = self._held
         try:
-            if held is not None:
-                connection = getattr(held, "connection", None)
-                if connection is None:
-                    connection = held.connection = self.engine.raw_connection()
-                try:
-                    return self._execute(connection, sql, params)
-                except Exception:
-                    held.connection = None
-                    connection.invalidate()
-                    raise
+            connection = getattr(held, "connection", None)
+            if connection is None:
+                connection = held.connection = self.engine.raw_connection()
+            try:
+                return self._execute(connection, sql, params)
+            except Exception:
+                held.connection = None
+                connection.invalidate()
+                raise
+        except Exception as exc:  # DB-API errors differ per driver
+            raise MetaFailed(f"meta DB query failed: {exc.__class__.__name__}: {exc}") from None
+
+    def _pooled_rows(self, sql: str, params: Sequence) -> list[tuple]:
+        """On a pooled connection, rolled back on return, so no snapshot outlives the statement."""
+        try:
             connection = self.engine.raw_connection()
             try:
                 return self._execute(connection, sql, params)
@@ -125,11 +164,13 @@ class MetaReader:
     def _in(self, count: int) -> str:
         return ", ".join([self._placeholder] * count)
 
-    def collection(self, name: str) -> CollectionTables | None:
+    async def collection(self, name: str, timeout: float) -> CollectionTables | None:
         own = None
         partitions = []
         sql = _COLLECTION_SQL.format(p=self._placeholder)
-        for table_id, owner_table, partition_tag, metric_type, dimension in self._rows(sql, (name, name)):
+        for table_id, owner_table, partition_tag, metric_type, dimension in await self._rows(
+            sql, (name, name), timeout
+        ):
             if table_id == name and not owner_table:
                 own = (metric_type, dimension)
             elif owner_table == name:
@@ -138,15 +179,119 @@ class MetaReader:
             return None
         return CollectionTables(name, own[0], own[1], tuple(partitions))
 
-    def searchable_files(self, table_ids: Sequence[str]) -> FileSet:
+    async def searchable_files(self, table_ids: Sequence[str], timeout: float) -> FileSet:
         if not table_ids:
             return FileSet([], np.zeros(0, np.int64))
-        rows = self._rows(_FILES_SQL.format(ps=self._in(len(table_ids))), table_ids)
+        rows = await self._rows(_FILES_SQL.format(ps=self._in(len(table_ids))), table_ids, timeout)
         return FileSet([str(r[0]) for r in rows], np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows)))
 
-    def files_by_ids(self, ids: Sequence[int]) -> list[tuple]:
+    async def files_by_ids(self, ids: Sequence[int], timeout: float) -> list[tuple]:
         """(id, table_id, file_type, updated_time) of the given file ids that exist."""
-        return self._rows(_FILES_BY_ID_SQL.format(ps=self._in(len(ids))), ids) if ids else []
+        return await self._rows(_FILES_BY_ID_SQL.format(ps=self._in(len(ids))), ids, timeout) if ids else []
+
+    async def close(self) -> None:
+        """Close the held MySQL session (SQLite and pooled connections belong to the engine)."""
+        if self._session is not None:
+            self._session.close()
+
+
+class _HeldSession:
+    """One autocommit MySQL session on the event loop, opened on first use and again after it is lost.
+
+    Concurrent statements share it (pipelined) and share one connect attempt. A statement whose
+    connection is lost before its answer is sent once more on a new connection (a SELECT is
+    idempotent); one that gets no answer in time fails, and the connection is dropped so the next
+    statement starts on a fresh one instead of queueing behind a dead peer.
+    """
+
+    def __init__(self, connect, args: tuple, params: dict) -> None:
+        self._connect = connect
+        self._args = args
+        self._params = params
+        self.usable = True  # False once the server's session turned out not to be one we can read
+        self._channel: MysqlChannel | None = None
+        self._escape = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening: asyncio.Task | None = None
+
+    async def rows(self, sql: str, params: Sequence, timeout: float) -> list[tuple]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for attempt in range(2):
+            channel = self._channel
+            if channel is None or channel.closed or self._loop is not loop:
+                channel = await self._open(loop, deadline, timeout)
+            try:
+                statement = sql % tuple(map(self._escape, params)) if params else sql
+                future = channel.query(statement)
+            except ConnectionLost as exc:
+                error: Exception = exc
+            else:
+                timer = loop.call_at(deadline, _expire, channel, future, timeout)
+                try:
+                    return await future
+                except ConnectionLost as exc:
+                    error = exc
+                except ServerError as exc:
+                    raise MetaFailed(f"meta DB query failed: {exc}") from None
+                finally:
+                    timer.cancel()
+            if attempt or loop.time() >= deadline or isinstance(error, _Expired):
+                raise MetaFailed(f"meta DB query failed: {error}") from None
+        raise AssertionError("unreachable")
+
+    async def _open(self, loop: asyncio.AbstractEventLoop, deadline: float, timeout: float) -> MysqlChannel:
+        opening = self._opening
+        if opening is None or opening.done():
+            opening = self._opening = loop.create_task(self._open_now(loop, timeout))
+            opening.add_done_callback(_retrieve)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(opening)
+        except TimeoutError:
+            raise MetaFailed(f"meta DB query failed: no connection in {timeout:.1f} s") from None
+        except Unsupported:
+            self.usable = False
+            raise
+        except Exception as exc:  # connect errors differ per cause (refused, auth, unknown DB)
+            raise MetaFailed(f"meta DB unreachable: {exc.__class__.__name__}: {exc}") from None
+
+    async def _open_now(self, loop: asyncio.AbstractEventLoop, timeout: float) -> MysqlChannel:
+        if self._channel is not None:
+            try:
+                self._channel.close()
+            except RuntimeError:  # it belonged to an event loop that is closed now
+                pass
+            self._channel = None
+        sock, session = await asyncio.to_thread(open_session, self._connect, self._args, self._params, timeout)
+        try:
+            _, channel = await loop.create_connection(lambda: MysqlChannel(session.encoding), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._channel, self._escape, self._loop = channel, session.escape, loop
+        return channel
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+class _Expired(ConnectionLost):
+    """No answer in time."""
+
+
+def _expire(channel: MysqlChannel, future: asyncio.Future, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(_Expired(f"no answer in {timeout:.1f} s"))
+        channel.abort(f"an earlier statement got no answer in {timeout:.1f} s")
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """A connect attempt whose waiters all gave up still has its error looked at (no asyncio warning)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class SchemaCache:
@@ -158,13 +303,13 @@ class SchemaCache:
         self._entries: dict[str, tuple[float, CollectionTables | None]] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> CollectionTables | None:
+    async def get(self, name: str, timeout: float) -> CollectionTables | None:
         now = time.monotonic()
         with self._lock:
             entry = self._entries.get(name)
         if entry is not None and now - entry[0] < self.ttl:
             return entry[1]
-        value = self.reader.collection(name)
+        value = await self.reader.collection(name, timeout)
         with self._lock:
             self._entries[name] = (now, value)
             if len(self._entries) > 10_000:  # bounded: forget the oldest half

@@ -106,7 +106,6 @@ class MishardsService:
             partial_results=partial_results,
         )
         self.backend_version = ""
-        self._meta_inline = meta.engine.dialect.name == "sqlite"  # sub-millisecond: no thread hop
         self._special: dict[str, Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]] = {
             "Search": self.search,
             "SearchInFiles": self.search_in_files,
@@ -121,18 +120,13 @@ class MishardsService:
         """Raw-bytes handlers by method path, for `transport.H2Server`."""
         return {f"/{SERVICE}/{name}": self._handler(name) for name in VECTOR_METHODS}
 
-    async def _db(self, call: Callable[..., T], *args) -> T:
-        """A meta DB read: inline on SQLite, on a worker thread for servers (which block for a round trip)."""
-        if self.metrics is not None:
-            return await self._timed_db(call, *args)
-        if self._meta_inline:
-            return call(*args)
-        return await asyncio.to_thread(call, *args)
-
-    async def _timed_db(self, call: Callable[..., T], *args) -> T:
+    async def _db(self, call: Callable[..., Awaitable[T]], *args) -> T:
+        """A meta DB read (on the loop: SQLite inline, MySQL over the held session), timed when metrics are on."""
+        if self.metrics is None:
+            return await call(*args)
         started = time.perf_counter()
         try:
-            return call(*args) if self._meta_inline else await asyncio.to_thread(call, *args)
+            return await call(*args)
         finally:
             self.metrics.meta_query(call.__qualname__).observe(time.perf_counter() - started)
 
@@ -214,14 +208,15 @@ class MishardsService:
         started = time.monotonic()
         validation.collection_name(name)
         validation.topk(topk)
-        collection = await self._db(self.schemas.get, name)
+        budget = self.budget(context)
+        collection = await self._db(self.schemas.get, name, budget)
         if collection is None:
             raise collection_missing(name)
         if file_ids is None:
             tables = validation.select_tables(name, list(collection.partitions), tags)
-            files = await self._db(self.meta.searchable_files, tables)
+            files = await self._db(self.meta.searchable_files, tables, budget)
         else:
-            files = await self._db(self._given_files, collection.table_ids(), file_ids)
+            files = await self._db(self._given_files, collection.table_ids(), file_ids, budget)
         deadline = time.monotonic() + self.budget(context)
         if not files:  # nothing flushed yet: a plain search on the writable node, as the original did
             if file_ids is not None:
@@ -239,10 +234,10 @@ class MishardsService:
             match_filter=is_match_filter(collection.metric_type),
         )
 
-    def _given_files(self, table_ids: list[str], file_ids: list[str]) -> FileSet:
+    async def _given_files(self, table_ids: list[str], file_ids: list[str], timeout: float) -> FileSet:
         """SearchInFiles through the proxy (a stacked proxy): the named files of the collection, including
         ones merged or indexed since the caller routed them, as a node serves them; not files being written."""
-        rows = self.meta.files_by_ids(validation.file_ids(file_ids))
+        rows = await self.meta.files_by_ids(validation.file_ids(file_ids), timeout)
         if not rows:
             raise MilvusError("Invalid file id")
         own = set(table_ids)
@@ -285,7 +280,7 @@ class MishardsService:
                 raise MilvusError(vectors.status.reason, vectors.status.error_code)
             records.extend(vectors.vectors_data)
         found = [i for i, record in enumerate(records) if record.float_data or record.binary_data]
-        collection = await self._db(self.schemas.get, param.collection_name)
+        collection = await self._db(self.schemas.get, param.collection_name, self.budget(context))
         if collection is None:
             raise collection_missing(param.collection_name)
         empty = wire.encode_topk_result(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
