@@ -731,16 +731,17 @@ def garbage_after_preface(a: Attack) -> None:
     a.repeat_connections(one, cap=2000)
 
 
-def partial_1mib_frames(a: Attack) -> None:
-    """400 connections, each with a frame header announcing 1 MiB (within the proxy's own
+def partial_max_frames(a: Attack) -> None:
+    """400 connections, each with a frame header announcing 64 KiB (the own server's
     SETTINGS_MAX_FRAME_SIZE) and half of it, then silence: what waiting for the rest holds."""
     conns = []
-    payload = bytes(512 * 1024)
+    size = 64 * 1024
+    payload = bytes(size // 2)
     for _ in range(400):
         if not a.live():
             break
         conn = a.connect()
-        conn.queue(frame(0xFA, 0, 0, length=MiB) + payload)  # an extension frame type: ignorable once read
+        conn.queue(frame(0xFA, 0, 0, length=size) + payload)  # an extension frame type: ignorable once read
         conns.append(conn)
     while a.live() and any(c.out and not c.closed for c in conns):
         for conn in conns:
@@ -761,7 +762,7 @@ ATTACKS: dict[str, Callable[[Attack], None]] = {
     "settings_flood": settings_flood,
     "empty_continuation_flood": empty_continuation_flood,
     "partial_16mib_frames": partial_16mib_frames,
-    "partial_1mib_frames": partial_1mib_frames,
+    "partial_max_frames": partial_max_frames,
     "silent_500": silent_500,
     "idle_500": idle_500,
     "big_stream_2gib": big_stream_2gib,

@@ -630,11 +630,12 @@ class Connection:
         except (ProtocolError, HPACKError, struct.error, ValueError) as exc:
             buffer.clear()
             code = getattr(exc, "code", PROTOCOL_ERROR)
-            if isinstance(exc, OversizedHeaderListError):
-                code = ENHANCE_YOUR_CALM
+            debug = str(exc).encode()[:256]
+            if isinstance(exc, OversizedHeaderListError):  # an HPACK bomb: decoding stopped at the limit
+                code, debug = ENHANCE_YOUR_CALM, b"too_many_header_bytes"
             elif isinstance(exc, HPACKError):
                 code = COMPRESSION_ERROR
-            return events + self.fail(code, f"HTTP/2 protocol error: {exc}", str(exc).encode()[:256])
+            return events + self.fail(code, f"HTTP/2 protocol error: {exc}", debug)
         if self.closed:
             buffer.clear()
             return events
@@ -723,7 +724,7 @@ class Connection:
                 raise ProtocolError("CONTINUATION without a header block in progress on its stream")
             self._header_pieces += 1
             if self._header_pieces > self.limits.max_continuations:
-                raise ProtocolError("too many CONTINUATION frames", ENHANCE_YOUR_CALM)
+                raise ProtocolError("too_many_continuations", ENHANCE_YOUR_CALM)
             if not payload and not flags & END_HEADERS:
                 self._spend(self._empty, "too_many_empty_frames", now)
             self._append_block(payload)
@@ -817,7 +818,7 @@ class Connection:
     def _append_block(self, payload: bytes) -> None:
         self._header_block += payload
         if len(self._header_block) > self.limits.max_header_block:
-            raise ProtocolError(f"header block over {self.limits.max_header_block} bytes", ENHANCE_YOUR_CALM)
+            raise ProtocolError("too_many_header_bytes", ENHANCE_YOUR_CALM)  # over `max_header_block`
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:

@@ -38,7 +38,7 @@ ENDS = {
     "settings_flood": "GOAWAY ENHANCE_YOUR_CALM too_many_settings",
     "empty_continuation_flood": "GOAWAY ENHANCE_YOUR_CALM",
     "partial_16mib_frames": "GOAWAY FRAME_SIZE_ERROR",
-    "partial_1mib_frames": None,
+    "partial_max_frames": None,
     "silent_500": "GOAWAY PROTOCOL_ERROR",  # the handshake timeout
     "idle_500": "GOAWAY NO_ERROR",  # the idle timeout
     "big_stream_2gib": None,
