@@ -106,7 +106,7 @@ def test_hpack_bomb_is_enhance_your_calm(peer) -> None:
     ~285 KB decoded, past the contract's 256 KiB."""
     block = base_block() + literal_indexed(b"x-bomb", b"b" * 4000) + b"\xbe" * 70
     peer.send(raw_frame(HEADERS, END_HEADERS | END_STREAM, 1, block))
-    peer.expect_goaway(ENHANCE_YOUR_CALM)
+    peer.expect_goaway(ENHANCE_YOUR_CALM, b"too_many_header_bytes")
 
 
 def test_decoded_headers_over_the_list_limit_but_under_the_bomb_limit_keep_the_table_in_sync(peer) -> None:
@@ -128,7 +128,7 @@ def test_compressed_header_block_over_256_kib_is_enhance_your_calm(peer) -> None
     frames += [raw_frame(CONTINUATION, 0, 1, piece) for piece in pieces[1:-1]]
     frames.append(raw_frame(CONTINUATION, END_HEADERS, 1, pieces[-1]))
     peer.try_send(*frames)
-    peer.expect_goaway(ENHANCE_YOUR_CALM)
+    peer.expect_goaway(ENHANCE_YOUR_CALM, b"too_many_header_bytes")
 
 
 def continued(block: bytes, pieces: int, stream_id: int = 1, end_stream: bool = False) -> list[bytes]:
@@ -155,7 +155,7 @@ def test_header_block_in_64_continuations_is_served(peer) -> None:
 def test_more_than_64_continuations_are_enhance_your_calm(peer) -> None:
     block = base_block() + b"".join(literal(b"x-%d" % i, b"v") for i in range(70))
     peer.send(*continued(block, 66))
-    peer.expect_goaway(ENHANCE_YOUR_CALM)
+    peer.expect_goaway(ENHANCE_YOUR_CALM, b"too_many_continuations")
 
 
 def test_trailers_across_a_continuation_complete_the_request(peer) -> None:
