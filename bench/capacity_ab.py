@@ -24,10 +24,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.search_bench import DIM, _saturate, cpu_seconds  # noqa: E402
+from bench.search_bench import DIM, _saturate, cpu_seconds, fake_nodes  # noqa: E402
 from milvus_grpc import milvus_pb2 as pb  # noqa: E402
 from tests.proxy.conftest import MishardsProcess  # noqa: E402
-from tests.support.processes import ManagedProcess, NodeProcess, cmd_version_probe, free_port  # noqa: E402
+from tests.support.processes import NodeProcess  # noqa: E402
 from tests.support.stubs import records  # noqa: E402
 
 
@@ -60,13 +60,7 @@ def _compare(args, request: bytes, base: Path, other: Path) -> int:
     data = base / "data"
     meta = f"sqlite:///{data}/meta.sqlite"
     writable = NodeProcess(role="writable", data_dir=data, meta_uri=meta, log_dir=base)
-    ports = [free_port(), free_port()]
-    fake = ManagedProcess(
-        "fake nodes",
-        [sys.executable, "-m", "tests.support.fake_node", *map(str, ports)],
-        cmd_version_probe(f"127.0.0.1:{ports[0]}"),
-        base / "fake-nodes.log",
-    )
+    fake, ports = fake_nodes(base)
     env = {"LOG_LEVEL": "WARNING", "TIMEOUT": "60", "RPC_TRANSPORT": args.transport}
     with writable, fake:
         from tests.support.stubs import milvus_stub

@@ -218,19 +218,26 @@ async def _saturate(address: str, request: bytes, in_flight: int, requests: int)
         return time.perf_counter() - start
 
 
+def fake_nodes(base: Path, count: int = 2) -> tuple[ManagedProcess, list[int]]:
+    """Scripted fake read-only nodes that answer at once (one process, `count` ports): the proxy is
+    what saturates over them."""
+    ports = [free_port() for _ in range(count)]
+    process = ManagedProcess(
+        "fake nodes",
+        [sys.executable, "-m", "tests.support.fake_node", *map(str, ports)],
+        cmd_version_probe(f"127.0.0.1:{ports[0]}"),
+        base / "fake-nodes.log",
+    )
+    return process, ports
+
+
 def capacity(
     writable: str, meta: str, base: Path, request: bytes, rounds: int = 3, with_profile: bool = False
 ) -> list[str]:
     """Proxy CPU per search with 2 scripted fake nodes that answer at once, so the proxy is what
     saturates: the capacity cost, for both RPC transports, 1 and 32 searches in flight (and a
     profile of the http2 proxy at 32 in flight)."""
-    ports = [free_port(), free_port()]
-    fake = ManagedProcess(
-        "fake nodes",
-        [sys.executable, "-m", "tests.support.fake_node", *map(str, ports)],
-        cmd_version_probe(f"127.0.0.1:{ports[0]}"),
-        base / "fake-nodes.log",
-    )
+    fake, ports = fake_nodes(base)
     rows = []
     with fake:
         proxies = {
