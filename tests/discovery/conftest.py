@@ -54,7 +54,8 @@ def nodes(tmp_path_factory) -> Iterator[NodeCluster]:
     data.mkdir()
     started: list[NodeProcess] = []
     try:
-        writable = NodeProcess("writable", meta, data, log_dir=base).start()
+        # no background merge: these tests need the 12 segments to stay 12 files, spread over every node
+        writable = NodeProcess("writable", meta, data, log_dir=base, extra_args=["--merge-after", "-1"]).start()
         started.append(writable)
         readonly = []
         for _ in range(3):
