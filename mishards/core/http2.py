@@ -139,7 +139,7 @@ class Limits:
     idle_timeout: float = 300.0
     read_timeout: float = 30.0
     max_connections: int = 4096  # the server's, not one connection's
-    abuse_cooldown: float = 10.0  # the server's: longest refusal of new connections from an abuser
+    abuse_cooldown: float = 0.0  # the server's: longest refusal of new connections from an abuser (0: off)
     max_buffered: int = 1 << 30  # request bytes buffered by the whole process
 
 

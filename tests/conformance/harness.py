@@ -123,9 +123,7 @@ class ServerThread:
     """An H2Server on 127.0.0.1:0, served by an asyncio loop on a daemon thread."""
 
     def __init__(self, limits: dict[str, str] | None = None) -> None:
-        # one address abuses these servers case after case: no refusal of its next connections,
-        # unless a case asks for it (the cooldown has cases of its own)
-        self.limits = {"H2_ABUSE_COOLDOWN": "0", **(limits or {})}
+        self.limits = dict(limits or {})
         self.handlers = Handlers()
         self.loop = asyncio.new_event_loop()
         self.server: H2Server | None = None
