@@ -4,8 +4,10 @@ call fails, the proxy's RSS grows by less than 256 MB, and where docs/front-door
 connection ends (a budget, a size rule, a timeout), the attacker's connections end that way.
 
 The proxy runs with short handshake and idle timeouts (H2_HANDSHAKE_TIMEOUT, H2_IDLE_TIMEOUT
-0.5 s) so that the timeouts are visible within the attack's 2 s; the full battery (`make
-attacks`) uses the defaults and compares with grpcio."""
+0.5 s) so that the timeouts are visible within the attack's 2 s, and a 64 MiB message limit
+(H2_MAX_MESSAGE_SIZE): a gzip bomb or a huge stream may hold up to the limit before it is refused,
+and at the default 256 MiB that alone sits at the 256 MB bound. The full battery (`make attacks`)
+uses the defaults and compares with grpcio."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ SECONDS = 2.0
 # Attacks whose expected end is a timeout get longer: opening 500 connections takes about a
 # second here, and timeouts are checked once a second.
 LONGER = {"silent_500": 4.0, "idle_500": 4.0, "slowloris": 4.0}
-LIMITS = {"H2_HANDSHAKE_TIMEOUT": "0.5", "H2_IDLE_TIMEOUT": "0.5"}
+LIMITS = {"H2_HANDSHAKE_TIMEOUT": "0.5", "H2_IDLE_TIMEOUT": "0.5", "H2_MAX_MESSAGE_SIZE": str(64 << 20)}
 
 # How the attacker's connections must end, where the contract says they end (a prefix of
 # Conn.ended()); None: the contract lets them live (budgets not exhausted, limits not reached).
