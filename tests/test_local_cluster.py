@@ -191,7 +191,8 @@ def test_a_frozen_then_killed_readonly_node_costs_no_search_more_than_2_s(cluste
         assert proc.poll() is None, "make run keeps serving after a child died"
         text = stderr.read_text()
         assert f"{victim} (pid {pids[victim]}) exited with code -9" in text
-        deadline = time.monotonic() + 30
+        # 6 s after the kill the node is back (1 s backoff, then its start); 2 s of grace for a loaded machine
+        deadline = time.monotonic() + 2
         while f"restarted {victim}" not in stderr.read_text():
             assert time.monotonic() < deadline, stderr.read_text()
             time.sleep(0.2)
