@@ -67,10 +67,11 @@ def test_reply_width_is_one_nodes_width_over_nodes(both, clients, cluster, metri
     )
     rng = np.random.default_rng(10 + metric)
     stored = []
-    for segment in range(8):  # 8 segments of 1 row: the ring puts files on both read-only nodes
+    # 12 segments of 1 row: the ring puts files on both read-only nodes (all on one: p = 2 / 2**12)
+    for segment in range(12):
         vector = np.zeros((1, dim // 8), np.uint8) if binary else rng.random((1, dim)).astype(np.float32)
         if binary:
-            vector[0, 0] = 1 << segment  # distinct rows; a zero query is a substructure of each
+            vector[0, segment // 8] = 1 << (segment % 8)  # distinct rows; a zero query is a substructure of each
         got, want = call("insert", name, records(vector), ids=[segment + 1])
         assert got[0].OK() and want[0].OK()
         assert all(s.OK() for s in call("flush", [name]))
@@ -78,19 +79,19 @@ def test_reply_width_is_one_nodes_width_over_nodes(both, clients, cluster, metri
     queries = np.zeros((2, dim // 8), np.uint8) if binary else rng.random((2, dim)).astype(np.float32)
     if binary:
         queries[1] = 0xFF  # a superstructure of every row; a substructure of none
-    (status, result), want = search_on_both_nodes(proxy, call, name, 10, records(queries))
+    (status, result), want = search_on_both_nodes(proxy, call, name, 20, records(queries))
     assert status.OK(), status
-    assert result.shape == want[1].shape == (2, 8), "min(topk 10, 8 live rows)"
+    assert result.shape == want[1].shape == (2, 12), "min(topk 20, 12 live rows)"
     if metric in (6, 7):  # match filters: as many matches, each a real one at 0.0
         assert [len(row) for row in result.ids] == [len(row) for row in want[1].ids]
         assert all(d == 0.0 for row in result.distances for d in row)
-        assert all(set(row) <= set(range(1, 9)) for row in result.ids)
+        assert all(set(row) <= set(range(1, 13)) for row in result.ids)
     else:
         same_search((status, result), want)
     (status, result), want = search_on_both_nodes(proxy, call, name, 3, records(queries))
     assert result.shape == want[1].shape == (2, 3)
 
-    assert all(s.OK() for s in call("delete_entity_by_id", name, list(range(1, 9))))
+    assert all(s.OK() for s in call("delete_entity_by_id", name, list(range(1, 13))))
     assert all(s.OK() for s in call("flush", [name]))
     (status, result), (want_status, want_result) = search_on_both_nodes(proxy, call, name, 10, records(queries))
     assert status.OK() and want_status.OK()
@@ -110,9 +111,9 @@ def test_match_filters_through_the_proxy(both, clients, metric):
     )
     rng = np.random.default_rng(metric)
     stored = []
-    for batch in range(6):
-        vectors = np.packbits(rng.random((20, dim)) < 0.3, axis=1)
-        ids = list(range(1000 - batch * 50, 1000 - batch * 50 - 20, -1))
+    for batch in range(12):  # 12 files: the ring puts files on both read-only nodes (all on one: p = 2 / 2**12)
+        vectors = np.packbits(rng.random((10, dim)) < 0.3, axis=1)
+        ids = list(range(1000 - batch * 50, 1000 - batch * 50 - 10, -1))
         assert all(r[0].OK() for r in call("insert", name, records(vectors), ids=ids))
         assert all(s.OK() for s in call("flush", [name]))
         stored.append((vectors, ids))
