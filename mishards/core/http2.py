@@ -249,10 +249,6 @@ class Stream:
             raise StreamError(stream_id, STREAM_CLOSED, f"{event.replace('_', ' ')} on a {self.state} stream")
         self.state = following
 
-    @property
-    def receiving(self) -> bool:
-        return self.state in _RECEIVING
-
 
 class Connection:
     """Framing, settings, flow control, header blocks and budgets; subclasses give streams their meaning."""
@@ -389,18 +385,13 @@ class Connection:
                 stream.head, stream.pending = head, pending
                 stream.move(stream_id, SEND_END_STREAM)
                 self._ended_locally(stream_id, stream)
-                self._sent(stream_id)
                 return True
         stream.head, stream.pending = head, pending
         stream.waiting = _NOT_WAITING
         if trailers is not None:
             stream.end_after = None
             self._send_headers(stream_id, trailers, end_stream=True)
-        self._sent(stream_id)
         return True
-
-    def _sent(self, stream_id: int) -> None:
-        """The whole body of a stream is out (hook)."""
 
     def _resume_connection_blocked(self) -> None:
         """The connection window opened: streams waiting for it go on, oldest first, until it is
