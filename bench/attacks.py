@@ -46,6 +46,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 HOST = "127.0.0.1"
+# attackers connect from addresses of their own (all of 127.0.0.0/8 is loopback), as they would in
+# life: a server that slows an abusive address must not be measured slowing the legitimate client
+# on 127.0.0.1, nor one attack's address carry its probation into the next attack
+ATTACKER_SOURCES = [f"127.0.0.{n}" for n in range(2, 250)]
+_source = ATTACKER_SOURCES[0]
+_attacks_started = 0
 SEARCH = "/milvus.grpc.MilvusService/Search"
 HAS_COLLECTION = "/milvus.grpc.MilvusService/HasCollection"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -154,7 +160,7 @@ class Conn:
     without GOAWAY, or still open when the attack ended."""
 
     def __init__(self, port: int, pairs: list[tuple[int, int]] = (), handshake: bool = True, window: int = 0) -> None:
-        self.sock = socket.create_connection((HOST, port), timeout=5)
+        self.sock = socket.create_connection((HOST, port), timeout=5, source_address=(_source, 0))
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.out = bytearray()
@@ -996,12 +1002,15 @@ def measure(c: Cluster, transport: str, attack: str | None, seconds: float, rss_
     peak = rss_start
     aborted = ""
     attacker_result: dict = {}
+    global _attacks_started
     with LegitClient(f"{HOST}:{c.ports[transport]}", c.collection) as legit:
         attacker = None
         if attack is not None:
+            source = ATTACKER_SOURCES[_attacks_started % len(ATTACKER_SOURCES)]
+            _attacks_started += 1
             attacker = subprocess.Popen(
                 [sys.executable, __file__, "--attacker", attack, "--port", str(c.ports[transport])]
-                + ["--seconds", str(seconds), "--collection", c.collection],
+                + ["--seconds", str(seconds), "--collection", c.collection, "--source", source],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -1135,9 +1144,12 @@ def main() -> int:
     parser.add_argument("--json", default="", help="also write the rows to this file")
     parser.add_argument("--attacker", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--source", default=ATTACKER_SOURCES[0], help=argparse.SUPPRESS)
     parser.add_argument("--collection", default="attacked", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.attacker:
+        global _source
+        _source = args.source
         attacker_main(args.attacker, args.port, args.seconds, args.collection)
         return 0
     names = [n for n in args.only.split(",") if n] or list(ATTACKS)

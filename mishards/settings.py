@@ -412,5 +412,6 @@ def _front_door(s: Source) -> Limits:
         max_pings=s.int("H2_MAX_PINGS", d.max_pings, minimum=1),
         max_settings=s.int("H2_MAX_SETTINGS", d.max_settings, minimum=1),
         max_empty_frames=s.int("H2_MAX_EMPTY_FRAMES", d.max_empty_frames, minimum=1),
-        abuse_cooldown=s.float("H2_ABUSE_COOLDOWN", d.abuse_cooldown, minimum=0.0),
+        max_control_frames=s.int("H2_MAX_CONTROL_FRAMES", d.max_control_frames, minimum=100),
+        probation=s.float("H2_ABUSE_PROBATION", d.probation, minimum=0.0),
     )

@@ -43,7 +43,7 @@ from .core.grpc_h2 import (
     ServerConnection,
     inflate,
 )
-from .core.http2 import DEFAULT_LIMITS, ENHANCE_YOUR_CALM, BufferPool, Limits
+from .core.http2 import DEFAULT_LIMITS, ENHANCE_YOUR_CALM, BufferPool, Limits, Pacer
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ PING_TIMEOUT_S = 2.0
 RECONNECT_BACKOFF_S = (0.2, 1.0)  # first and largest wait after a failed connect (as nodes.CHANNEL_OPTIONS)
 TICK_S = 1.0  # how often the server checks its timeouts
 WRITE_BUFFER_HIGH = 1024 * 1024  # bytes queued for a peer before we stop reading from it
+PROBATION_START_S = 0.1  # how late a request from an address on probation starts
+PROBATION_WAIT_S = 1.0  # the longest such a request waits for its connection's reading to go on
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _NO_METADATA = grpc.aio.Metadata()
 
@@ -102,6 +104,8 @@ class _ServerProtocol(asyncio.Protocol):
         self.closing = False
         self.eof_sent = False
         self.writing_paused_at: float | None = None
+        self.paused_until = 0.0  # reading paused until then: the peer's frames cost it time (`_pace`)
+        self.pacer: Pacer | None = None  # shared by the connections of an address on probation
         self.host = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -115,9 +119,7 @@ class _ServerProtocol(asyncio.Protocol):
         if isinstance(address, tuple):  # as grpcio writes peers: ipv4:1.2.3.4:5, ipv6:%5B::1%5D:5
             self.host = host = address[0].removeprefix("::ffff:")
             self.peer = f"ipv6:%5B{host}%5D:{address[1]}" if ":" in host else f"ipv4:{host}:{address[1]}"
-            if self.server.penalties.refuses(host, self.loop.time()):
-                transport.abort()  # it abused its last connection moments ago: no protocol work for it
-                return
+            self.pacer = self.server.probation.pacer(host, self.loop.time())
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.server.connections.add(self)
         self.flush()
@@ -138,21 +140,26 @@ class _ServerProtocol(asyncio.Protocol):
         self._reading(True)
 
     def _reading(self, wanted: bool) -> None:
-        """Read from the peer unless its answers back up or its frames wait their turn (backlog)."""
+        """Read from the peer unless its answers back up, its frames wait their turn (backlog) or
+        it is paced."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if wanted and self.writing_paused_at is None and not self.connection.backlog:
+        if wanted and self.writing_paused_at is None and not self.connection.backlog and not self.paused_until:
             transport.resume_reading()
         else:
             transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
-        self._handle(self.connection.receive(data, self.loop.time()))
+        events = self.connection.receive(data, self.loop.time())
+        self._pace()
+        self._handle(events)
 
     def _go_on(self) -> None:
         """Handle the frames a flood left waiting (FRAMES_PER_CALL per turn of the loop)."""
-        self._handle(self.connection.receive(b"", self.loop.time()))
+        events = self.connection.receive(b"", self.loop.time())
+        self._pace()
+        self._handle(events)
         self._reading(True)
 
     def _handle(self, events: list) -> None:
@@ -161,16 +168,39 @@ class _ServerProtocol(asyncio.Protocol):
                 self._dispatch(event)
             elif type(event) is RequestCancelled:
                 self._cancel(event.stream_id)
+        closed = self.connection.closed
+        if closed and self.connection.failed_with == ENHANCE_YOUR_CALM and self.host:
+            self.server.probation.offence(self.host, self.loop.time())  # before its GOAWAY leaves
         self.flush()
-        if self.connection.closed and self.transport is not None:
-            if self.connection.failed_with == ENHANCE_YOUR_CALM and self.host:
-                self.server.penalties.offence(self.host, self.loop.time())
+        if closed and self.transport is not None:
             self.transport.close()
             return
-        if self.connection.backlog:
+        if self.connection.backlog and not self.paused_until:
             self._reading(False)
             self.loop.call_soon(self._go_on)
         self._finish_if_done()
+
+    def _pace(self) -> None:
+        """Pause reading while the peer is in debt: control frames beyond what its traffic
+        accounts for, or any frames beyond its address's share while on probation."""
+        now = self.loop.time()
+        pause = self.connection.read_pause(now)
+        if self.pacer is not None:
+            self.pacer.tokens -= self.connection.handled
+            pause = max(pause, self.pacer.debt(now))
+        if pause > 0 and not self.paused_until:
+            self.paused_until = now + pause
+            self._reading(False)
+            self.loop.call_later(pause, self._unpause)
+
+    def _unpause(self) -> None:
+        self.paused_until = 0.0
+        if self.connection.closed:
+            return
+        if self.connection.backlog:
+            self._go_on()
+        else:
+            self._reading(True)
 
     def tick(self, now: float) -> None:
         """About once a second: timeouts of the connection and its requests."""
@@ -204,6 +234,8 @@ class _ServerProtocol(asyncio.Protocol):
             # one turn of the loop first: a reset already on its way (a rapid-reset client sends it
             # in the next write) is read before the handler starts calling nodes
             await asyncio.sleep(0)
+            if self.pacer is not None:
+                await self._probation_wait()
             if event.encoding != b"identity":  # inflated off the loop: a bomb must not stall the others
                 message = await self.server.inflate(message, event.encoding)
             reply = await handler(message, context)
@@ -225,6 +257,15 @@ class _ServerProtocol(asyncio.Protocol):
             self.connection.handler_done(stream_id)
         self.flush()
         self._finish_if_done()
+
+    async def _probation_wait(self) -> None:
+        """On probation a request starts PROBATION_START_S late, and not while reading is paused
+        (frames behind it, such as its reset, may still wait in the socket), at most
+        PROBATION_WAIT_S in all: resetting requests it sent costs an abuser's address nothing."""
+        await asyncio.sleep(PROBATION_START_S)
+        give_up = self.loop.time() + PROBATION_WAIT_S - PROBATION_START_S
+        while self.paused_until and self.loop.time() < give_up:
+            await asyncio.sleep(min(self.paused_until, give_up) - self.loop.time() + 0.005)
 
     def _finish(self, stream_id: int) -> None:
         self.tasks.pop(stream_id, None)
@@ -310,30 +351,39 @@ def _bound(family: socket.AddressFamily, address: tuple) -> socket.socket:
     return sock
 
 
-class Penalties:
-    """Peers whose connection was ended for abuse (GOAWAY ENHANCE_YOUR_CALM): their new connections
-    are closed at once for a cooldown that doubles with each offence (1 s, 2 s, ... up to `longest`)
-    and is forgotten after a quiet minute, so an abuser cannot reconnect to a fresh set of budgets.
-    Established connections from the same address are not touched."""
+class Probation:
+    """Addresses whose last connection was ended for abuse (GOAWAY ENHANCE_YOUR_CALM) stay on
+    probation for `duration` seconds after their latest offence: their new connections are served,
+    but slowly. They share one `Pacer` (every frame a token, `frames` per `window`), so reconnecting
+    buys neither fresh budgets nor more of our time, and their requests start late (see
+    `_ServerProtocol._probation_wait`), so a reset sent behind a request is read before any node
+    works for it. Connections made before the offence are not touched. A well-behaved client
+    behind the same address (a NAT) is slowed, never refused."""
 
-    def __init__(self, longest: float, size: int = 4096) -> None:
-        self.longest = longest
+    def __init__(self, duration: float, frames: int, window: float, size: int = 4096) -> None:
+        self.duration = duration
+        self.frames = frames
+        self.window = window
         self.size = size
-        self._until: dict[str, tuple[float, float]] = {}  # host -> (refused until, last cooldown)
+        self._hosts: dict[str, tuple[float, Pacer]] = {}  # host -> (on probation until, its shared pacer)
 
     def offence(self, host: str, now: float) -> None:
-        if self.longest <= 0:
+        if self.duration <= 0:
             return
-        until, cooldown = self._until.pop(host, (0.0, 0.0))
-        cooldown = min(cooldown * 2, self.longest) if now - until < 60 else 1.0
-        self._until[host] = (now + min(cooldown, self.longest), cooldown)
-        if len(self._until) > self.size:
-            del self._until[next(iter(self._until))]
-        log.warning("%s broke an abuse limit: its new connections are refused for %.0f s", host, cooldown)
+        entry = self._hosts.pop(host, None)
+        if entry is None or entry[0] <= now:
+            log.warning("%s broke an abuse limit: its new connections are slowed for %.0f s", host, self.duration)
+            pacer = Pacer(self.frames, self.window, now)
+        else:
+            pacer = entry[1]
+        self._hosts[host] = (now + self.duration, pacer)
+        if len(self._hosts) > self.size:  # the oldest offender is forgotten first
+            del self._hosts[next(iter(self._hosts))]
 
-    def refuses(self, host: str, now: float) -> bool:
-        entry = self._until.get(host)
-        return entry is not None and now < entry[0]
+    def pacer(self, host: str, now: float) -> Pacer | None:
+        """The pacer a new connection from `host` shares, None when the host is not on probation."""
+        entry = self._hosts.get(host)
+        return entry[1] if entry is not None and now < entry[0] else None
 
 
 class H2Server:
@@ -344,7 +394,7 @@ class H2Server:
         self.limits = limits
         self.pool = BufferPool(limits.max_buffered)
         self.max_connections = limits.max_connections
-        self.penalties = Penalties(limits.abuse_cooldown)
+        self.probation = Probation(limits.probation, limits.max_control_frames, limits.abuse_window)
         self.connections: set[_ServerProtocol] = set()
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.Task | None = None

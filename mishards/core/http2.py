@@ -17,7 +17,8 @@ Because the server side faces every client, this module is hostile-input code (d
   connection and per process (`BufferPool`), and flow-control credit is given back as bytes are
   taken into a request's buffer within those limits, so a peer cannot park unbounded data here;
 - control frames have budgets (`Budget`): a peer that floods resets, PINGs, SETTINGS or empty
-  frames is told ENHANCE_YOUR_CALM and dropped.
+  frames is told ENHANCE_YOUR_CALM and dropped; control frames of any kind beyond what the
+  peer's own traffic accounts for (`Pacer`) make the adapter pause reading (`read_pause`).
 
 A connection is fed received bytes with the current time (`receive(data, now)`) and returns
 events; what it wants to send accumulates and is taken by `data_to_send`. The adapter
@@ -135,11 +136,12 @@ class Limits:
     max_pings: int = 100
     max_settings: int = 100
     max_empty_frames: int = 1000
+    max_control_frames: int = 10_000  # unearned control frames per window; more pauses reading
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
     read_timeout: float = 30.0
     max_connections: int = 4096  # the server's, not one connection's
-    abuse_cooldown: float = 0.0  # the server's: longest refusal of new connections from an abuser (0: off)
+    probation: float = 10.0  # the server's: how long an abuser's address stays on probation (0: off)
     max_buffered: int = 1 << 30  # request bytes buffered by the whole process
 
 
@@ -175,6 +177,27 @@ class Budget:
             return False
         self.tokens = tokens - count
         return True
+
+
+class Pacer:
+    """A token bucket that may run into debt: spending (`tokens -= n`) never fails, and the debt
+    says how long the spender must wait. Reading from a peer pauses for that long instead of
+    ending its connection: a flood of frames that are each legal costs its sender time, not us CPU."""
+
+    __slots__ = ("size", "rate", "tokens", "stamp")
+
+    def __init__(self, size: int, window: float, now: float) -> None:
+        self.size = size
+        self.rate = size / window if window > 0 else float("inf")
+        self.tokens = float(size)
+        self.stamp = now
+
+    def debt(self, now: float) -> float:
+        """Seconds until the bucket is out of debt (0.0: spend on)."""
+        tokens = min(self.size, self.tokens + (now - self.stamp) * self.rate)
+        self.tokens = tokens
+        self.stamp = now
+        return -tokens / self.rate if tokens < 0 else 0.0
 
 
 def frame_header(length: int, kind: int, flags: int, stream_id: int) -> bytes:
@@ -298,6 +321,9 @@ class Connection:
         self._settings_budget = Budget(limits.max_settings, limits.abuse_window, now)
         self._empty = Budget(limits.max_empty_frames, limits.abuse_window, now)
         self._resets = Budget(limits.max_resets, limits.abuse_window, now)
+        # control frames beyond what the peer's own traffic accounts for pause reading (`read_pause`)
+        self._chatter = Pacer(limits.max_control_frames, limits.abuse_window, now)
+        self.handled = 0  # frames handled by the last `receive`
         self.last_received = now
         self._awaiting_settings = True  # a peer's preface is a SETTINGS frame
         self.backlog = False  # complete frames left unhandled by the last `receive` (FRAMES_PER_CALL)
@@ -354,6 +380,7 @@ class Connection:
         stream.head = head
         stream.pending = memoryview(body)
         stream.end_after = end_after
+        self._chatter.tokens += 2 + (len(body) >> 13)  # a WINDOW_UPDATE per 16 KiB frame, on both levels
         self._drain(stream_id, stream)
 
     def _drain(self, stream_id: int, stream: Stream) -> bool:
@@ -444,6 +471,7 @@ class Connection:
         self.streams[stream_id] = stream
         self._receiving[stream_id] = now
         self._opened.append(stream_id)
+        self._chatter.tokens += 2  # its RST_STREAM, PRIORITY or WINDOW_UPDATE is fair
 
     def _ended_locally(self, stream_id: int, stream: Stream) -> None:
         if stream.state == CLOSED:
@@ -560,6 +588,12 @@ class Connection:
             self._settle(stream_id, stream)
 
     # ------------------------------------------------------------------ receiving
+    def read_pause(self, now: float) -> float:
+        """Seconds the adapter should stop reading from the peer: it sent more control frames
+        (WINDOW_UPDATE, PING, SETTINGS, RST_STREAM, PRIORITY, empty or unknown frames) than the
+        `max_control_frames` per window its own requests and our replies account for."""
+        return self._chatter.debt(now)
+
     def receive(self, data: bytes, now: float | None = None) -> list:
         """Parse what arrived; the events it completes. A connection error sends GOAWAY, closes the
         connection and ends with the events of `connection_lost`; a stream error resets the stream.
@@ -618,6 +652,7 @@ class Connection:
                     position = end
                     if self.closed:
                         break
+                self.handled = self.FRAMES_PER_CALL - budget
         except (ProtocolError, HPACKError, struct.error, ValueError) as exc:
             buffer.clear()
             code = getattr(exc, "code", PROTOCOL_ERROR)
@@ -676,6 +711,7 @@ class Connection:
         end_stream = bool(flags & END_STREAM)
         if not size and not end_stream:
             self._spend(self._empty, "too_many_empty_frames", now)
+            self._chatter.tokens -= 1
         stream = self.streams.get(stream_id)
         if stream is None or stream.state not in _RECEIVING:
             self._conn_owed += size  # dropped: the connection's credit comes back at once
@@ -708,6 +744,8 @@ class Connection:
             self._credit_connection()
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes, now: float, events: list) -> None:
+        if kind != HEADERS and kind != CONTINUATION:
+            self._chatter.tokens -= 1 + len(payload) // 384  # a token per 64 SETTINGS entries too
         if kind == HEADERS:
             self._headers_frame(flags, stream_id, payload, now, events)
         elif kind == CONTINUATION:

@@ -5,6 +5,8 @@ exhaustion is asserted at 1.5 N so a refill during the burst cannot hide it."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from .harness import (
@@ -26,6 +28,7 @@ from .harness import (
     request_headers,
     rst_stream,
     settings_frame,
+    window_update,
 )
 
 MAX_RESETS, MAX_PINGS, MAX_SETTINGS, MAX_EMPTY = 200, 100, 100, 1000
@@ -156,30 +159,110 @@ def test_a_budget_refills_over_its_window(server_with) -> None:
         peer.close()
 
 
-def test_an_abuser_cannot_reconnect_to_fresh_budgets_during_its_cooldown(server_with) -> None:
-    """After a GOAWAY ENHANCE_YOUR_CALM, new connections from that address are closed at once for
-    the cooldown; a connection it already had goes on."""
-    server = server_with(H2_ABUSE_COOLDOWN=30)
-    established = Peer(server.port)
-    abuser = Peer(server.port)
-    try:
-        abuser.try_send(*[ping(b"%08d" % i) for i in range(MAX_PINGS * 3 // 2)])
-        abuser.expect_goaway(ENHANCE_YOUR_CALM, b"too_many_pings")
-        with pytest.raises(ConnectionEnded):
-            Peer(server.port)  # refused before any protocol work
-        established.send(ping(b"still-ok"))
-        established.expect_alive()
-    finally:
-        established.close()
-        abuser.close()
-
-
-def test_without_a_cooldown_an_abuser_may_reconnect(server_with) -> None:
-    server = server_with(H2_ABUSE_COOLDOWN=0)
-    abuser = Peer(server.port)
+def _offend(port: int) -> Peer:
+    abuser = Peer(port)
     abuser.try_send(*[ping(b"%08d" % i) for i in range(MAX_PINGS * 3 // 2)])
     abuser.expect_goaway(ENHANCE_YOUR_CALM, b"too_many_pings")
+    return abuser
+
+
+def test_an_abusers_new_connections_are_served_late_so_its_resets_cost_nothing(server_with) -> None:
+    """After a GOAWAY ENHANCE_YOUR_CALM its address is on probation: a new connection is served,
+    but a request starts late, so one reset a moment after it never reaches the handler; a
+    connection the address already had goes on as before."""
+    server = server_with(H2_ABUSE_PROBATION=30)
+    established = Peer(server.port)
+    abuser = _offend(server.port)
+    again = Peer(server.port)
+    try:
+        before = server.handlers.slow_started
+        again.send(again.request(1, SLOW, b"5"))
+        time.sleep(0.02)
+        again.send(rst_stream(1))
+        again.send(again.request(3, ECHO, b"late but served"))
+        started = time.monotonic()
+        assert again.response(3).message == b"late but served"
+        assert time.monotonic() - started >= 0.09  # PROBATION_START_S
+        assert server.handlers.slow_started == before  # the reset request never ran
+        established.send(established.request(1, SLOW, b"5"))
+        time.sleep(0.02)
+        established.send(rst_stream(1))
+        established.expect_alive()
+        assert server.handlers.slow_started == before + 1  # a connection from before starts at once
+    finally:
+        for peer in (established, abuser, again):
+            peer.close()
+
+
+def test_connections_on_probation_share_one_frame_pacer(server_with) -> None:
+    """Frames from an address on probation cost it time: with 100 frames per second shared by its
+    connections, 450 WINDOW_UPDATEs over three fresh connections take seconds to be read (each
+    connection alone would be paced for half a second)."""
+    server = server_with(H2_ABUSE_PROBATION=30, H2_MAX_CONTROL_FRAMES=100, H2_ABUSE_WINDOW=1)
+    abuser = _offend(server.port)
+    peers = [Peer(server.port) for _ in range(3)]
+    try:
+        started = time.monotonic()
+        for peer in peers:
+            peer.send(*[window_update(0, 1) for _ in range(150)])
+        time.sleep(0.3)  # read, and each connection paused, before the PINGs arrive
+        for peer in peers:
+            peer.expect_alive(timeout=15)
+        assert time.monotonic() - started >= 2.5  # 450 frames beyond a bucket of 100, at 100 per second
+    finally:
+        for peer in [abuser, *peers]:
+            peer.close()
+
+
+def test_without_probation_an_abuser_is_served_at_once(server_with) -> None:
+    server = server_with(H2_ABUSE_PROBATION=0)
+    abuser = _offend(server.port)
     abuser.close()
     again = Peer(server.port)
-    again.expect_alive()
-    again.close()
+    try:
+        before = server.handlers.slow_started
+        again.send(again.request(1, SLOW, b"5"))
+        time.sleep(0.05)
+        again.send(rst_stream(1))
+        again.expect_alive()
+        assert server.handlers.slow_started == before + 1
+    finally:
+        again.close()
+
+
+def test_a_window_update_flood_pauses_reading_instead_of_taking_the_loop(server_with) -> None:
+    """WINDOW_UPDATEs are legal one by one, but beyond what the connection's traffic accounts for
+    they are paced (H2_MAX_CONTROL_FRAMES per window): the PING behind 400 of them waits for the
+    pause, and the connection lives on."""
+    server = server_with(H2_MAX_CONTROL_FRAMES=100, H2_ABUSE_WINDOW=1)
+    peer = Peer(server.port)
+    try:
+        peer.expect_alive()
+        started = time.monotonic()
+        peer.send(*[window_update(0, 1) for _ in range(400)])
+        peer.expect_alive(timeout=15)
+        assert time.monotonic() - started >= 1.5  # at least 150 frames of debt at 100 per second
+        peer.send(peer.request(1, ECHO, b"still served"))
+        assert peer.response(1).message == b"still served"
+    finally:
+        peer.close()
+
+
+def test_replies_earn_their_window_updates(server_with) -> None:
+    """A client that answers each DATA frame with WINDOW_UPDATEs, as many clients do, is not paced."""
+    server = server_with(H2_MAX_CONTROL_FRAMES=100, H2_ABUSE_WINDOW=1)
+    peer = Peer(server.port)
+    try:
+        started = time.monotonic()
+        for round_ in range(10):
+            stream_ids = [1 + 2 * (round_ * 30 + i) for i in range(30)]
+            peer.send(*[peer.request(stream_id, ECHO, b"x" * 100) for stream_id in stream_ids])
+            for stream_id in stream_ids:
+                peer.response(stream_id)
+            peer.send(
+                *[frame for stream_id in stream_ids for frame in (window_update(stream_id, 105), window_update(0, 105))]
+            )
+        peer.expect_alive()
+        assert time.monotonic() - started < 1.0
+    finally:
+        peer.close()
