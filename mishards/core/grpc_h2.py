@@ -119,14 +119,25 @@ def split_message(body: bytes | bytearray, encoding: bytes = b"identity") -> tup
 
 
 _INFLATE_STEP = 1 << 20
+_INFLATE_KEPT = 16 << 20  # decompressed bytes kept on the first pass
 
 
 def inflate(payload: bytes, encoding: bytes, limit: int) -> bytes:
-    """Decompress at most `limit` bytes, a step at a time into one growing buffer: a bomb stops at
-    the limit having held about the limit (one `decompress(payload, limit)` call would hold its
-    output twice while joining its internal blocks)."""
+    """Decompress at most `limit` bytes, a step at a time. The output is kept only while it stays
+    small (`_INFLATE_KEPT`); a message that grows past that is first measured without keeping it,
+    and inflated again, kept, only once it is known to fit. A bomb is refused having held a few
+    MiB, not the limit; a legitimate large compressed message costs a second inflate."""
+    chunks, size = _inflated(payload, encoding, limit, keep=_INFLATE_KEPT)
+    if chunks is None:  # fits, but too large to have been kept on the first pass
+        chunks, size = _inflated(payload, encoding, limit, keep=limit)
+    return b"".join(chunks)  # type: ignore[arg-type]
+
+
+def _inflated(payload: bytes, encoding: bytes, limit: int, keep: int) -> tuple[list[bytes] | None, int]:
+    """The decompressed chunks (None once they passed `keep` bytes: counted, not kept) and size."""
     inflater = _DECOMPRESSORS[encoding]()
-    message = bytearray()
+    chunks: list[bytes] | None = []
+    size = 0
     pending = payload
     try:
         while not inflater.eof:
@@ -134,14 +145,18 @@ def inflate(payload: bytes, encoding: bytes, limit: int) -> bytes:
             pending = inflater.unconsumed_tail
             if not chunk and not pending:
                 break  # the input is used up before the end of the stream
-            message += chunk
-            if len(message) > limit:
+            size += len(chunk)
+            if size > limit:
                 raise MessageTooLarge(f"message over the {limit} byte limit once decompressed (H2_MAX_MESSAGE_SIZE)")
+            if chunks is not None:
+                chunks.append(chunk)
+                if size > keep:
+                    chunks = None
     except zlib.error as exc:
         raise BadMessage(f"bad {encoding.decode('latin-1')} data: {exc}") from exc
     if not inflater.eof:
         raise BadMessage("truncated compressed message")
-    return bytes(message)
+    return chunks, size
 
 
 CODE_OF = {MessageTooLarge: RESOURCE_EXHAUSTED, UnsupportedEncoding: UNIMPLEMENTED, BadMessage: INTERNAL}

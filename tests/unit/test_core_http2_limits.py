@@ -303,3 +303,22 @@ def test_inflate_stops_a_bomb_at_the_limit() -> None:
         g.inflate(gzip.compress(b"hello" * 100)[:-12], b"gzip", 10_000)
     with pytest.raises(g.BadMessage, match="bad gzip data"):
         g.inflate(b"not gzip at all", b"gzip", 10_000)
+
+
+def test_a_bomb_under_a_large_limit_is_refused_having_held_little() -> None:
+    """A bomb inflating past the limit is measured before it is kept: refused at a 64 MiB limit
+    with a few MiB allocated at the peak, where keeping it would have held the whole limit."""
+    import gzip
+    import tracemalloc
+
+    import pytest
+
+    bomb = gzip.compress(b"\0" * (96 << 20), 9)
+    tracemalloc.start()
+    try:
+        with pytest.raises(g.MessageTooLarge):
+            g.inflate(bomb, b"gzip", 64 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 << 20, f"{peak / 2**20:.0f} MiB held"
