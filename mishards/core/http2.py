@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hpack.table import HeaderTable
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -234,6 +235,83 @@ def literal(name: bytes, value: bytes) -> bytes:
 def literal_indexed_name(index: int, value: bytes) -> bytes:
     """The same with a name from the static table (1 :authority, 4 :path, 31 content-type, ...)."""
     return hpack_int(index, 4, 0x00) + hpack_string(value)
+
+
+_STATIC = HeaderTable.STATIC_TABLE  # RFC 7541 appendix A, index 1 first
+
+
+def decode_plain_block(block: bytes, limit: int) -> list[tuple[bytes, bytes]] | None:
+    """Decode a header block that cannot touch the HPACK dynamic table, or None to let the full
+    decoder do it. Understood: indexed fields from the static table, and literals without indexing
+    or never indexed whose name is new or from the static table, with strings not Huffman-coded --
+    what our own peers (and gRPC servers' trailers) send every time. Anything else (a dynamic-table
+    reference, incremental indexing, a table size update, Huffman, a malformed block) returns None
+    before any state changed, so the full decoder sees the block as if this one had never looked.
+    Decoded size is bounded as the full decoder bounds it (name + value + 32 per field)."""
+    headers = []
+    size = 0
+    position = 0
+    end = len(block)
+    static = _STATIC
+    while position < end:
+        first = block[position]
+        if first & 0x80:  # indexed field
+            index, position = _prefixed_int(block, position, 0x7F)
+            if not 0 < index <= 61:
+                return None  # 0 is an error; above 61 a dynamic-table entry
+            name, value = static[index - 1]
+        elif first & 0xE0 == 0 or first & 0xF0 == 0x10:  # literal without indexing, never indexed
+            index, position = _prefixed_int(block, position, 0x0F)
+            if index:
+                if index > 61:
+                    return None
+                name = static[index - 1][0]
+            else:
+                name, position = _plain_string(block, position)
+                if name is None:
+                    return None
+            value, position = _plain_string(block, position)
+            if value is None:
+                return None
+        else:
+            return None  # incremental indexing or a table size update: the table changes
+        if position < 0:
+            return None
+        size += len(name) + len(value) + 32
+        if size > limit:
+            return None  # the full decoder refuses it with its own error
+        headers.append((name, value))
+    return headers
+
+
+def _prefixed_int(block: bytes, position: int, mask: int) -> tuple[int, int]:
+    """An HPACK integer (RFC 7541 5.1) at `position`; the position after it, -1 if cut short or
+    longer than 4 bytes of continuation (more than any length we accept)."""
+    value = block[position] & mask
+    position += 1
+    if value < mask:
+        return value, position
+    shift = 0
+    for _ in range(4):
+        if position >= len(block):
+            return 0, -1
+        byte = block[position]
+        position += 1
+        value += (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+    return 0, -1
+
+
+def _plain_string(block: bytes, position: int) -> tuple[bytes | None, int]:
+    """A string literal that is not Huffman-coded, or None (Huffman, cut short)."""
+    if position < 0 or position >= len(block) or block[position] & 0x80:
+        return None, -1
+    length, position = _prefixed_int(block, position, 0x7F)
+    if position < 0 or position + length > len(block):
+        return None, -1
+    return block[position : position + length], position + length
 
 
 class Stream:
@@ -930,9 +1008,11 @@ class Connection:
                 if len(self._indexed_blocks) < 64:
                     self._indexed_blocks[block] = headers
         else:
-            headers = self._decoder.decode(block, raw=True)  # always decoded: keeps the HPACK state
-            if self._indexed_blocks:
-                self._indexed_blocks.clear()
+            headers = decode_plain_block(block, self.limits.max_header_block)
+            if headers is None:
+                headers = self._decoder.decode(block, raw=True)  # keeps the HPACK state
+                if self._indexed_blocks:
+                    self._indexed_blocks.clear()
         end_stream = self._header_end_stream
         stream = self.streams.get(stream_id)
         if stream is None:

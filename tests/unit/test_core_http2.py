@@ -435,3 +435,55 @@ def test_tiny_windows_split_the_message_prefix_and_body() -> None:
         sent += b"".join(f[3] for f in data_frames)
     assert sent == g.frame_message(b"0123456789")
     assert data_frames[-1][1] & h.END_STREAM
+
+
+_names = st.binary(min_size=0, max_size=140)
+_field = st.one_of(
+    st.tuples(st.just("indexed"), st.integers(0, 130)),
+    st.tuples(st.just("literal"), _names, _names),
+    st.tuples(st.sampled_from(["literal_static_name", "never_indexed_static_name"]), st.integers(1, 70), _names),
+    st.tuples(st.just("huffman"), _names, _names),
+    st.tuples(st.just("incremental"), _names, _names),
+)
+
+
+def _encode_field(field) -> bytes:
+    kind = field[0]
+    if kind == "indexed":
+        return h.hpack_int(field[1], 7, 0x80)
+    if kind == "literal":
+        return h.literal(field[1], field[2])
+    if kind == "literal_static_name":
+        return h.hpack_int(field[1], 4, 0x00) + h.hpack_string(field[2])
+    if kind == "never_indexed_static_name":
+        return h.hpack_int(field[1], 4, 0x10) + h.hpack_string(field[2])
+    encoder = Encoder()
+    return encoder.encode([(field[1] or b"x", field[2])], huffman=kind == "huffman")
+
+
+@given(st.lists(_field, max_size=8), st.integers(0, 3), st.integers(200, 4000))
+def test_the_plain_block_decoder_agrees_with_hpack_or_steps_aside(fields, cut, limit) -> None:
+    """Whatever it decodes, hpack decodes the same (also cut short, also over the size limit);
+    where it returns None the block may change the dynamic table, be malformed or too large."""
+    block = b"".join(_encode_field(f) for f in fields)
+    block = block[: len(block) - cut] if cut else block
+    ours = h.decode_plain_block(block, limit)
+    try:
+        theirs = Decoder(max_header_list_size=limit).decode(block, raw=True)
+    except Exception:  # noqa: BLE001 - hpack refuses it: ours must not have accepted it
+        theirs = None
+    if ours is not None:
+        assert theirs is not None and [tuple(x) for x in theirs] == ours
+
+
+def test_our_own_blocks_take_the_plain_path() -> None:
+    """The blocks our client and server send decode without the full HPACK decoder."""
+    for block in (g._REPLY_HEADERS, g._TRAILERS_OK, h.literal(b"grpc-status", b"5") + h.literal(b"grpc-message", b"x")):
+        assert h.decode_plain_block(block, 16384) is not None
+    client = g.ClientConnection("node:1")
+    client.data_to_send()
+    client.start_call(b"/milvus.grpc.MilvusService/Search", b"abc", 5.0, (("k", "v"),))
+    wire = client.data_to_send()
+    length = int.from_bytes(wire[:3], "big")
+    assert wire[3] == h.HEADERS
+    assert h.decode_plain_block(wire[9 : 9 + length], 16384) is not None
