@@ -395,6 +395,7 @@ class Connection:
         self._header_pieces = 0
         self._header_refused = 0  # a stream error to answer once the block is decoded (HPACK state)
         self._indexed_blocks: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._plain_blocks: dict[bytes, list[tuple[bytes, bytes]]] = {}  # decoded by `decode_plain_block`
         self._pings = Budget(limits.max_pings, limits.abuse_window, now)
         self._settings_budget = Budget(limits.max_settings, limits.abuse_window, now)
         self._empty = Budget(limits.max_empty_frames, limits.abuse_window, now)
@@ -1008,7 +1009,13 @@ class Connection:
                 if len(self._indexed_blocks) < 64:
                     self._indexed_blocks[block] = headers
         else:
-            headers = decode_plain_block(block, self.limits.max_header_block)
+            headers = self._plain_blocks.get(block)  # replies and trailers repeat byte for byte
+            if headers is None:
+                headers = decode_plain_block(block, self.limits.max_header_block)
+                if headers is not None and len(block) <= 256:
+                    if len(self._plain_blocks) >= 64:
+                        self._plain_blocks.clear()
+                    self._plain_blocks[block] = headers
             if headers is None:
                 headers = self._decoder.decode(block, raw=True)  # keeps the HPACK state
                 if self._indexed_blocks:
