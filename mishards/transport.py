@@ -53,7 +53,7 @@ RECONNECT_BACKOFF_S = (0.2, 1.0)  # first and largest wait after a failed connec
 TICK_S = 1.0  # how often the server checks its timeouts
 WRITE_BUFFER_HIGH = 1024 * 1024  # bytes queued for a peer before we stop reading from it
 PROBATION_START_S = 0.1  # how late a request from an address on probation starts
-PROBATION_WAIT_S = 1.0  # the longest such a request waits for its connection's reading to go on
+PROBATION_WAIT_S = 5.0  # the longest such a request waits for its connection to be read on
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _NO_METADATA = grpc.aio.Metadata()
 
@@ -106,6 +106,8 @@ class _ServerProtocol(asyncio.Protocol):
         self.writing_paused_at: float | None = None
         self.paused_until = 0.0  # reading paused until then: the peer's frames cost it time (`_pace`)
         self.pacer: Pacer | None = None  # shared by the connections of an address on probation
+        self.turns = 0  # reads handled (each `receive` call)
+        self.turned: asyncio.Future | None = None  # set by the next read or unpause (`_wake`)
         self.host = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,12 +156,14 @@ class _ServerProtocol(asyncio.Protocol):
         events = self.connection.receive(data, self.loop.time())
         self._pace()
         self._handle(events)
+        self._read_on()
 
     def _go_on(self) -> None:
         """Handle the frames a flood left waiting (FRAMES_PER_CALL per turn of the loop)."""
         events = self.connection.receive(b"", self.loop.time())
         self._pace()
         self._handle(events)
+        self._read_on()
         self._reading(True)
 
     def _handle(self, events: list) -> None:
@@ -201,6 +205,13 @@ class _ServerProtocol(asyncio.Protocol):
             self._go_on()
         else:
             self._reading(True)
+            if self.turned is not None:
+                self._wake()
+
+    def _read_on(self) -> None:
+        self.turns += 1
+        if self.turned is not None:
+            self._wake()
 
     def tick(self, now: float) -> None:
         """About once a second: timeouts of the connection and its requests."""
@@ -230,12 +241,13 @@ class _ServerProtocol(asyncio.Protocol):
 
     async def _run(self, event: RequestReceived, handler: Handler, context: RequestContext) -> None:
         stream_id, message = event.stream_id, event.message
+        turns = self.turns
         try:
             # one turn of the loop first: a reset already on its way (a rapid-reset client sends it
             # in the next write) is read before the handler starts calling nodes
             await asyncio.sleep(0)
             if self.pacer is not None:
-                await self._probation_wait()
+                await self._probation_wait(turns)
             if event.encoding != b"identity":  # inflated off the loop: a bomb must not stall the others
                 message = await self.server.inflate(message, event.encoding)
             reply = await handler(message, context)
@@ -258,14 +270,26 @@ class _ServerProtocol(asyncio.Protocol):
         self.flush()
         self._finish_if_done()
 
-    async def _probation_wait(self) -> None:
-        """On probation a request starts PROBATION_START_S late, and not while reading is paused
-        (frames behind it, such as its reset, may still wait in the socket), at most
-        PROBATION_WAIT_S in all: resetting requests it sent costs an abuser's address nothing."""
+    async def _probation_wait(self, turns: int) -> None:
+        """On probation a request starts PROBATION_START_S late, and then only once its connection
+        is read on (two more reads since it arrived: frames sent right behind it, such as its reset,
+        are handled by then) or reading is not paused (nothing more came); at most PROBATION_WAIT_S.
+        Resetting the requests it sends costs an abuser's address nothing."""
         await asyncio.sleep(PROBATION_START_S)
         give_up = self.loop.time() + PROBATION_WAIT_S - PROBATION_START_S
-        while self.paused_until and self.loop.time() < give_up:
-            await asyncio.sleep(min(self.paused_until, give_up) - self.loop.time() + 0.005)
+        while self.paused_until and self.turns < turns + 2:
+            left = give_up - self.loop.time()
+            if left <= 0:
+                return
+            if self.turned is None:
+                self.turned = self.loop.create_future()
+            await asyncio.wait((self.turned,), timeout=left)
+
+    def _wake(self) -> None:
+        """Requests waiting in `_probation_wait` look again."""
+        waiter, self.turned = self.turned, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _finish(self, stream_id: int) -> None:
         self.tasks.pop(stream_id, None)
