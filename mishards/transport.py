@@ -74,7 +74,7 @@ class RequestContext:
 
     __slots__ = ("_deadline", "_metadata", "_peer")
 
-    def __init__(self, deadline: float | None, metadata: tuple[tuple[str, str], ...], peer: str) -> None:
+    def __init__(self, deadline: float | None, metadata: tuple[tuple[str, str | bytes], ...], peer: str) -> None:
         self._deadline = deadline
         self._metadata = metadata
         self._peer = peer
@@ -82,7 +82,7 @@ class RequestContext:
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
 
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return self._metadata
 
     def peer(self) -> str:
@@ -111,7 +111,8 @@ class _ServerProtocol(asyncio.Protocol):
         self.host = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)  # a stream server's
+        self.transport = transport
         if len(self.server.connections) >= self.server.max_connections:
             open_now = len(self.server.connections)
             log.warning("%d client connections open (H2_MAX_CONNECTIONS): refusing one more", open_now)
@@ -122,7 +123,7 @@ class _ServerProtocol(asyncio.Protocol):
             self.host = host = address[0].removeprefix("::ffff:")
             self.peer = f"ipv6:%5B{host}%5D:{address[1]}" if ":" in host else f"ipv4:{host}:{address[1]}"
             self.pacer = self.server.probation.pacer(host, self.loop.time())
-        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.server.connections.add(self)
         self.flush()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 from google.protobuf import message_factory, text_format
 
 from milvus_grpc import milvus_pb2 as pb
@@ -21,7 +23,7 @@ class TracingSettings:
     def str(self, name: str, default: str) -> str:
         return self._config.get(name, "").strip() or default
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         raw = self._config.get(name, "").strip().lower()
         if not raw:
             return default
@@ -31,14 +33,14 @@ class TracingSettings:
             return False
         raise PluginError(f"{name} must be true or false, got {raw!r}")
 
-    def int(self, name: str, default: int) -> int:
+    def int(self, name: builtins.str, default: builtins.int) -> builtins.int:
         raw = self._config.get(name, "").strip()
         try:
             return int(raw) if raw else default
         except ValueError:
             raise PluginError(f"{name} must be an integer, got {raw!r}") from None
 
-    def float(self, name: str, default: float) -> float:
+    def float(self, name: builtins.str, default: builtins.float) -> builtins.float:
         raw = self._config.get(name, "").strip()
         try:
             return float(raw) if raw else default

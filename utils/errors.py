@@ -118,5 +118,5 @@ def status_of(error: BaseException | None) -> status_pb2.Status:
     if error is None:
         return status_pb2.Status(error_code=Code.SUCCESS)
     if isinstance(error, MilvusError):
-        return status_pb2.Status(error_code=error.code, reason=error.reason)
+        return status_pb2.Status(error_code=int(error.code), reason=error.reason)  # type: ignore[arg-type]  # the stub wants its own enum type; the value is the same
     return status_pb2.Status(error_code=Code.UNEXPECTED_ERROR, reason=f"{type(error).__name__}: {error}")

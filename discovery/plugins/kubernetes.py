@@ -261,17 +261,17 @@ class KubernetesDiscovery:
             label_selector=self.config.label_selector or None,
             _request_timeout=(CONNECT_TIMEOUT_S, 2 * self.config.poll_interval + 1),
         )
-        ready = {}
+        ready: dict[str, str] = {}
         for pod in pods.items:
             address = self._address_if_ready(pod)
-            if address is not None:
+            if address is not None and pod.metadata is not None and pod.metadata.name:
                 ready[pod.metadata.name] = address
         for name in [n for n in self.nodes if n not in ready]:
             self._leave(name, "gone from the pod list or not Ready")
         for name, address in ready.items():
             self._join(name, address)
         self._synced.set()
-        return pods.metadata.resource_version
+        return (pods.metadata.resource_version if pods.metadata is not None else None) or ""
 
     def _watch_from(self, resource_version: str) -> None:
         """Apply watch events until the server ends the stream; raises on 410 and errors."""

@@ -207,7 +207,7 @@ class _Call(Stream):
         self.block: bytes | None = None  # header block, while queued behind MAX_CONCURRENT_STREAMS
 
 
-class ClientConnection(Connection):
+class ClientConnection(Connection[_Call]):
     """One connection carrying unary calls to a node; `usable` says whether new calls may start."""
 
     OPENING = PREFACE
@@ -273,7 +273,8 @@ class ClientConnection(Connection):
             stream_id = self.queued.popleft()
             call = self.streams[stream_id]
             block, call.block = call.block, None
-            self._open(stream_id, call, block)
+            if block is not None:
+                self._open(stream_id, call, block)
 
     def cancel(self, stream_id: int) -> None:
         """Forget a call (deadline passed, caller gone) and tell the peer if it had heard of it."""
@@ -377,7 +378,7 @@ class RequestReceived(NamedTuple):
     path: str
     message: bytes
     timeout: float | None
-    metadata: tuple[tuple[str, str], ...]
+    metadata: tuple[tuple[str, str | bytes], ...]  # -bin values decoded to bytes
     encoding: bytes = b"identity"
 
 
@@ -393,7 +394,7 @@ class _Request(Stream):
         self.encoding = b"identity"
         self.path = ""
         self.timeout: float | None = None
-        self.metadata: tuple[tuple[str, str], ...] = ()
+        self.metadata: tuple[tuple[str, str | bytes], ...] = ()
         self.answered = False
 
 
@@ -409,7 +410,7 @@ def _is_grpc(content_type: bytes) -> bool:
     return content_type.startswith(_GRPC_CONTENT_TYPE) and (not rest or rest[:1] in (b"+", b";"))
 
 
-class ServerConnection(Connection):
+class ServerConnection(Connection[_Request]):
     """The server side of one client connection: requests in, replies and statuses out."""
 
     STREAM_WINDOW = 4 * 1024 * 1024  # credited again as it is taken (large inserts stream through)
@@ -540,7 +541,7 @@ class ServerConnection(Connection):
             return request
         method = content_type = scheme = path = b""
         encoding = b"identity"
-        metadata = []
+        metadata: list[tuple[str, str | bytes]] = []
         regular = authority = False
         try:
             for name, value in headers:

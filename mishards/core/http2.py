@@ -31,6 +31,7 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
@@ -237,10 +238,11 @@ def literal_indexed_name(index: int, value: bytes) -> bytes:
     return hpack_int(index, 4, 0x00) + hpack_string(value)
 
 
+Headers = list[tuple[bytes, bytes]]
 _STATIC = HeaderTable.STATIC_TABLE  # RFC 7541 appendix A, index 1 first
 
 
-def decode_plain_block(block: bytes, limit: int) -> list[tuple[bytes, bytes]] | None:
+def decode_plain_block(block: bytes, limit: int) -> Headers | None:
     """Decode a header block that cannot touch the HPACK dynamic table, or None to let the full
     decoder do it. Understood: indexed fields from the static table, and literals without indexing
     or never indexed whose name is new or from the static table, with strings not Huffman-coded --
@@ -267,12 +269,14 @@ def decode_plain_block(block: bytes, limit: int) -> list[tuple[bytes, bytes]] | 
                     return None
                 name = static[index - 1][0]
             else:
-                name, position = _plain_string(block, position)
-                if name is None:
+                new_name, position = _plain_string(block, position)
+                if new_name is None:
                     return None
-            value, position = _plain_string(block, position)
-            if value is None:
+                name = new_name
+            literal_value, position = _plain_string(block, position)
+            if literal_value is None:
                 return None
+            value = literal_value
         else:
             return None  # incremental indexing or a table size update: the table changes
         if position < 0:
@@ -351,7 +355,10 @@ class Stream:
         self.state = following
 
 
-class Connection:
+S = TypeVar("S", bound=Stream)  # what a connection keeps per stream (a call, a request)
+
+
+class Connection(Generic[S]):
     """Framing, settings, flow control, header blocks and budgets; subclasses give streams their meaning."""
 
     #: the stream window we advertise, and the connection window we open right after the preface
@@ -374,7 +381,7 @@ class Connection:
         self.pool = pool if pool is not None else BufferPool()
         self._out: list[bytes | memoryview] = []  # frames (and DATA payload views) to send, joined once
         self._in = bytearray()
-        self.streams: dict[int, Stream] = {}
+        self.streams: dict[int, S] = {}
         self._conn_blocked: deque[int] = deque()  # streams with DATA waiting for the connection window
         self._decoder = Decoder(max_header_list_size=limits.max_header_block)
         self._peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
@@ -394,8 +401,8 @@ class Connection:
         self._header_end_stream = False
         self._header_pieces = 0
         self._header_refused = 0  # a stream error to answer once the block is decoded (HPACK state)
-        self._indexed_blocks: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        self._plain_blocks: dict[bytes, list[tuple[bytes, bytes]]] = {}  # decoded by `decode_plain_block`
+        self._indexed_blocks: dict[bytes, Headers] = {}
+        self._plain_blocks: dict[bytes, Headers] = {}  # decoded by `decode_plain_block`
         self._pings = Budget(limits.max_pings, limits.abuse_window, now)
         self._settings_budget = Budget(limits.max_settings, limits.abuse_window, now)
         self._empty = Budget(limits.max_empty_frames, limits.abuse_window, now)
@@ -422,9 +429,6 @@ class Connection:
             out += frame(WINDOW_UPDATE, 0, 0, UINT32.pack(self.CONNECTION_WINDOW - DEFAULT_WINDOW))
             self._recv_window = self.CONNECTION_WINDOW
         return out
-
-    def _new_stream(self) -> Stream:
-        return Stream(self._peer_window, self.STREAM_WINDOW)
 
     # ------------------------------------------------------------------ sending
     def data_to_send(self) -> bytes:
@@ -453,7 +457,9 @@ class Connection:
             stream.move(stream_id, SEND_END_STREAM)
             self._ended_locally(stream_id, stream)
 
-    def _send_body(self, stream_id: int, stream: Stream, head: bytes, body: bytes, end_after: bytes | None) -> None:
+    def _send_body(
+        self, stream_id: int, stream: S, head: bytes, body: bytes | memoryview, end_after: bytes | None
+    ) -> None:
         """Queue `head` + `body` as DATA (END_STREAM on the last frame when `end_after` is None,
         else the trailers `end_after` after it); the body is sent from views, never copied whole."""
         stream.head = head
@@ -462,7 +468,7 @@ class Connection:
         self._chatter.tokens += 2 + (len(body) >> 13)  # a WINDOW_UPDATE per 16 KiB frame, on both levels
         self._drain(stream_id, stream)
 
-    def _drain(self, stream_id: int, stream: Stream) -> bool:
+    def _drain(self, stream_id: int, stream: S) -> bool:
         """Send what the windows allow; True when the body (and trailers) are out. A stream that
         cannot go on waits on the window that stopped it."""
         head, pending, trailers = stream.head, stream.pending, stream.end_after
@@ -514,7 +520,7 @@ class Connection:
                 queue.appendleft(stream_id)
                 return
 
-    def _stream_window_opened(self, stream_id: int, stream: Stream) -> None:
+    def _stream_window_opened(self, stream_id: int, stream: S) -> None:
         if stream.waiting != _ON_STREAM or stream.window <= 0:
             return
         if self._send_window > 0 and not self._conn_blocked:
@@ -545,25 +551,25 @@ class Connection:
         self._out.append(frame(GOAWAY, 0, 0, UINT32.pack(last_stream_id) + UINT32.pack(error_code) + debug))
 
     # ------------------------------------------------------------------ stream bookkeeping
-    def _opened_stream(self, stream_id: int, stream: Stream, now: float) -> None:
+    def _opened_stream(self, stream_id: int, stream: S, now: float) -> None:
         """A stream the peer will send on (its request, or the reply to ours)."""
         self.streams[stream_id] = stream
         self._receiving[stream_id] = now
         self._opened.append(stream_id)
         self._chatter.tokens += 2  # its RST_STREAM, PRIORITY or WINDOW_UPDATE is fair
 
-    def _ended_locally(self, stream_id: int, stream: Stream) -> None:
+    def _ended_locally(self, stream_id: int, stream: S) -> None:
         if stream.state == CLOSED:
             self._close(stream_id, stream, reset_here=False)
 
-    def _ended_remotely(self, stream_id: int, stream: Stream) -> None:
+    def _ended_remotely(self, stream_id: int, stream: S) -> None:
         """The peer's half is done: its bytes are no longer ours to bound, its credit is due."""
         self._receiving.pop(stream_id, None)
         self._release(stream)
         if stream.state == CLOSED:
             self._close(stream_id, stream, reset_here=False)
 
-    def _close(self, stream_id: int, stream: Stream, reset_here: bool) -> None:
+    def _close(self, stream_id: int, stream: S, reset_here: bool) -> None:
         stream.state = CLOSED
         self.streams.pop(stream_id, None)
         self._receiving.pop(stream_id, None)
@@ -579,7 +585,7 @@ class Connection:
     def _closed_stream(self, stream_id: int) -> None:
         """A stream left `streams` (hook)."""
 
-    def _release(self, stream: Stream) -> None:
+    def _release(self, stream: S) -> None:
         """A request's bytes are no longer buffered here: they count no more, and are credited."""
         if not (stream.kept or stream.owed):
             return
@@ -605,7 +611,7 @@ class Connection:
         return True
 
     # ------------------------------------------------------------------ flow control, receiving side
-    def _take(self, stream_id: int, stream: Stream, size: int, kept: int) -> None:
+    def _take(self, stream_id: int, stream: S, size: int, kept: int) -> None:
         """A DATA frame of `size` bytes was taken, `kept` of them into the request's buffer (the
         rest, padding or a refused request's bytes, dropped); give the credit back in batches of
         half a window, for kept bytes only while the buffer limits allow it."""
@@ -630,7 +636,7 @@ class Connection:
             opened.popleft()
         return opened[0] if opened else 0
 
-    def _settle(self, stream_id: int, stream: Stream, force: bool = False) -> None:
+    def _settle(self, stream_id: int, stream: S, force: bool = False) -> None:
         if not stream.owed:
             return
         if not force and not self._room_for(stream_id):
@@ -996,30 +1002,38 @@ class Connection:
     def _settings_acked(self) -> None:
         """The peer acknowledged our SETTINGS (hook)."""
 
+    def _decoded(self, block: bytes) -> Headers:
+        """The header list of a block: remembered, decoded plainly, or decoded by hpack."""
+        if len(block) <= 64 and block and min(block) >= 0x80:
+            # Only one-byte "indexed field" representations: they cannot change the dynamic table,
+            # so the same bytes decode the same way until a block with literals arrives. Requests
+            # from gRPC clients and replies from gRPC servers are such blocks after the first one.
+            headers = self._indexed_blocks.get(block)
+            if headers is None:
+                headers = self._hpack_decoded(block)
+                if len(self._indexed_blocks) < 64:
+                    self._indexed_blocks[block] = headers
+            return headers
+        plain = self._plain_blocks.get(block)  # replies and trailers repeat byte for byte
+        if plain is None:
+            plain = decode_plain_block(block, self.limits.max_header_block)
+            if plain is not None and len(block) <= 256:
+                if len(self._plain_blocks) >= 64:
+                    self._plain_blocks.clear()
+                self._plain_blocks[block] = plain
+        if plain is not None:
+            return plain
+        if self._indexed_blocks:  # the dynamic table may change: remembered indexed blocks may not hold
+            self._indexed_blocks.clear()
+        return self._hpack_decoded(block)
+
+    def _hpack_decoded(self, block: bytes) -> Headers:
+        return self._decoder.decode(block, raw=True)  # type: ignore[return-value]  # raw=True: (bytes, bytes) pairs
+
     def _header_block_done(self, stream_id: int, now: float, events: list) -> None:
         block = bytes(self._header_block)
         self._header_block = bytearray()
-        if len(block) <= 64 and block and min(block) >= 0x80:
-            # Only one-byte "indexed field" representations: they cannot change the dynamic table,
-            # so the same bytes decode the same way until a block with literals arrives. Replies
-            # from gRPC servers are such blocks after the first one.
-            headers = self._indexed_blocks.get(block)
-            if headers is None:
-                headers = self._decoder.decode(block, raw=True)
-                if len(self._indexed_blocks) < 64:
-                    self._indexed_blocks[block] = headers
-        else:
-            headers = self._plain_blocks.get(block)  # replies and trailers repeat byte for byte
-            if headers is None:
-                headers = decode_plain_block(block, self.limits.max_header_block)
-                if headers is not None and len(block) <= 256:
-                    if len(self._plain_blocks) >= 64:
-                        self._plain_blocks.clear()
-                    self._plain_blocks[block] = headers
-            if headers is None:
-                headers = self._decoder.decode(block, raw=True)  # keeps the HPACK state
-                if self._indexed_blocks:
-                    self._indexed_blocks.clear()
+        headers = self._decoded(block)
         end_stream = self._header_end_stream
         stream = self.streams.get(stream_id)
         if stream is None:
@@ -1073,18 +1087,18 @@ class Connection:
         return events
 
     # ------------------------------------------------------------------ subclass hooks
-    def _open_by_peer(self, stream_id: int, headers: list, end_stream: bool, now: float, events: list) -> Stream | None:
+    def _open_by_peer(self, stream_id: int, headers: list, end_stream: bool, now: float, events: list) -> S | None:
         """A new stream from the peer; the stream (registered with `_opened_stream`), or None if refused."""
         raise ProtocolError(f"the peer may not open stream {stream_id}")
 
-    def _headers(self, stream_id: int, stream: Stream, headers: list, end_stream: bool, events: list) -> None:
+    def _headers(self, stream_id: int, stream: S, headers: list, end_stream: bool, events: list) -> None:
         raise NotImplementedError
 
-    def _data(self, stream_id: int, stream: Stream, data, end_stream: bool, events: list) -> bool:
+    def _data(self, stream_id: int, stream: S, data, end_stream: bool, events: list) -> bool:
         """Take DATA; True when it was kept (counted against the buffer limits), False if dropped."""
         raise NotImplementedError
 
-    def _complete(self, stream_id: int, stream: Stream, events: list) -> None:
+    def _complete(self, stream_id: int, stream: S, events: list) -> None:
         """The peer ended its half of the stream (hook)."""
 
     def _reset_by_peer(self, stream_id: int, error_code: int, events: list) -> None:

@@ -32,6 +32,7 @@ from utils.plugins import PluginError
 
 def sampler_from(settings: TracingSettings) -> Sampler:
     kind = settings.str("TRACING_SAMPLER_TYPE", "const").lower()
+    root: Sampler
     if kind == "const":
         root = ALWAYS_ON if settings.float("TRACING_SAMPLER_PARAM", 1.0) else ALWAYS_OFF
     elif kind == "probabilistic":
