@@ -118,6 +118,7 @@ clean_cluster:
 style: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 # Not part of `make test` or CI: needs root, several minutes and a private Docker engine.
 smoke-docker:
