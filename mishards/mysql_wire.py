@@ -81,7 +81,10 @@ def open_session(connect: Callable[..., Any], args: tuple, params: dict, timeout
     return own, session
 
 
-def _length(payload: bytes, pos: int) -> tuple[int, int]:
+Converter = Callable[[bytes | bytearray], Any]  # a column's text to its Python value
+
+
+def _length(payload: bytes | bytearray, pos: int) -> tuple[int, int]:
     """A length-encoded integer at `pos`: (value, position after it)."""
     first = payload[pos]
     if first < 0xFB:
@@ -108,10 +111,10 @@ class MysqlChannel(asyncio.Protocol):
         self._long: bytearray | None = None  # a payload of 16 MiB or more, still being joined
         self._state = _HEAD
         self._columns_left = 0
-        self._converters: list[Callable[[bytes], Any]] = []
+        self._converters: list[Converter] = []
         self._rows: list[Row] = []
         self._decode = lambda value: value.decode(encoding)
-        self._known_columns: dict[bytes, Callable[[bytes], Any]] = {}  # column definition -> converter
+        self._known_columns: dict[bytes, Converter] = {}  # column definition -> converter
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,7 +143,7 @@ class MysqlChannel(asyncio.Protocol):
                 if self._state == _ROWS and 0 < length < _MAX_PAYLOAD and self._long is None:
                     first = buffer[start]
                     if first != 0xFE and first != 0xFF:  # not EOF, not ERR: a row
-                        values = []
+                        values: list[object] = []
                         at = start
                         for convert in converters:
                             size = buffer[at]
@@ -264,7 +267,7 @@ class MysqlChannel(asyncio.Protocol):
         text = payload[9:] if payload[3:4] == b"#" else payload[3:]
         return ServerError(code, text.decode(self.encoding, "replace"))
 
-    def _converter(self, definition: bytes) -> Callable[[bytes], Any]:
+    def _converter(self, definition: bytes) -> Converter:
         """The Python value of a column's text: int, float or str, by the column definition's type."""
         known = self._known_columns.get(definition)
         if known is not None:
@@ -274,7 +277,7 @@ class MysqlChannel(asyncio.Protocol):
         known = self._known_columns[definition] = self._parse_converter(definition)
         return known
 
-    def _parse_converter(self, definition: bytes) -> Callable[[bytes], Any]:
+    def _parse_converter(self, definition: bytes) -> Converter:
         pos = 0
         for _ in range(6):  # catalog, schema, table, org_table, name, org_name
             size, pos = _length(definition, pos)
@@ -287,7 +290,7 @@ class MysqlChannel(asyncio.Protocol):
         return self._decode
 
     def _row(self, payload: bytes) -> Row:
-        values = []
+        values: list[object] = []
         pos = 0
         for convert in self._converters:
             first = payload[pos]

@@ -15,6 +15,7 @@ To add a setting: one field in `Settings` (in its group), one line in `_read`, a
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -162,17 +163,23 @@ class Source:
     def raw(self, name: str) -> str | None:
         return self.values.get(name)
 
-    def str(self, name: str, default: str = "") -> str:
+    def str(self, name: builtins.str, default: builtins.str = "") -> builtins.str:
         value = self.values.get(name)
         return default if value is None else value.strip()
 
-    def required(self, name: str) -> str:
+    def required(self, name: builtins.str) -> builtins.str:
         value = self.str(name)
         if not value:
             raise SettingsError(f"{name} is required but not set")
         return value
 
-    def int(self, name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
+    def int(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        minimum: builtins.int | None = None,
+        maximum: builtins.int | None = None,
+    ) -> builtins.int:
         text = self.str(name)
         if not text:
             return default
@@ -186,7 +193,7 @@ class Source:
             raise SettingsError(f"{name} must be at most {maximum}, got {value}")
         return value
 
-    def float(self, name: str, default: float, minimum: float) -> float:
+    def float(self, name: builtins.str, default: builtins.float, minimum: builtins.float) -> builtins.float:
         text = self.str(name)
         if not text:
             return default
@@ -198,7 +205,7 @@ class Source:
             raise SettingsError(f"{name} must be at least {minimum:g}, got {text}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         text = self.str(name).lower()
         if not text:
             return default
@@ -208,13 +215,13 @@ class Source:
             return False
         raise SettingsError(f"{name} must be true or false, got {self.str(name)!r}")
 
-    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    def choice(self, name: builtins.str, default: builtins.str, allowed: tuple[builtins.str, ...]) -> builtins.str:
         value = self.str(name, default).lower() or default
         if value not in allowed:
             raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         return value
 
-    def group(self, prefix: str) -> dict[str, str]:
+    def group(self, prefix: builtins.str) -> dict[builtins.str, builtins.str]:
         """Every variable whose name starts with `prefix`, for a plugin group."""
         return {k: v.strip() for k, v in self.values.items() if k.startswith(prefix)}
 
