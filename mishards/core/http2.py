@@ -181,18 +181,12 @@ class Budget:
         return True
 
 
-class Pacer:
+class Pacer(Budget):
     """A token bucket that may run into debt: spending (`tokens -= n`) never fails, and the debt
     says how long the spender must wait. Reading from a peer pauses for that long instead of
     ending its connection: a flood of frames that are each legal costs its sender time, not us CPU."""
 
-    __slots__ = ("size", "rate", "tokens", "stamp")
-
-    def __init__(self, size: int, window: float, now: float) -> None:
-        self.size = size
-        self.rate = size / window if window > 0 else float("inf")
-        self.tokens = float(size)
-        self.stamp = now
+    __slots__ = ()
 
     def debt(self, now: float) -> float:
         """Seconds until the bucket is out of debt (0.0: spend on)."""
