@@ -18,6 +18,7 @@ Words, the same in both places:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from utils.errors import NodeCallError
 
@@ -30,7 +31,16 @@ _DISCARDED_STATS = NodeStats()  # counted into when a node left meanwhile
 
 
 class Accounting:
-    def __init__(self, *, membership: Membership, writable: NodeClient, metrics: Metrics, tolerance: TailTolerance):
+    def __init__(
+        self,
+        *,
+        membership: Membership,
+        writable: NodeClient,
+        metrics: Metrics,
+        tolerance: TailTolerance,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
         self.membership = membership
         self.writable = writable
         self.metrics = metrics
@@ -57,11 +67,11 @@ class Accounting:
     def finished(
         self, node: str, client: NodeClient | None, started: float, error: NodeCallError | None, sample: bool = True
     ) -> None:
-        """A call ended (`started`: its time.monotonic() at launch). `sample`: its latency feeds the
+        """A call ended (`started`: the clock's time at launch). `sample`: its latency feeds the
         node's hedge delay and timeout (search calls; not forwarded ones)."""
         if client is None:  # it left during the search: nothing to record it on
             return
-        now = time.monotonic()
+        now = self.clock()
         seconds = now - started
         client.record(error is None, seconds, "" if error is None else str(error))
         if error is None and sample:

@@ -147,10 +147,19 @@ class NodeStats:
 class NodeClient:
     """One backend node: its node-call port(s), and its health record."""
 
-    def __init__(self, name: str, address: str, fast_transport: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        fast_transport: bool = True,
+        port_factory: Callable[[str], NodePort] | None = None,
+    ) -> None:
+        """`port_factory(address)`, when given, makes the one port that carries every call (tests
+        give fake ports; embedders another transport); else as the module docstring says."""
         self.name = name
         self.address = address
         self.fast_transport = fast_transport  # SEARCH_PATH_METHODS over node_client.H2Channel
+        self._port_factory = port_factory
         self._search_port: NodePort | None = None
         self._bulk_port: NodePort | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -171,19 +180,22 @@ class NodeClient:
     def _port(self, method: str) -> NodePort:
         if self._closed:
             return _Left(f"read-only node {self.name} left")
-        if method in SEARCH_PATH_METHODS or not self.fast_transport:
+        if method in SEARCH_PATH_METHODS or not self.fast_transport or self._port_factory is not None:
             port = self._search_port
             if port is None:
                 self._loop = asyncio.get_running_loop()
-                port = self._search_port = (
-                    H2Channel(self.address) if self.fast_transport else GrpcioChannel(self.address)
-                )
+                port = self._search_port = self._new_port()
             return port
         port = self._bulk_port
         if port is None:
             self._loop = asyncio.get_running_loop()
             port = self._bulk_port = GrpcioChannel(self.address)
         return port
+
+    def _new_port(self) -> NodePort:
+        if self._port_factory is not None:
+            return self._port_factory(self.address)
+        return H2Channel(self.address) if self.fast_transport else GrpcioChannel(self.address)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """The serving loop: handshakes and health checks from other threads run their call there."""
@@ -212,7 +224,8 @@ class NodeClient:
                 ) from None
             except concurrent.futures.CancelledError:
                 raise NodeCancelled("the serving loop stopped during the call") from None
-        return asyncio.run(_one_off(self.address, _PATHS[method], request, timeout))
+        factory = self._port_factory or H2Channel
+        return asyncio.run(_one_off(factory(self.address), _PATHS[method], request, timeout))
 
     async def _await(self, method: str, request: bytes, timeout: float) -> bytes:
         return await self.call(method, request, timeout)
@@ -325,13 +338,12 @@ class _Left:
         pass
 
 
-async def _one_off(address: str, path: str, request: bytes, timeout: float) -> bytes:
-    """One call over a connection of its own, closed after it (handshakes before the loop runs)."""
-    channel = H2Channel(address)
+async def _one_off(port: NodePort, path: str, request: bytes, timeout: float) -> bytes:
+    """One call over a port (a connection) of its own, closed after it (handshakes before the loop runs)."""
     try:
-        return await channel.call(path, request, timeout)
+        return await port.call(path, request, timeout)
     finally:
-        channel.close()
+        port.close()
         await asyncio.sleep(0)  # let the transport's close run before the loop ends
 
 
@@ -444,6 +456,11 @@ class Membership:
             return dict(self._waiting)
 
     # ------------------------------------------------------------------ background
+    def _new_port(self) -> NodePort:
+        if self._port_factory is not None:
+            return self._port_factory(self.address)
+        return H2Channel(self.address) if self.fast_transport else GrpcioChannel(self.address)
+
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """The serving event loop: from now on handshakes and health checks use each node's own
         connection on it (before, each opens a short-lived one)."""

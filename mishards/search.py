@@ -34,6 +34,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -281,8 +282,11 @@ class Scatter:
         tolerance: TailTolerance | None = None,
         partial_results: bool = False,
         accounting: Accounting | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`metrics` None is NoMetrics; `accounting` is built from the others unless shared (the service's)."""
+        """`metrics` None is NoMetrics; `accounting` is built from the others unless shared (the
+        service's); `clock` is the event loop's (time.monotonic; tests run on a virtual one)."""
+        self.clock = clock
         self.membership = membership
         self.writable = writable
         self.planner = Planner(router, max_retry)
@@ -292,7 +296,7 @@ class Scatter:
         self.tolerance = tolerance or TailTolerance()
         self.partial_results = partial_results
         self.accounting = accounting or Accounting(
-            membership=membership, writable=writable, metrics=self.metrics, tolerance=self.tolerance
+            membership=membership, writable=writable, metrics=self.metrics, tolerance=self.tolerance, clock=clock
         )
 
     async def run(
@@ -310,13 +314,13 @@ class Scatter:
     ) -> bytes:
         """`started` (time.monotonic() when the request arrived) times the access log line;
         `match_filter` merges SUBSTRUCTURE/SUPERSTRUCTURE replies in reply order."""
-        started = time.monotonic() if started is None else started
+        started = self.clock() if started is None else started
         nodes = self.membership.all()
         with self.tracer.span("get_routing", span):
             groups = self.planner.first(files.ids, _health(nodes))
         stop_at = deadline
         if self.partial_results:  # answer with what arrived while the client still listens
-            stop_at -= min(PARTIAL_MARGIN_S, PARTIAL_MARGIN_SHARE * max(deadline - time.monotonic(), 0.0))
+            stop_at -= min(PARTIAL_MARGIN_S, PARTIAL_MARGIN_SHARE * max(deadline - self.clock(), 0.0))
         request = _Request(
             collection,
             search_param,
@@ -346,7 +350,7 @@ class Scatter:
                 topk,
                 len(files),
                 ",".join(groups),
-                (time.monotonic() - started) * 1000,
+                (self.clock() - started) * 1000,
             )
         return encode_reply(ids, distances, status)
 
@@ -364,7 +368,7 @@ class Scatter:
         missing: list[_Group] = []
         try:
             while inflight.calls:
-                now = time.monotonic()
+                now = self.clock()
                 if now >= request.stop_at:
                     break
                 wake = request.stop_at
@@ -377,7 +381,7 @@ class Scatter:
                         self._settled(call, request, groups, inflight, replies, missing)
                     elif not future.cancelled():
                         future.exception()  # a loser that completed too: its outcome is moot
-                now = time.monotonic()
+                now = self.clock()
                 for group in groups:
                     if group.open and group.hedge_at is not None and group.hedge_at <= now:
                         group.hedge_at = None
@@ -453,7 +457,7 @@ class Scatter:
         regrouped = self.planner.reroute(group.file_ids, _health(request.nodes), group.tried)
         if regrouped is None:
             raise self._incomplete([group], request, "every node failed")
-        if time.monotonic() >= request.stop_at:
+        if self.clock() >= request.stop_at:
             raise self._incomplete([group], request, "the deadline passed")
         log.warning(
             "re-routed %d file(s) from %s to %s", len(group.file_ids), ", ".join(group.tried), ", ".join(regrouped)
@@ -462,7 +466,7 @@ class Scatter:
 
     def _hedge(self, group: _Group, request: _Request, inflight: _Inflight) -> None:
         """The group's call is late: race it where the planner says, if anywhere and the budget allows."""
-        if not group.calls or time.monotonic() >= request.stop_at:
+        if not group.calls or self.clock() >= request.stop_at:
             return
         target = self.planner.hedge_target(group.file_ids, _health(request.nodes), group.tried)
         if target is None or not self.tolerance.may_hedge():
@@ -531,7 +535,7 @@ class Scatter:
         hedge: bool = False,
     ) -> None:
         """Start the group's call on `node` now."""
-        now = time.monotonic()
+        now = self.clock()
         remaining = max(request.stop_at - now, 0.001)
         own = remaining if node == WRITABLE else self.tolerance.attempt_timeout(node, now, group.attempt)
         timeout = min(own, remaining)  # the writable node, the last resort, gets all the time left
@@ -561,7 +565,7 @@ class Scatter:
             mask = self.reloads.stale(job.node, ids, times)
             if mask.any():
                 stale = (ids[mask], times[mask])
-        started = time.monotonic()
+        started = self.clock()
         if stale is None and not self.tracer.enabled:
             message = search_in_files_request(job.file_ids, request.search_param)
             return _Call(job, group, client, started, client.call("SearchInFiles", message, job.timeout))
@@ -590,11 +594,11 @@ class Scatter:
         stale: tuple[np.ndarray, np.ndarray] | None,
         metadata: Metadata | None,
     ) -> bytes:
-        started = time.monotonic()
+        started = self.clock()
         if stale is not None:
             await self._reload(job, client, request.collection, stale, metadata)
         message = search_in_files_request(job.file_ids, request.search_param)
-        remaining = max(job.timeout - (time.monotonic() - started), 0.001)
+        remaining = max(job.timeout - (self.clock() - started), 0.001)
         return await client.call("SearchInFiles", message, remaining, metadata)
 
     async def _reload(
