@@ -569,12 +569,12 @@ class Scatter:
         if stale is None and not self.tracer.enabled:
             message = search_in_files_request(job.file_ids, request.search_param)
             return _Call(job, group, client, started, client.call("SearchInFiles", message, job.timeout))
-        return _Call(job, group, client, started, asyncio.ensure_future(self._traced(job, client, request, stale)))
+        return _Call(job, group, client, started, asyncio.ensure_future(self._in_task(job, client, request, stale)))
 
-    async def _traced(
+    async def _in_task(
         self, job: _Job, client: NodeClient, request: _Request, stale: tuple[np.ndarray, np.ndarray] | None
     ) -> bytes:
-        """A call that needs a reload first, or a span around it."""
+        """A call that needs a reload first, or a span around it: run as a task."""
         if not self.tracer.enabled:
             return await self._reload_then_search(job, client, request, stale, None)
         with self.tracer.span(
