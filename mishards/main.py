@@ -26,14 +26,15 @@ try:
     from discovery import discovery_factory
     from discovery.plugins.static import DiscoveryConfigError
     from mishards.core.hedging import TailPolicy, TailTolerance
+    from mishards.core.http2 import DEFAULT_LIMITS, Limits
     from mishards.meta import MetaReader, SchemaCache, create_engine
     from mishards.nodes import HandshakeError, HealthPolicy, Membership, NodeClient
     from mishards.observability.health import MetaMonitor
     from mishards.observability.http import ObservabilityServer, bind_socket
-    from mishards.observability.metrics import Metrics
+    from mishards.observability.metrics import Metrics, NoMetrics
     from mishards.observability.status import StatusSource
     from mishards.router import router_factory
-    from mishards.service import MishardsService, start_server
+    from mishards.service import SERVICE, MishardsService
     from mishards.settings import Settings, SettingsError, load_settings
     from mishards.transport import H2Server
     from tracer import Tracer, create_tracer
@@ -62,7 +63,7 @@ class Mishards:
             )
         except PluginError as exc:
             raise SettingsError(f"TRACER_CLASS_NAME={settings.tracer_class_name!r}: {exc}") from None
-        self.metrics = Metrics() if settings.metrics_port else None
+        self.metrics = Metrics() if settings.metrics_port else NoMetrics()
         try:
             engine = create_engine(
                 settings.sqlalchemy_database_uri,
@@ -171,6 +172,7 @@ class Mishards:
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(self.settings.max_workers, thread_name_prefix="mishards-db"))
         port = self.settings.server_port if port is None else port
+        self.membership.attach(loop)  # health checks from now on over each node's own connection
         try:
             self.server, bound = await start_server(
                 self.service, self.host, port, self.settings.rpc_transport, self.settings.front_door
@@ -185,7 +187,7 @@ class Mishards:
             self.settings.woserver,
             ", ".join(self.membership.names()) or "none yet",
         )
-        if self.metrics is not None:
+        if self.metrics.enabled:
             await self.start_http()
         await stopping.wait()
         log.info("stopping")
@@ -196,7 +198,7 @@ class Mishards:
         self.meta_monitor.stop()
         await self.meta.close()  # the held MySQL session quits politely
         self.discovery.stop()
-        self.membership.stop()
+        await asyncio.to_thread(self.membership.stop)  # its probe thread may be waiting on this loop
         self.writable.close()
         self.tracer.close()
 
@@ -207,8 +209,8 @@ class Mishards:
         source = StatusSource(
             membership=self.membership,
             writable=self.writable,
-            router=self.router,
-            engine=self.meta.engine,
+            planner=self.service.planner,
+            meta=self.meta,
             conn_stats=self.service.conn_stats,
             serving=lambda: self.serving,
             meta_monitor=self.meta_monitor,
@@ -225,6 +227,36 @@ class Mishards:
         sock, self._metrics_socket = self._metrics_socket, None
         await self.http.start(sock)
         log.info("metrics, status page and probes on http://%s:%d/", self.settings.metrics_host, self.http.port)
+
+
+async def start_server(
+    service: MishardsService, host: str, port: int, transport: str = "http2", limits: Limits = DEFAULT_LIMITS
+) -> tuple[grpc.aio.Server | H2Server, int]:
+    """Serve the API on host:port (port 0: any free one); the server and its port. Call inside the loop.
+
+    `http2` (RPC_TRANSPORT, the default) is the proxy's own HTTP/2 server (transport.py, about a
+    third of grpc.aio's CPU per call, within `limits`: docs/front-door.md); `grpcio` is grpc.aio,
+    kept as the reference the own server is tested against (README: RPC_TRANSPORT)."""
+    if transport == "http2":
+        server = H2Server(service.handlers(), limits)
+        return server, await server.start(host, port)
+    methods = {
+        path.rpartition("/")[2]: grpc.unary_unary_rpc_method_handler(handler)
+        for path, handler in service.handlers().items()
+    }
+    aio = grpc.aio.server(
+        handlers=[grpc.method_handlers_generic_handler(SERVICE, methods)],
+        options=[
+            ("grpc.max_send_message_length", -1),
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    bound = aio.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await aio.start()
+    return aio, bound
 
 
 def tail_policy(settings: Settings) -> TailPolicy:

@@ -42,6 +42,11 @@ _FILES_SQL = (
     "AND table_id IN ({ps}) ORDER BY id"
 )
 _FILES_BY_ID_SQL = "SELECT id, table_id, file_type, updated_time FROM TableFiles WHERE id IN ({ps})"
+_SPREAD_SQL = (
+    "SELECT CASE WHEN t.owner_table = '' OR t.owner_table IS NULL THEN t.table_id ELSE t.owner_table END, "
+    "f.id, f.row_count, f.file_size FROM TableFiles f JOIN Tables t ON t.table_id = f.table_id "
+    f"WHERE f.file_type IN {SEARCHABLE_FILE_TYPES} AND t.state <> {STATE_TO_DELETE} ORDER BY f.id"
+)
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,14 @@ class MetaReader:
     async def files_by_ids(self, ids: Sequence[int], timeout: float) -> list[tuple]:
         """(id, table_id, file_type, updated_time) of the given file ids that exist."""
         return await self._rows(_FILES_BY_ID_SQL.format(ps=self._in(len(ids))), ids, timeout) if ids else []
+
+    def searchable_files_by_collection(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Every collection's searchable files as (id, row_count, file_size), partitions included.
+        Blocking, on a pooled connection: for the status page's worker thread, never the search path."""
+        files: dict[str, list[tuple[str, int, int]]] = {}
+        for collection, file_id, row_count, file_size in self._pooled_rows(_SPREAD_SQL, ()):
+            files.setdefault(collection, []).append((str(file_id), int(row_count or 0), int(file_size or 0)))
+        return files
 
     async def close(self) -> None:
         """Close the held MySQL session (SQLite and pooled connections belong to the engine)."""

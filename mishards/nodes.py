@@ -1,64 +1,95 @@
-"""Backend Milvus nodes as the proxy sees them: raw-bytes gRPC clients, handshake, health.
+"""Backend Milvus nodes as the proxy sees them: the node-call port, handshake, health, membership.
 
-The transport boundary: everything here moves serialized bytes, so forwarding never decodes and
-re-encodes a request. Request traffic runs on the server's event loop (no thread per call): the
-search path's calls (FAST_METHODS) over the proxy's own HTTP/2 client (`transport.H2Channel`),
-everything else over a grpc.aio channel; the handshake and health probes, which run on discovery
-and probe threads, use a small blocking grpcio channel of their own. A node joins the read-only
-membership only after it answered the version handshake with a supported version; one that
-fails it waits and is retried.
+The node-call port (`NodePort`) is the transport boundary: a unary call of serialized bytes with
+a deadline (cancel it by cancelling its future), and close. A call that brings no reply fails with
+one error family, `NodeCallError` (NodeUnavailable, NodeDeadline, NodeCancelled,
+NodeUnimplemented, NodeProtocolError, NodeRejectedRequest), whatever carried it; nothing above
+this module sees a transport's own exceptions. It is implemented twice:
+
+- `node_client.H2Channel`, the proxy's own HTTP/2 client: every call to a read-only node and the
+  search path's calls and health checks of the writable node;
+- `node_grpcio.GrpcioChannel`, over grpc.aio: the writable node's forwarded calls (inserts of
+  hundreds of MB, index builds: everything but SEARCH_PATH_METHODS), and every call when
+  RPC_TRANSPORT=grpcio.
+
+The handshake and the health checks use the same port as the requests, so a node has one
+connection to watch: they run on discovery and probe threads and hand their call to the serving
+event loop (`Membership.attach`); before that loop runs (start-up), a check opens a short-lived
+connection of its own. A node joins the read-only membership only after it answered the version
+handshake with a supported version; one that fails it waits and is retried.
+
 Every joined node (and the writable one) is health-checked in the background: a node whose search
 fails, that is ejected as an outlier (its calls timed out or lost hedges several times in a row,
-see core/hedging.py), or that misses HEALTH_CHECK_FAILURES_TO_REMOVE checks in a row, is marked unhealthy and left
-out of routing until it passes HEALTH_CHECK_SUCCESSES_TO_RESTORE checks in a row. Nothing here ever
-leaves an empty entry behind.
+see core/hedging.py), or that misses HEALTH_CHECK_FAILURES_TO_REMOVE checks in a row, is marked
+unhealthy and left out of routing until it passes HEALTH_CHECK_SUCCESSES_TO_RESTORE checks in a
+row. Nothing here ever leaves an empty entry behind.
 
-Addresses keep host names: gRPC's DNS resolver resolves them and re-resolves when a connection
-drops (at most once a second here), and a node that turns unhealthy gets a fresh probe channel,
-so a host name that moves to another IP is followed.
+Addresses keep host names: each new connection resolves them again, and a connection that stops
+answering is dropped (node_client: a missed PING after a deadline), so a host name that moves to
+another IP is followed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-import grpc
+from typing import Protocol
 
 from milvus_grpc import milvus_pb2 as pb
+from tracer import Metadata
+from utils.errors import (
+    NodeCallError,
+    NodeCancelled,
+    NodeDeadline,
+    NodeProtocolError,
+    NodeRejectedRequest,
+    NodeUnavailable,
+    NodeUnimplemented,
+)
 
-from .core.grpc_h2 import UNAVAILABLE
+from .node_client import H2Channel
+from .node_grpcio import GrpcioChannel
 from .settings import SUPPORTED_SERVER_VERSIONS
-from .transport import H2Channel, rpc_error
 
 log = logging.getLogger(__name__)
 
-SERVICE = "milvus.grpc.MilvusService"
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.enable_retries", 0),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    # a restarted node is reachable again within ~1 s, not after gRPC's default 120 s backoff cap
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
-    ("grpc.dns_min_time_between_resolutions_ms", 1_000),
+__all__ = [  # the port's error family, re-exported: callers of nodes import them from here
+    "NodeCallError",
+    "NodeCancelled",
+    "NodeDeadline",
+    "NodeProtocolError",
+    "NodeRejectedRequest",
+    "NodeUnavailable",
+    "NodeUnimplemented",
 ]
-# The search path's calls, made over the proxy's own HTTP/2 client (transport.py) unless
-# RPC_TRANSPORT=grpcio; everything else (inserts of hundreds of MB, ...) stays on grpcio.
-FAST_METHODS = frozenset({"SearchInFiles", "ReloadSegments"})
+
+SERVICE = "milvus.grpc.MilvusService"
+# The calls of the search path (and the health checks), over the proxy's own HTTP/2 client unless
+# RPC_TRANSPORT=grpcio; the writable node's other calls stay on grpcio (see the module docstring).
+SEARCH_PATH_METHODS = frozenset({"SearchInFiles", "ReloadSegments", "PreloadCollection", "Cmd"})
 HANDSHAKE_TIMEOUT_S = 3.0
+LOOP_GRACE_S = 1.0  # a check handed to the serving loop waits this much longer than its own deadline
 MAX_PARALLEL_PROBES = 8
-# A node that leaves keeps its channel until its in-flight calls end (each has a deadline, so this
-# is only an upper bound): closing at once would cancel them and leave their searches hanging.
-DRAIN_GRACE_S = 600.0
+_PATHS = {name: f"/{SERVICE}/{name}" for name in pb.DESCRIPTOR.services_by_name["MilvusService"].methods_by_name}
+_VERSION_REQUEST = pb.Command(cmd="version").SerializeToString()
+
+
+class NodePort(Protocol):
+    """Unary calls to one node. `call` returns an awaitable of the reply bytes, or fails with
+    NodeCallError; cancelling it cancels the call on the node. Use it on one event loop."""
+
+    def call(
+        self, path: str, request: bytes, timeout: float | None, metadata: Metadata | None = None
+    ) -> Awaitable[bytes]: ...
+
+    def close(self) -> None:
+        """No new calls; the connection closes once the calls in flight have ended."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +124,9 @@ class HealthResult:
 
 @dataclass
 class NodeStats:
+    """What `Cmd conn_stats` shows of a node. The call counters are written by the search path's
+    accounting (`search.Accounting`) and the health fields by `NodeClient`, nowhere else."""
+
     healthy: bool = True
     version: str = ""
     last_error: str = ""
@@ -102,7 +136,7 @@ class NodeStats:
     successes_in_a_row: int = 0
     calls: int = 0
     failures: int = 0
-    failovers: int = 0
+    failovers: int = 0  # file groups moved away from this node after it failed them
     files_routed: int = 0
     latency_ms_ewma: float = 0.0
     hedges: int = 0  # hedged calls sent here because another node was slow
@@ -111,54 +145,102 @@ class NodeStats:
 
 
 class NodeClient:
-    """One backend node: raw (bytes in, bytes out) callables per RPC, and its health record."""
+    """One backend node: its node-call port(s), and its health record."""
 
-    def __init__(self, name: str, address: str, fast_transport: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        fast_transport: bool = True,
+        port_factory: Callable[[str], NodePort] | None = None,
+    ) -> None:
+        """`port_factory(address)`, when given, makes the one port that carries every call (tests
+        give fake ports; embedders another transport); else as the module docstring says."""
         self.name = name
         self.address = address
-        self._probe_channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._channel: grpc.aio.Channel | None = None
+        self.fast_transport = fast_transport  # SEARCH_PATH_METHODS over node_client.H2Channel
+        self._port_factory = port_factory
+        self._search_port: NodePort | None = None
+        self._bulk_port: NodePort | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._callables: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
-        self._h2: H2Channel | None = None
-        self.fast_transport = fast_transport  # FAST_METHODS over transport.H2Channel
         self.stats = NodeStats()
         self.supports_reload = True  # until the node answers UNIMPLEMENTED
         self._lock = threading.Lock()
         self._closed = False
 
-    def rpc(self, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
-        """The asyncio callable for `method`; call only from the server's event loop. After the
-        node left, calls fail with UNAVAILABLE (so a search fails over) instead of opening a channel."""
+    # ------------------------------------------------------------------ calls (on the event loop)
+    def call(
+        self, method: str, request: bytes, timeout: float | None, metadata: Metadata | None = None
+    ) -> Awaitable[bytes]:
+        """Call `method` on the node: an awaitable of the reply bytes; failures raise NodeCallError.
+        Only on the serving event loop. After the node left, calls fail with NodeUnavailable (so a
+        search fails over) instead of opening a connection."""
+        return self._port(method).call(_PATHS[method], request, timeout, metadata)
+
+    def _port(self, method: str) -> NodePort:
         if self._closed:
-            return self._left
-        callable_ = self._callables.get(method)
-        if callable_ is None and method in FAST_METHODS and self.fast_transport:
-            if self._h2 is None:
+            return _Left(f"read-only node {self.name} left")
+        if method in SEARCH_PATH_METHODS or not self.fast_transport or self._port_factory is not None:
+            port = self._search_port
+            if port is None:
                 self._loop = asyncio.get_running_loop()
-                self._h2 = H2Channel(self.address)
-            callable_ = self._h2.unary(f"/{SERVICE}/{method}")
-            self._callables[method] = callable_
-        if callable_ is None:
-            if self._channel is None:
-                self._loop = asyncio.get_running_loop()
-                self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-            callable_ = self._channel.unary_unary(f"/{SERVICE}/{method}")
-            self._callables[method] = callable_
-        return callable_
+                port = self._search_port = self._new_port()
+            return port
+        port = self._bulk_port
+        if port is None:
+            self._loop = asyncio.get_running_loop()
+            port = self._bulk_port = GrpcioChannel(self.address)
+        return port
+
+    def _new_port(self) -> NodePort:
+        if self._port_factory is not None:
+            return self._port_factory(self.address)
+        return H2Channel(self.address) if self.fast_transport else GrpcioChannel(self.address)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The serving loop: handshakes and health checks from other threads run their call there."""
+        if self._loop is None:
+            self._loop = loop
+
+    # ------------------------------------------------------------------ handshake and health (any thread)
+    def _blocking_call(self, method: str, request: bytes, timeout: float) -> bytes:
+        """A call from a discovery or probe thread: over the node's own port on the serving loop;
+        before that loop runs, over a short-lived HTTP/2 connection of its own. Bounded by `timeout`."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                raise RuntimeError("a blocking node call on the serving event loop would stall it")
+            future = asyncio.run_coroutine_threadsafe(self._await(method, request, timeout), loop)
+            try:
+                return future.result(timeout + LOOP_GRACE_S)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise NodeDeadline(
+                    f"the serving loop did not finish the call within {timeout + LOOP_GRACE_S:.1f} s"
+                ) from None
+            except concurrent.futures.CancelledError:
+                raise NodeCancelled("the serving loop stopped during the call") from None
+        factory = self._port_factory or H2Channel
+        return asyncio.run(_one_off(factory(self.address), _PATHS[method], request, timeout))
+
+    async def _await(self, method: str, request: bytes, timeout: float) -> bytes:
+        return await self.call(method, request, timeout)
 
     def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> str:
         """Ask `Cmd version` (blocking); the version string if supported, else HandshakeError."""
+        if self._closed:
+            raise HandshakeError(f"{self.name} ({self.address}) left")
         try:
-            raw = self._probe_channel.unary_unary(f"/{SERVICE}/Cmd")(
-                pb.Command(cmd="version").SerializeToString(), timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            raise HandshakeError(
-                f"{self.name} ({self.address}) did not answer Cmd version: {exc.code().name}"
-            ) from None
-        except ValueError:  # the channel was closed meanwhile: the node left
-            raise HandshakeError(f"{self.name} ({self.address}) left") from None
+            raw = self._blocking_call("Cmd", _VERSION_REQUEST, timeout)
+        except NodeCallError as exc:
+            code = str(exc).split(" ", 1)[0]
+            raise HandshakeError(f"{self.name} ({self.address}) did not answer Cmd version: {code}") from None
+        except RuntimeError:  # the serving loop closed meanwhile: the proxy is stopping
+            raise HandshakeError(f"{self.name} ({self.address}): the proxy is stopping") from None
         reply = pb.StringReply.FromString(raw)
         if reply.status.error_code != 0:
             raise HandshakeError(f"{self.name} refused Cmd version: {reply.status.reason}")
@@ -171,6 +253,7 @@ class NodeClient:
         return reply.string_reply
 
     def record(self, ok: bool, seconds: float, error: str = "") -> None:
+        """One call's outcome in the node's stats (the accounting point calls this)."""
         with self._lock:
             self.stats.calls += 1
             latency_ms = seconds * 1000
@@ -217,40 +300,51 @@ class NodeClient:
         if not flip:
             return None
         self.set_health(result.ok, error)
-        if not result.ok:
-            self.renew_probe_channel()
         return result.ok
 
     @property
     def state(self) -> str:
         return "healthy" if self.stats.healthy else "unhealthy"
 
-    def renew_probe_channel(self) -> None:
-        """A fresh channel resolves the host name again (the request channel re-resolves on its own)."""
-        if self._closed:
-            return
-        old, self._probe_channel = self._probe_channel, grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        old.close()
-
-    async def _left(self, *args, **kwargs) -> bytes:
-        raise rpc_error(UNAVAILABLE, f"read-only node {self.name} left")
-
     def close(self) -> None:
-        """Close both channels, letting in-flight calls finish; safe from any thread."""
+        """Close the ports, letting in-flight calls finish; safe from any thread."""
         self._closed = True
-        self._probe_channel.close()
-        channel, loop, self._channel = self._channel, self._loop, None
-        h2, self._h2 = self._h2, None
-        self._callables = {}
-        if loop is None or loop.is_closed():
+        ports = [port for port in (self._search_port, self._bulk_port) if port is not None]
+        self._search_port = self._bulk_port = None
+        loop = self._loop
+        if not ports or loop is None or loop.is_closed():
             return
         try:
-            if h2 is not None:  # closes once its calls have ended
-                loop.call_soon_threadsafe(h2.close)
-            if channel is not None:
-                loop.call_soon_threadsafe(lambda: asyncio.ensure_future(channel.close(grace=DRAIN_GRACE_S)))
+            for port in ports:  # each closes once its calls have ended
+                loop.call_soon_threadsafe(port.close)
         except RuntimeError:  # the loop stopped meanwhile; the process is going away
             pass
+
+
+class _Left:
+    """The port of a node that left: every call fails over at once."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def call(
+        self, path: str, request: bytes, timeout: float | None, metadata: Metadata | None = None
+    ) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(NodeUnavailable(self.why))
+        return future
+
+    def close(self) -> None:
+        pass
+
+
+async def _one_off(port: NodePort, path: str, request: bytes, timeout: float) -> bytes:
+    """One call over a port (a connection) of its own, closed after it (handshakes before the loop runs)."""
+    try:
+        return await port.call(path, request, timeout)
+    finally:
+        port.close()
+        await asyncio.sleep(0)  # let the transport's close run before the loop ends
 
 
 class Membership:
@@ -274,6 +368,7 @@ class Membership:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.listeners: list[Callable[[], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ changes
     def add(self, name: str, address: str) -> bool:
@@ -284,6 +379,8 @@ class Membership:
             if known is not None and known.address == address:
                 return True
         client = self._factory(name, address)
+        if self._loop is not None:
+            client.attach(self._loop)
         try:
             version = client.handshake()
         except HandshakeError as exc:
@@ -328,11 +425,11 @@ class Membership:
 
     def eject(self, name: str, reason: str) -> bool:
         """Outlier ejection: out of routing at once after slow calls in a row, without waiting for
-        health checks; those bring it back (HEALTH_CHECK_SUCCESSES_TO_RESTORE). True when ejected."""
+        health checks; those bring it back (HEALTH_CHECK_SUCCESSES_TO_RESTORE). True when ejected
+        (the caller counts it: accounting.Accounting.ejected)."""
         client = self.get(name)
         if client is None or not client.set_health(False, reason):
             return False
-        client.stats.ejections += 1
         log.warning("read-only node %s ejected from routing: %s", name, reason)
         self._changed()
         return True
@@ -359,6 +456,18 @@ class Membership:
             return dict(self._waiting)
 
     # ------------------------------------------------------------------ background
+    def _new_port(self) -> NodePort:
+        if self._port_factory is not None:
+            return self._port_factory(self.address)
+        return H2Channel(self.address) if self.fast_transport else GrpcioChannel(self.address)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The serving event loop: from now on handshakes and health checks use each node's own
+        connection on it (before, each opens a short-lived one)."""
+        self._loop = loop
+        for client in [*self.all().values(), *([self.writable] if self.writable is not None else [])]:
+            client.attach(loop)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._probe_loop, name="membership-probe", daemon=True)
         self._thread.start()

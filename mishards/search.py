@@ -1,10 +1,19 @@
 """Scatter a search over the read-only nodes, survive the ones that fail or hang, gather and merge.
 
+Three parts, each visible on its own:
+- the planner (planner.py, pure): which node searches which files first, where a failed group
+  goes next, where a slow one is hedged; the one place that decides "search on the writable node";
+- the executor (`Scatter`, here): launches each group's `SearchInFiles` over the node-call port,
+  races hedges, fails over, cancels what is left at the deadline; every call ends as one typed
+  `Outcome` (a reply, or a `NodeCallError` saying why not), on one code path;
+- the accounting point (accounting.py): every call's stats, latency sample and metrics recorded
+  once, when its outcome is settled.
+
 Each node gets one `SearchInFiles` built around the client's own `SearchParam` bytes. A node
-that errs at the transport level is marked unhealthy and its files go to the next distinct node
-on the ring (at most MAX_RETRY read-only nodes per file), then to the writable node as a last
-resort; the client still gets a complete result, or a status that names the files and nodes that
-failed. A node's Milvus status (bad dimension, ...) is an answer, returned as is.
+that errs at the transport level is marked unhealthy and its files go where the planner says (the
+next distinct node on the ring, at most MAX_RETRY read-only nodes per file, then the writable
+node as a last resort); the client still gets a complete result, or a status that names the files
+and nodes that failed. A node's Milvus status (bad dimension, ...) is an answer, returned as is.
 
 Slow nodes (core/hedging.py holds the policy): a call not answered after its node's hedge delay
 is raced on the node failover would pick, within a hedge budget; the first answer wins, the
@@ -25,40 +34,69 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 
 from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import status_pb2
 from tracer import Metadata, Tracer
-from utils.errors import ConnectFailed, MilvusError, NoAvailableNode, UnexpectedError
+from utils.errors import (
+    ConnectFailed,
+    MilvusError,
+    NodeCallError,
+    NodeDeadline,
+    NodeUnavailable,
+    NodeUnimplemented,
+    UnexpectedError,
+)
 
+from .accounting import Accounting
 from .core import wire
 from .core.hedging import TailTolerance
 from .core.merge import merge_topk
 from .meta import FileSet
-from .nodes import Membership, NodeClient, NodeStats
-from .observability.metrics import Metrics, NodeSeries
+from .nodes import Membership, NodeClient
+from .observability.metrics import Metrics, NoMetrics
+from .planner import WRITABLE, Planner
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mishards.access")  # one INFO line per search; silence it alone if wanted
 
-WRITABLE = "<writable>"
-TIMED_OUT = "DEADLINE_EXCEEDED"  # how a call's own timeout shows in its error text
 PARTIAL_MARGIN_S = 0.25  # with partial results on, stop waiting this long before the deadline ...
 PARTIAL_MARGIN_SHARE = 0.1  # ... or this share of the time the search had, whichever is less
 MAX_FILES_NAMED = 10  # file ids listed in an error
-_DISCARDED_STATS = NodeStats()  # counted into when a node left meanwhile
-_DISCARDED_SERIES = NodeSeries()  # counted into when metrics are off
 
 
-def _ready(value):
-    """An already completed future (a result known before any call)."""
-    future = asyncio.get_running_loop().create_future()
-    future.set_result(value)
-    return future
+# ---------------------------------------------------------------------- the codec and merge, in one place each
+def search_in_files_request(file_ids: list[str], search_param: bytes) -> bytes:
+    """The `SearchInFiles` message for some files around the client's own `SearchParam` bytes."""
+    return wire.search_in_files_request(file_ids, search_param)
+
+
+def decode_reply(node: str, payload: bytes, nq: int) -> tuple[np.ndarray, np.ndarray]:
+    """A node's top-k reply as (ids, distances); its own error status raises as the MilvusError it is."""
+    code, reason, row_num, ids, distances = wire.decode_topk_result(payload)
+    if code != 0:
+        raise MilvusError(reason, code)  # the node's own answer, e.g. a dimension mismatch
+    if row_num == 0:
+        return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
+    if row_num != nq:
+        raise UnexpectedError(f"read-only node {node} returned {row_num} rows for {nq} queries")
+    return ids, distances
+
+
+def merge_replies(
+    replies: list, nq: int, topk: int, descending: bool, match_filter: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The nodes' top-k lists merged into one."""
+    return merge_topk(replies, nq, topk, descending, match_filter)
+
+
+def encode_reply(ids: np.ndarray, distances: np.ndarray, status: status_pb2.Status | None = None) -> bytes:
+    """The client's `TopKQueryResult` bytes."""
+    return wire.encode_topk_result(ids, distances, status)
 
 
 class ReloadTracker:
@@ -95,6 +133,35 @@ class ReloadTracker:
             self._state.pop(node, None)
 
 
+class ReloadRefused(NodeCallError):
+    """The node answered `ReloadSegments` with a non-zero Milvus status: its files cannot be searched there."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        text = f"ReloadSegments answered {code}: {reason}"
+        super().__init__(text)
+        self.args = (text,)  # shown as is, without a gRPC code name
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one node call ended: the reply bytes, or the error that says why there is none."""
+
+    reply: bytes | None = None
+    error: NodeCallError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def of(cls, future: asyncio.Future) -> Outcome:
+        """The outcome of a completed call's future (anything but a NodeCallError is a bug: it raises)."""
+        try:
+            return cls(reply=future.result())
+        except NodeCallError as exc:
+            return cls(error=exc)
+
+
 @dataclass
 class _Job:
     """One call: these files on this node (`attempt`: failovers of these files so far)."""
@@ -108,15 +175,15 @@ class _Job:
 
 
 @dataclass
-class _Launched:
-    """A call in flight: `call` is the RPC's future itself (plain) or a task yielding (ok, payload)."""
+class _Call:
+    """A call in flight: `future` yields the reply bytes or raises NodeCallError, whether it is the
+    port's own future (the usual case, no task) or a task that reloads first or holds a span."""
 
     job: _Job
     group: _Group
     client: NodeClient | None
     started: float
-    call: asyncio.Future
-    plain: bool = False
+    future: asyncio.Future
 
 
 @dataclass
@@ -127,7 +194,7 @@ class _Group:
     attempt: int = 0
     tried: set[str] = field(default_factory=set)  # nodes sent these files (a racing hedge included)
     errors: list[str] = field(default_factory=list)  # "node: why", of every failed call
-    calls: list[_Launched] = field(default_factory=list)
+    calls: list[_Call] = field(default_factory=list)
     hedge_at: float | None = None
     open: bool = True  # False once answered, re-routed as new groups, or given up
 
@@ -140,13 +207,13 @@ class _Inflight:
     __slots__ = ("calls", "_completed", "_waiter")
 
     def __init__(self) -> None:
-        self.calls: dict[asyncio.Future, _Launched] = {}
+        self.calls: dict[asyncio.Future, _Call] = {}
         self._completed: deque[asyncio.Future] = deque()
         self._waiter: asyncio.Future | None = None
 
-    def add(self, launched: _Launched) -> None:
-        self.calls[launched.call] = launched
-        launched.call.add_done_callback(self._done)
+    def add(self, launched: _Call) -> None:
+        self.calls[launched.future] = launched
+        launched.future.add_done_callback(self._done)
 
     def _done(self, future: asyncio.Future) -> None:
         self._completed.append(future)
@@ -188,13 +255,18 @@ class _Request:
     nodes: dict[str, NodeClient]
 
 
+def _health(nodes: dict[str, NodeClient]) -> dict[str, bool]:
+    """The read-only nodes as the planner sees them: name -> healthy, now."""
+    return {name: client.stats.healthy for name, client in nodes.items()}
+
+
 class Scatter:
-    """One search over many nodes; `run` returns the merged reply bytes.
+    """The executor: one search over many nodes; `run` returns the merged reply bytes.
 
     One loop per search waits on every call in flight and on the next hedge time (no task per
-    node on the plain path). A group whose call is slower than its node's hedge delay is sent
-    again to the node failover would pick, budget permitting (core/hedging.py); the first
-    complete answer wins and the other call is cancelled (its HTTP/2 stream is reset).
+    call unless it reloads first or is traced). A group whose call is slower than its node's
+    hedge delay is sent again where the planner says, budget permitting (core/hedging.py); the
+    first complete answer wins and the other call is cancelled (its HTTP/2 stream is reset).
     """
 
     def __init__(
@@ -209,16 +281,23 @@ class Scatter:
         metrics: Metrics | None = None,
         tolerance: TailTolerance | None = None,
         partial_results: bool = False,
+        accounting: Accounting | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`metrics` None is NoMetrics; `accounting` is built from the others unless shared (the
+        service's); `clock` is the event loop's (time.monotonic; tests run on a virtual one)."""
+        self.clock = clock
         self.membership = membership
         self.writable = writable
-        self.router = router
+        self.planner = Planner(router, max_retry)
         self.tracer = tracer
         self.reloads = reloads
-        self.max_retry = max_retry
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else NoMetrics()
         self.tolerance = tolerance or TailTolerance()
         self.partial_results = partial_results
+        self.accounting = accounting or Accounting(
+            membership=membership, writable=writable, metrics=self.metrics, tolerance=self.tolerance, clock=clock
+        )
 
     async def run(
         self,
@@ -235,14 +314,13 @@ class Scatter:
     ) -> bytes:
         """`started` (time.monotonic() when the request arrived) times the access log line;
         `match_filter` merges SUBSTRUCTURE/SUPERSTRUCTURE replies in reply order."""
-        started = time.monotonic() if started is None else started
+        started = self.clock() if started is None else started
         nodes = self.membership.all()
-        unhealthy = {name for name, client in nodes.items() if not client.stats.healthy}
         with self.tracer.span("get_routing", span):
-            groups = self._assign(files.ids, nodes, unhealthy)
+            groups = self.planner.first(files.ids, _health(nodes))
         stop_at = deadline
         if self.partial_results:  # answer with what arrived while the client still listens
-            stop_at -= min(PARTIAL_MARGIN_S, PARTIAL_MARGIN_SHARE * max(deadline - time.monotonic(), 0.0))
+            stop_at -= min(PARTIAL_MARGIN_S, PARTIAL_MARGIN_SHARE * max(deadline - self.clock(), 0.0))
         request = _Request(
             collection,
             search_param,
@@ -258,13 +336,12 @@ class Scatter:
         if missing:
             status = self._partial(missing, len(files), collection, span)
         with self.tracer.span("do_merge", span):
-            if self.metrics is None:
-                ids, distances = merge_topk(replies, nq, topk, descending, match_filter)
-            else:
+            if self.metrics.enabled:
                 merge_started = time.perf_counter()
-                ids, distances = merge_topk(replies, nq, topk, descending, match_filter)
-                self.metrics.merge.observe(time.perf_counter() - merge_started)
-                self.metrics.fanout.observe(len(groups))
+                ids, distances = merge_replies(replies, nq, topk, descending, match_filter)
+                self.accounting.merged(time.perf_counter() - merge_started, len(groups))
+            else:
+                ids, distances = merge_replies(replies, nq, topk, descending, match_filter)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "search collection=%s nq=%d topk=%d files=%d nodes=%s time=%.1fms",
@@ -273,9 +350,9 @@ class Scatter:
                 topk,
                 len(files),
                 ",".join(groups),
-                (time.monotonic() - started) * 1000,
+                (self.clock() - started) * 1000,
             )
-        return wire.encode_topk_result(ids, distances, status)
+        return encode_reply(ids, distances, status)
 
     # ------------------------------------------------------------------ the loop
     async def _gather(self, assignment: dict[str, list[str]], request: _Request) -> tuple[list, list[_Group]]:
@@ -291,7 +368,7 @@ class Scatter:
         missing: list[_Group] = []
         try:
             while inflight.calls:
-                now = time.monotonic()
+                now = self.clock()
                 if now >= request.stop_at:
                     break
                 wake = request.stop_at
@@ -299,12 +376,12 @@ class Scatter:
                     if group.open and group.hedge_at is not None and group.hedge_at < wake:
                         wake = group.hedge_at
                 for future in await inflight.completed(wake - now):
-                    launched = inflight.calls.pop(future, None)
-                    if launched is not None and launched.group.open:
-                        self._settled(launched, request, groups, inflight, replies, missing)
+                    call = inflight.calls.pop(future, None)
+                    if call is not None and call.group.open:
+                        self._settled(call, request, groups, inflight, replies, missing)
                     elif not future.cancelled():
                         future.exception()  # a loser that completed too: its outcome is moot
-                now = time.monotonic()
+                now = self.clock()
                 for group in groups:
                     if group.open and group.hedge_at is not None and group.hedge_at <= now:
                         group.hedge_at = None
@@ -326,37 +403,38 @@ class Scatter:
 
     def _settled(
         self,
-        launched: _Launched,
+        call: _Call,
         request: _Request,
         groups: list[_Group],
         inflight: _Inflight,
         replies: list,
         missing: list[_Group],
     ) -> None:
-        """A call of an open group completed: take its answer, or re-route its files."""
-        group, job = launched.group, launched.job
-        ok, payload = self._result(launched)
-        group.calls.remove(launched)
-        if ok:
-            replies.append(self._decode(job, payload, request.nq))  # a node's own error status raises
+        """A call of an open group completed: record it, then take its answer or re-route its files."""
+        group, job = call.group, call.job
+        outcome = Outcome.of(call.future)
+        self.accounting.finished(job.node, call.client, call.started, outcome.error)
+        group.calls.remove(call)
+        if outcome.ok:
+            replies.append(decode_reply(job.node, outcome.reply, request.nq))  # a node's own error status raises
             group.open = False
             for loser in group.calls:  # the other call of a hedged pair
-                inflight.calls.pop(loser.call, None)
-                loser.call.cancel()
+                inflight.calls.pop(loser.future, None)
+                loser.future.cancel()
                 if job.hedge and not loser.job.hedge:
                     self._slow(loser.job.node, f"lost a hedge to {job.node}")
             if job.hedge:
-                self._series(job).hedges_won += 1
-                self._client_stats(job.node).hedges_won += 1
+                self.accounting.hedge_won(job.node)
             group.calls.clear()
             return
-        group.errors.append(f"{self._address(job.node)}: {payload}")
-        self._series(job).failovers += 1
-        if payload.startswith(TIMED_OUT):
+        error = outcome.error
+        group.errors.append(f"{self._address(job.node)}: {error}")
+        self.accounting.failed_over(job.node)
+        if isinstance(error, NodeDeadline):
             if not job.deadline_bound:  # the request ran out of time: not the node's fault
                 self._slow(job.node, f"a search call timed out after {job.timeout:.2f} s")
         else:
-            self._failed(job, payload)
+            self._failed(job, str(error))
         if group.calls:  # the other call of the pair still races
             return
         group.open = False
@@ -372,81 +450,34 @@ class Scatter:
             groups.append(again)
             self._start(again, node, request, inflight)
 
-    # ------------------------------------------------------------------ routing
-    def _assign(self, file_ids: list[str], nodes: dict[str, NodeClient], excluded: set[str]) -> dict[str, list[str]]:
-        try:
-            return self.router.assign(file_ids, list(nodes), excluded)
-        except NoAvailableNode:
-            log.warning("no healthy read-only node: searching %d file(s) on the writable node", len(file_ids))
-            return {WRITABLE: list(file_ids)}
-
-    def _excluded(self, group: _Group, nodes: dict[str, NodeClient]) -> set[str]:
-        """Nodes these files must not go to next: unhealthy, already tried, or every read-only node
-        once MAX_RETRY of them were tried."""
-        tried_readonly = group.tried - {WRITABLE}
-        if len(tried_readonly) >= self.max_retry:
-            return set(nodes)
-        return {name for name, client in nodes.items() if not client.stats.healthy} | group.tried
-
+    # ------------------------------------------------------------------ asking the planner
     def _reroute(self, group: _Group, request: _Request) -> dict[str, list[str]]:
-        """Where a failed group's files go: the next distinct healthy node of each file on the ring,
-        never one already tried for them; the writable node when none is left."""
-        if WRITABLE in group.tried:
+        """Where a failed group's files go (the planner's answer), or ConnectFailed when nowhere
+        is left or the time is up."""
+        regrouped = self.planner.reroute(group.file_ids, _health(request.nodes), group.tried)
+        if regrouped is None:
             raise self._incomplete([group], request, "every node failed")
-        if time.monotonic() >= request.stop_at:
+        if self.clock() >= request.stop_at:
             raise self._incomplete([group], request, "the deadline passed")
-        try:
-            regrouped = self.router.assign(group.file_ids, list(request.nodes), self._excluded(group, request.nodes))
-        except NoAvailableNode:
-            regrouped = {WRITABLE: group.file_ids}
-        for node in regrouped:
-            self._client_stats(node).failovers += 1
         log.warning(
             "re-routed %d file(s) from %s to %s", len(group.file_ids), ", ".join(group.tried), ", ".join(regrouped)
         )
         return regrouped
 
-    def _hedge_target(self, group: _Group, request: _Request) -> str | None:
-        """The node failover would pick for most of the group's files; the writable node only
-        when no read-only node is left; None when there is nowhere to go."""
-        try:
-            regrouped = self.router.assign(group.file_ids, list(request.nodes), self._excluded(group, request.nodes))
-        except NoAvailableNode:
-            readonly_left = any(
-                client.stats.healthy and name not in group.tried for name, client in request.nodes.items()
-            )
-            return None if readonly_left or WRITABLE in group.tried else WRITABLE
-        return max(regrouped, key=lambda node: len(regrouped[node]))
-
     def _hedge(self, group: _Group, request: _Request, inflight: _Inflight) -> None:
-        """The group's call is late: race it on another node, if one is left and the budget allows."""
-        if not group.calls or time.monotonic() >= request.stop_at:
+        """The group's call is late: race it where the planner says, if anywhere and the budget allows."""
+        if not group.calls or self.clock() >= request.stop_at:
             return
-        target = self._hedge_target(group, request)
+        target = self.planner.hedge_target(group.file_ids, _health(request.nodes), group.tried)
         if target is None or not self.tolerance.may_hedge():
             return
         slow = group.calls[0].job.node
         self._start(group, target, request, inflight, hedge=True)
-        self._client_stats(target).hedges += 1
-        if self.metrics is not None:
-            self.metrics.node(self._metric_name(target)).hedges += 1
+        self.accounting.hedged(target)
         log.debug("hedged %d file(s) of %s on %s", len(group.file_ids), slow, target)
-
-    def _client(self, node: str) -> NodeClient | None:
-        return self.writable if node == WRITABLE else self.membership.get(node)
-
-    def _client_stats(self, node: str):
-        client = self._client(node)
-        return client.stats if client is not None else _DISCARDED_STATS
 
     def _address(self, node: str) -> str:
         return f"writable node {self.writable.address}" if node == WRITABLE else node
-
-    def _metric_name(self, node: str) -> str:
-        return self.writable.name if node == WRITABLE else node
-
-    def _series(self, job: _Job):
-        return self.metrics.node(self._metric_name(job.node)) if self.metrics is not None else _DISCARDED_SERIES
 
     # ------------------------------------------------------------------ tail tolerance
     def _slow(self, node: str, why: str) -> None:
@@ -459,8 +490,14 @@ class Scatter:
             threshold = self.tolerance.policy.ejection_threshold
             if self.membership.eject(node, f"{threshold} slow calls in a row, the last {why}"):
                 self.reloads.forget(node)
-                if self.metrics is not None:
-                    self.metrics.node(node).ejections += 1
+                self.accounting.ejected(node)
+
+    def _failed(self, job: _Job, error: str) -> None:
+        if job.node == WRITABLE:
+            log.warning("writable node failed a search: %s", error)
+        else:
+            self.membership.mark_failed(job.node, error)
+            self.reloads.forget(job.node)
 
     def _partial(self, missing: list[_Group], total: int, collection: str, span) -> status_pb2.Status:
         """The status of an answer without `missing` files: OK, saying what was searched."""
@@ -468,8 +505,7 @@ class Scatter:
         errors = "; ".join(dict.fromkeys(error for group in missing for error in group.errors))
         reason = f"partial result: searched {total - lost} of {total} files; {lost} unanswered ({errors})"
         log.warning("search of %s answered partially: %s", collection, reason)
-        if self.metrics is not None:
-            self.metrics.partial_searches += 1
+        self.accounting.partial()
         with self.tracer.span("partial_result", span, files_searched=total - lost, files_total=total):
             pass
         return status_pb2.Status(error_code=0, reason=reason)
@@ -498,30 +534,30 @@ class Scatter:
         inflight: _Inflight,
         hedge: bool = False,
     ) -> None:
-        """Start the group's call on `node` now (on the plain path without a task)."""
-        now = time.monotonic()
+        """Start the group's call on `node` now."""
+        now = self.clock()
         remaining = max(request.stop_at - now, 0.001)
         own = remaining if node == WRITABLE else self.tolerance.attempt_timeout(node, now, group.attempt)
         timeout = min(own, remaining)  # the writable node, the last resort, gets all the time left
         job = _Job(node, group.file_ids, group.attempt, timeout, hedge, deadline_bound=timeout >= remaining)
         group.tried.add(node)
-        launched = self._launch(job, group, request)
-        group.calls.append(launched)
-        inflight.add(launched)
+        call = self._launch(job, group, request)
+        group.calls.append(call)
+        inflight.add(call)
         if not hedge:
             self.tolerance.first_call()
             if node != WRITABLE and self.tolerance.policy.hedging:
                 group.hedge_at = now + self.tolerance.hedge_delay(node, now)
 
-    def _launch(self, job: _Job, group: _Group, request: _Request) -> _Launched:
-        client = self._client(job.node)
+    def _launch(self, job: _Job, group: _Group, request: _Request) -> _Call:
+        """The call's future: the port's own (no task) unless the node must reload first or a span
+        wraps the call."""
+        client = self.accounting.client(job.node)
         if client is None:
-            return _Launched(
-                job, group, None, 0.0, _ready((False, f"read-only node {job.node} left during the search"))
-            )
-        if job.attempt and self.metrics is not None:
-            self.metrics.node(self._metric_name(job.node)).retries += 1
-        client.stats.files_routed += len(job.file_ids)
+            left = asyncio.get_running_loop().create_future()
+            left.set_exception(NodeUnavailable(f"read-only node {job.node} left during the search"))
+            return _Call(job, group, None, 0.0, left)
+        self.accounting.started(job.node, client, len(job.file_ids), retry=job.attempt > 0)
         stale = None
         if client.supports_reload and job.node != WRITABLE:
             ids = np.array(job.file_ids, dtype=np.int64)
@@ -529,83 +565,41 @@ class Scatter:
             mask = self.reloads.stale(job.node, ids, times)
             if mask.any():
                 stale = (ids[mask], times[mask])
-        started = time.monotonic()
+        started = self.clock()
         if stale is None and not self.tracer.enabled:
-            message = wire.search_in_files_request(job.file_ids, request.search_param)
-            call = client.rpc("SearchInFiles")(message, timeout=job.timeout)
-            if not isinstance(call, asyncio.Future):  # grpc.aio's call object
-                call = asyncio.ensure_future(call)
-            return _Launched(job, group, client, started, call, plain=True)
-        return _Launched(job, group, client, started, asyncio.ensure_future(self._attempt(job, client, request, stale)))
+            message = search_in_files_request(job.file_ids, request.search_param)
+            return _Call(job, group, client, started, client.call("SearchInFiles", message, job.timeout))
+        return _Call(job, group, client, started, asyncio.ensure_future(self._in_task(job, client, request, stale)))
 
-    def _result(self, launched: _Launched) -> tuple[bool, bytes | str]:
-        """(True, reply bytes) or (False, why the node failed) of a completed call."""
-        if not launched.plain:
-            return launched.call.result()
-        try:
-            reply = launched.call.result()
-        except grpc.RpcError as exc:
-            error = f"{exc.code().name} {exc.details() or ''}".strip()
-            self._record(launched.job, launched.client, launched.started, error)
-            return False, error
-        self._record(launched.job, launched.client, launched.started)
-        return True, reply
-
-    async def _attempt(
+    async def _in_task(
         self, job: _Job, client: NodeClient, request: _Request, stale: tuple[np.ndarray, np.ndarray] | None
-    ) -> tuple[bool, bytes | str]:
-        """A call that needs a reload first, or a span around it."""
+    ) -> bytes:
+        """A call that needs a reload first, or a span around it: run as a task."""
         if not self.tracer.enabled:
-            return await self._call(job, client, request, stale, None)
+            return await self._reload_then_search(job, client, request, stale, None)
         with self.tracer.span(
             f"search_{client.address}", node=job.node, files=len(job.file_ids), attempt=job.attempt, hedge=job.hedge
         ) as span:
-            outcome = await self._call(job, client, request, stale, self.tracer.outgoing_metadata())
-            if not outcome[0]:
-                self.tracer.set_error(span, outcome[1])
-        return outcome
+            try:
+                return await self._reload_then_search(job, client, request, stale, self.tracer.outgoing_metadata())
+            except NodeCallError as exc:
+                self.tracer.set_error(span, str(exc))
+                raise
 
-    async def _call(
+    async def _reload_then_search(
         self,
         job: _Job,
         client: NodeClient,
         request: _Request,
         stale: tuple[np.ndarray, np.ndarray] | None,
         metadata: Metadata | None,
-    ) -> tuple[bool, bytes | str]:
-        started = time.monotonic()
+    ) -> bytes:
+        started = self.clock()
         if stale is not None:
-            try:
-                error = await self._reload(job, client, request.collection, stale, metadata)
-            except grpc.RpcError as exc:
-                error = f"{exc.code().name} {exc.details() or ''}".strip()
-            if error:
-                self._record(job, client, started, error)
-                return False, error
-        message = wire.search_in_files_request(job.file_ids, request.search_param)
-        remaining = max(job.timeout - (time.monotonic() - started), 0.001)
-        try:
-            reply = await client.rpc("SearchInFiles")(message, timeout=remaining, metadata=metadata)
-        except grpc.RpcError as exc:
-            error = f"{exc.code().name} {exc.details() or ''}".strip()
-            self._record(job, client, started, error)
-            return False, error
-        self._record(job, client, started)
-        return True, reply
-
-    def _record(self, job: _Job, client: NodeClient, started: float, error: str = "") -> None:
-        """A node call's outcome: the node's stats, its latency sample, and, when on, its metrics."""
-        now = time.monotonic()
-        seconds = now - started
-        client.record(not error, seconds, error)
-        if not error:
-            self.tolerance.answered(job.node, now, seconds)
-        if self.metrics is None:
-            return
-        series = self.metrics.node(self._metric_name(job.node))
-        series.latency.observe(seconds)
-        if error:
-            series.errors += 1
+            await self._reload(job, client, request.collection, stale, metadata)
+        message = search_in_files_request(job.file_ids, request.search_param)
+        remaining = max(job.timeout - (self.clock() - started), 0.001)
+        return await client.call("SearchInFiles", message, remaining, metadata)
 
     async def _reload(
         self,
@@ -614,38 +608,16 @@ class Scatter:
         collection: str,
         stale: tuple[np.ndarray, np.ndarray],
         metadata: Metadata | None,
-    ) -> str:
-        """Reload files changed since this node last reloaded them; an error text, or "" when fine."""
+    ) -> None:
+        """Reload files changed since this node last reloaded them; NodeCallError when it failed."""
         ids, times = stale
         request = pb.ReLoadSegmentsParam(collection_name=collection, segment_id_array=[str(i) for i in ids.tolist()])
         try:
-            raw = await client.rpc("ReloadSegments")(
-                request.SerializeToString(), timeout=job.timeout, metadata=metadata
-            )
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a 0.9 backend: nothing to reload
-                client.supports_reload = False
-                return ""
-            raise
+            raw = await client.call("ReloadSegments", request.SerializeToString(), job.timeout, metadata)
+        except NodeUnimplemented:  # a 0.9 backend: nothing to reload
+            client.supports_reload = False
+            return
         status = status_pb2.Status.FromString(raw)
         if status.error_code != 0:
-            return f"ReloadSegments answered {status.error_code}: {status.reason}"
+            raise ReloadRefused(status.error_code, status.reason)
         self.reloads.record(job.node, ids, times)
-        return ""
-
-    def _decode(self, job: _Job, payload: bytes, nq: int) -> tuple[np.ndarray, np.ndarray]:
-        code, reason, row_num, ids, distances = wire.decode_topk_result(payload)
-        if code != 0:
-            raise MilvusError(reason, code)  # the node's own answer, e.g. a dimension mismatch
-        if row_num == 0:
-            return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
-        if row_num != nq:
-            raise UnexpectedError(f"read-only node {job.node} returned {row_num} rows for {nq} queries")
-        return ids, distances
-
-    def _failed(self, job: _Job, error: str) -> None:
-        if job.node == WRITABLE:
-            log.warning("writable node failed a search: %s", error)
-        else:
-            self.membership.mark_failed(job.node, error)
-            self.reloads.forget(job.node)

@@ -14,9 +14,8 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-import grpc
 import numpy as np
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
@@ -30,20 +29,23 @@ from utils.errors import (
     IllegalArgument,
     IllegalVectorId,
     MilvusError,
+    NodeCallError,
+    NodeRejectedRequest,
+    NodeUnimplemented,
     collection_missing,
     status_of,
 )
 
+from .accounting import Accounting
 from .core import wire
 from .core.hedging import TailTolerance
-from .core.http2 import DEFAULT_LIMITS, Limits
 from .core.merge import is_descending, is_match_filter, padding_distance
 from .meta import IN_PROGRESS_FILE_TYPES, FileSet, MetaReader, SchemaCache
 from .nodes import SERVICE, Membership, NodeClient
-from .observability.metrics import Metrics
+from .observability.metrics import Metrics, NoMetrics
 from .observability.rpc import instrument
+from .planner import WRITABLE, Planner
 from .search import ReloadTracker, Scatter
-from .transport import H2Server, RequestContext
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,6 +61,20 @@ INVALIDATES_SCHEMA = {
     "CreatePartition": pb.PartitionParam,
     "DropPartition": pb.PartitionParam,
 }
+
+
+class RequestContext(Protocol):
+    """What a handler asks of its call, whichever server carries it (the proxy's own HTTP/2
+    server or grpc.aio's, both chosen in main.py)."""
+
+    def time_remaining(self) -> float | None: ...
+
+    def invocation_metadata(self): ...
+
+    def peer(self) -> str: ...
+
+
+Handler = Callable[[bytes, RequestContext], Awaitable[bytes]]
 
 
 def error_reply(method: str, error: BaseException) -> bytes:
@@ -93,7 +109,12 @@ class MishardsService:
         self.tracer = tracer
         self.timeout = timeout
         self.reloads = ReloadTracker()
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else NoMetrics()
+        tolerance = tolerance or TailTolerance()
+        self.planner = Planner(router, max_retry)
+        self.accounting = Accounting(
+            membership=membership, writable=writable, metrics=self.metrics, tolerance=tolerance
+        )
         self.scatter = Scatter(
             membership=membership,
             writable=writable,
@@ -101,12 +122,13 @@ class MishardsService:
             tracer=tracer,
             reloads=self.reloads,
             max_retry=max_retry,
-            metrics=metrics,
+            metrics=self.metrics,
             tolerance=tolerance,
             partial_results=partial_results,
+            accounting=self.accounting,
         )
         self.backend_version = ""
-        self._special: dict[str, Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]] = {
+        self._special: dict[str, Handler] = {
             "Search": self.search,
             "SearchInFiles": self.search_in_files,
             "SearchByID": self.search_by_id,
@@ -116,13 +138,13 @@ class MishardsService:
         }
 
     # ------------------------------------------------------------------ plumbing
-    def handlers(self) -> dict[str, Callable[[bytes, RequestContext], Awaitable[bytes]]]:
-        """Raw-bytes handlers by method path, for `transport.H2Server`."""
+    def handlers(self) -> dict[str, Handler]:
+        """Raw-bytes handlers by method path, for whichever server main.py starts."""
         return {f"/{SERVICE}/{name}": self._handler(name) for name in VECTOR_METHODS}
 
     async def _db(self, call: Callable[..., Awaitable[T]], *args) -> T:
         """A meta DB read (on the loop: SQLite inline, MySQL over the held session), timed when metrics are on."""
-        if self.metrics is None:
+        if not self.metrics.enabled:
             return await call(*args)
         started = time.perf_counter()
         try:
@@ -130,11 +152,11 @@ class MishardsService:
         finally:
             self.metrics.meta_query(call.__qualname__).observe(time.perf_counter() - started)
 
-    def _handler(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
+    def _handler(self, method: str) -> Handler:
         special = self._special.get(method)
         invalidates = INVALIDATES_SCHEMA.get(method)
 
-        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async def handle(request: bytes, context: RequestContext) -> bytes:
             try:
                 if special is not None:
                     return await special(request, context)
@@ -154,36 +176,28 @@ class MishardsService:
 
         return instrument(method, handle, self.tracer, self.metrics)
 
-    def budget(self, context: grpc.aio.ServicerContext) -> float:
+    def budget(self, context: RequestContext) -> float:
         """Seconds this request may still take: the caller's deadline, capped by TIMEOUT."""
         remaining = context.time_remaining()
         return self.timeout if remaining is None else max(min(remaining, self.timeout), 0.001)
 
-    async def forward(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def forward(self, method: str, request: bytes, context: RequestContext) -> bytes:
         """Send the request bytes to the writable node and return its reply bytes unchanged."""
         start = time.monotonic()
         try:
-            reply = await self.writable.rpc(method)(
-                request, timeout=self.budget(context), metadata=self.tracer.outgoing_metadata()
-            )
-        except grpc.RpcError as exc:
-            error = f"{exc.code().name}: {exc.details() or ''}".strip()
-            if exc.code() == grpc.StatusCode.INTERNAL and "deserializ" in (exc.details() or ""):
-                # the node could not parse what the client sent: bad input, not an outage
-                raise IllegalArgument(f"{method}: the request is not a valid {REQUEST_TYPES[method]} message") from None
-            self.writable.record(False, time.monotonic() - start, error)
-            if self.metrics is not None:
-                series = self.metrics.node(self.writable.name)
-                series.errors += 1
-                series.latency.observe(time.monotonic() - start)
+            reply = await self.writable.call(method, request, self.budget(context), self.tracer.outgoing_metadata())
+        except NodeRejectedRequest:  # the node could not parse what the client sent: bad input, not an outage
+            raise IllegalArgument(f"{method}: the request is not a valid {REQUEST_TYPES[method]} message") from None
+        except NodeCallError as exc:
+            self.accounting.finished(WRITABLE, self.writable, start, exc, sample=False)
+            code, _, details = str(exc).partition(" ")
+            error = f"{code}: {details}".strip()
             raise ConnectFailed(f"writable node {self.writable.address} failed {method}: {error}") from None
-        self.writable.record(True, time.monotonic() - start)
-        if self.metrics is not None:
-            self.metrics.node(self.writable.name).latency.observe(time.monotonic() - start)
+        self.accounting.finished(WRITABLE, self.writable, start, None, sample=False)
         return reply
 
     # ------------------------------------------------------------------ search
-    async def search(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def search(self, request: bytes, context: RequestContext) -> bytes:
         param = pb.SearchParam.FromString(request)
         return await self._search(
             param.collection_name,
@@ -202,7 +216,7 @@ class MishardsService:
         topk: int,
         nq: int,
         search_param: bytes,
-        context: grpc.aio.ServicerContext,
+        context: RequestContext,
         file_ids: list[str] | None,
     ) -> bytes:
         started = time.monotonic()
@@ -218,9 +232,9 @@ class MishardsService:
         else:
             files = await self._db(self._given_files, collection.table_ids(), file_ids, budget)
         deadline = time.monotonic() + self.budget(context)
-        if not files:  # nothing flushed yet: a plain search on the writable node, as the original did
-            if file_ids is not None:
-                return wire.encode_topk_result(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
+        if not files and file_ids is not None:  # none of the named files can be searched
+            return wire.encode_topk_result(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
+        if self.planner.unsplit(len(files)):
             return await self.forward("Search", search_param, context)
         return await self.scatter.run(
             name,
@@ -248,7 +262,7 @@ class MishardsService:
         )
         return FileSet([str(i) for i, _ in usable], np.array([t for _, t in usable], dtype=np.int64))
 
-    async def search_in_files(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def search_in_files(self, request: bytes, context: RequestContext) -> bytes:
         param = pb.SearchInFilesParam.FromString(request)
         inner = param.search_param
         return await self._search(
@@ -261,7 +275,7 @@ class MishardsService:
             list(param.file_id_array),
         )
 
-    async def search_by_id(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def search_by_id(self, request: bytes, context: RequestContext) -> bytes:
         """Vectors of the ids from the writable node, then an ordinary fan-out search with them."""
         param = pb.SearchByIDParam.FromString(request)
         validation.collection_name(param.collection_name)
@@ -319,9 +333,7 @@ class MishardsService:
         return wire.encode_topk_result(out_ids, out_dist)
 
     # ------------------------------------------------------------------ cluster-wide calls
-    async def _everywhere(
-        self, method: str, request: bytes, context: grpc.aio.ServicerContext, include_writable: bool
-    ) -> bytes:
+    async def _everywhere(self, method: str, request: bytes, context: RequestContext, include_writable: bool) -> bytes:
         """Send one request to the writable and/or every healthy read-only node in parallel; first error wins."""
         targets: dict[str, NodeClient] = dict(self.membership.healthy())
         if include_writable:
@@ -330,14 +342,15 @@ class MishardsService:
         names = list(targets)
         metadata = self.tracer.outgoing_metadata()
         replies = await asyncio.gather(
-            *(targets[n].rpc(method)(request, timeout=timeout, metadata=metadata) for n in names),
+            *(targets[n].call(method, request, timeout, metadata) for n in names),
             return_exceptions=True,
         )
         for name, reply in zip(names, replies, strict=True):
-            if isinstance(reply, grpc.RpcError):
-                if reply.code() == grpc.StatusCode.UNIMPLEMENTED and method == "ReloadSegments":
+            if isinstance(reply, NodeCallError):
+                if isinstance(reply, NodeUnimplemented) and method == "ReloadSegments":
                     continue  # a 0.9 read-only node has nothing to reload
-                raise ConnectFailed(f"{method} on {name} ({targets[name].address}) failed: {reply.code().name}")
+                code = str(reply).partition(" ")[0]
+                raise ConnectFailed(f"{method} on {name} ({targets[name].address}) failed: {code}")
             if isinstance(reply, BaseException):
                 raise reply
             status = status_pb2.Status.FromString(reply)
@@ -345,16 +358,16 @@ class MishardsService:
                 raise MilvusError(f"{method} on {name}: {status.reason}", status.error_code)
         return status_of(None).SerializeToString()
 
-    async def preload(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def preload(self, request: bytes, context: RequestContext) -> bytes:
         pb.CollectionName.FromString(request)  # malformed input is the client's error, not a node's
         return await self._everywhere("PreloadCollection", request, context, include_writable=True)
 
-    async def reload_segments(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def reload_segments(self, request: bytes, context: RequestContext) -> bytes:
         pb.ReLoadSegmentsParam.FromString(request)
         return await self._everywhere("ReloadSegments", request, context, include_writable=False)
 
     # ------------------------------------------------------------------ Cmd
-    async def cmd(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def cmd(self, request: bytes, context: RequestContext) -> bytes:
         command = pb.Command.FromString(request).cmd.strip()
         if command == "conn_stats":
             return pb.StringReply(
@@ -401,33 +414,3 @@ class MishardsService:
             "readonly": {name: describe(client) for name, client in sorted(self.membership.all().items())},
             "waiting": self.membership.waiting(),
         }
-
-
-async def start_server(
-    service: MishardsService, host: str, port: int, transport: str = "http2", limits: Limits = DEFAULT_LIMITS
-) -> tuple[grpc.aio.Server | H2Server, int]:
-    """Serve the API on host:port (port 0: any free one); the server and its port. Call inside the loop.
-
-    `http2` is the proxy's own HTTP/2 server (transport.py, about a third of grpc.aio's CPU per
-    call, within `limits`: docs/front-door.md); `grpcio` is grpc.aio, kept as the fallback
-    (RPC_TRANSPORT)."""
-    if transport == "http2":
-        server = H2Server(service.handlers(), limits)
-        return server, await server.start(host, port)
-    methods = {
-        path.rpartition("/")[2]: grpc.unary_unary_rpc_method_handler(handler)
-        for path, handler in service.handlers().items()
-    }
-    aio = grpc.aio.server(
-        handlers=[grpc.method_handlers_generic_handler(SERVICE, methods)],
-        options=[
-            ("grpc.max_send_message_length", -1),
-            ("grpc.max_receive_message_length", -1),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    bound = aio.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
-    await aio.start()
-    return aio, bound

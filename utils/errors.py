@@ -120,3 +120,94 @@ def status_of(error: BaseException | None) -> status_pb2.Status:
     if isinstance(error, MilvusError):
         return status_pb2.Status(error_code=int(error.code), reason=error.reason)  # type: ignore[arg-type]  # the stub wants its own enum type; the value is the same
     return status_pb2.Status(error_code=Code.UNEXPECTED_ERROR, reason=f"{type(error).__name__}: {error}")
+
+
+# ---------------------------------------------------------------------- node calls
+# The proxy's calls to its backend nodes fail with these, whatever carried them (the proxy's own
+# HTTP/2 client or grpcio): the transport boundary, as httpx's TransportError family. They are not
+# Milvus statuses; the service turns them into one (ConnectFailed, or IllegalArgument for a request
+# the node could not parse). `code` is the gRPC status number the call ended with.
+GRPC_CODE_NAMES = {
+    0: "OK",
+    1: "CANCELLED",
+    2: "UNKNOWN",
+    3: "INVALID_ARGUMENT",
+    4: "DEADLINE_EXCEEDED",
+    5: "NOT_FOUND",
+    6: "ALREADY_EXISTS",
+    7: "PERMISSION_DENIED",
+    8: "RESOURCE_EXHAUSTED",
+    9: "FAILED_PRECONDITION",
+    10: "ABORTED",
+    11: "OUT_OF_RANGE",
+    12: "UNIMPLEMENTED",
+    13: "INTERNAL",
+    14: "UNAVAILABLE",
+    15: "DATA_LOSS",
+    16: "UNAUTHENTICATED",
+}
+
+
+class NodeCallError(Exception):
+    """A node call that brought no reply; `str()` is "CODE_NAME details", as logs and errors show it."""
+
+    code: int = 2  # UNKNOWN
+
+    def __init__(self, details: str, code: int | None = None) -> None:
+        if code is not None:
+            self.code = code
+        self.details = details
+        super().__init__(f"{GRPC_CODE_NAMES.get(self.code, 'UNKNOWN')} {details}".strip())
+
+
+class NodeUnavailable(NodeCallError):
+    """No connection, or it was lost, refused or closed: another node may answer."""
+
+    code = 14
+
+
+class NodeDeadline(NodeCallError):
+    """No answer within the call's deadline."""
+
+    code = 4
+
+
+class NodeCancelled(NodeCallError):
+    """The call was cancelled (by the node, or a stream reset)."""
+
+    code = 1
+
+
+class NodeUnimplemented(NodeCallError):
+    """The node does not implement the method (a 0.9 backend asked for ReloadSegments)."""
+
+    code = 12
+
+
+class NodeProtocolError(NodeCallError):
+    """The node answered, but not with a reply: a broken message, a refused size, an internal error."""
+
+    code = 13
+
+
+class NodeRejectedRequest(NodeProtocolError):
+    """The node could not parse the request it was sent: the client's bad input, not an outage."""
+
+
+_NODE_ERRORS: dict[int, type[NodeCallError]] = {
+    1: NodeCancelled,
+    4: NodeDeadline,
+    12: NodeUnimplemented,
+    13: NodeProtocolError,
+    14: NodeUnavailable,
+}
+
+
+def node_call_error(code: int, details: str) -> NodeCallError:
+    """The error of a call that ended with gRPC status `code`. grpcio servers (and our node) say
+    "deserializ..." in an INTERNAL status when they cannot parse the request: that is recognised
+    here, once, at the boundary."""
+    if code == 13 and "deserializ" in details.lower():
+        return NodeRejectedRequest(details)
+    kind = _NODE_ERRORS.get(code)
+    return kind(details) if kind is not None else NodeCallError(details, code)

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from mishards.nodes import Membership, NodeClient
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FANOUT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -80,8 +77,9 @@ class RpcSeries:
 
 
 class NodeSeries:
-    """One backend node: its calls' latency, failed calls, retried groups it served, failovers away
-    from it, hedged calls sent to it and won by it, ejections after slow calls."""
+    """One backend node: its calls' latency, failed calls, retried groups it served, failovers
+    (file groups moved away from it after it failed them: the same count as `Cmd conn_stats`),
+    hedged calls sent to it and won by it, ejections after slow calls."""
 
     __slots__ = ("latency", "errors", "retries", "failovers", "hedges", "hedges_won", "ejections")
 
@@ -97,6 +95,8 @@ class NodeSeries:
 
 class Metrics:
     """The proxy's series, on a registry of its own (several proxies may share a process in tests)."""
+
+    enabled = True
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -134,8 +134,9 @@ class Metrics:
             series = self._meta[query] = Histogram()
         return series
 
-    def watch(self, membership: Membership, writable: NodeClient) -> None:
-        """Report membership size and node health, read at scrape time."""
+    def watch(self, membership: Any, writable: Any) -> None:
+        """Report membership size and node health, read at scrape time (`nodes.Membership` and the
+        writable `nodes.NodeClient`, duck typed: observability imports no nodes)."""
         self._membership = lambda: _membership_metrics(membership, writable)
 
     # ------------------------------------------------------------------ rendering
@@ -219,7 +220,7 @@ class _Collector(Collector):
         return self._metrics.collect()
 
 
-def _membership_metrics(membership: Membership, writable: NodeClient) -> Iterator[Metric]:
+def _membership_metrics(membership: Any, writable: Any) -> Iterator[Metric]:
     nodes, waiting = membership.all(), membership.waiting()
     healthy = sum(1 for client in nodes.values() if client.stats.healthy)
     size = GaugeMetricFamily("mishards_readonly_nodes", "Read-only nodes by state", labels=["state"])
@@ -233,3 +234,45 @@ def _membership_metrics(membership: Membership, writable: NodeClient) -> Iterato
     for name in sorted(waiting):
         up.add_metric([name, "readonly"], 0)
     yield from (size, up)
+
+
+class _NoHistogram(Histogram):
+    """Observes nothing."""
+
+    __slots__ = ()
+
+    def observe(self, value: float) -> None:
+        pass
+
+
+class NoMetrics(Metrics):
+    """Metrics off (no METRICS_PORT): the same interface, recording nothing, so callers never ask
+    whether metrics are on (as `tracer.Tracer` is the no-op tracer). `enabled` lets a hot path skip
+    even the clock reads."""
+
+    enabled = False
+
+    def __init__(self) -> None:  # no registry, no collectors
+        self._rpcs = {}
+        self._nodes = {}
+        self.fanout = _NoHistogram(FANOUT_BUCKETS)
+        self.merge = _NoHistogram()
+        self.partial_searches = 0
+        self._meta = {}
+        self._membership = lambda: ()
+        self._node = NodeSeries()
+        self._node.latency = _NoHistogram()
+        self._rpc = RpcSeries()
+        self._histogram = _NoHistogram()
+
+    def rpc(self, method: str) -> RpcSeries:
+        return self._rpc
+
+    def node(self, name: str) -> NodeSeries:
+        return self._node
+
+    def meta_query(self, query: str) -> Histogram:
+        return self._histogram
+
+    def watch(self, membership, writable) -> None:
+        pass

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-import grpc
 from google.protobuf.message import DecodeError
 
 from milvus_grpc import milvus_pb2 as pb
@@ -25,7 +25,7 @@ from .metrics import Metrics
 
 failure_log = RateLimitedLog(logging.getLogger("mishards.failures"), interval=10.0)
 
-Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
+Handler = Callable[[bytes, Any], Awaitable[bytes]]  # the context: service.RequestContext
 SERVICE = "milvus.grpc.MilvusService"
 _STATUS_REPLIES = {
     m.name
@@ -123,14 +123,14 @@ def log_failure(method: str, request: bytes, code: int, reason: str, peer: str =
     )
 
 
-def instrument(method: str, handle: Handler, tracer: Tracer, metrics: Metrics | None) -> Handler:
+def instrument(method: str, handle: Handler, tracer: Tracer, metrics: Metrics) -> Handler:
     """`handle` inside the RPC's server span and metrics; failed calls logged either way."""
     path = f"/{SERVICE}/{method}"
-    series = metrics.rpc(method) if metrics is not None else None
+    series = metrics.rpc(method) if metrics.enabled else None
 
-    if not tracer.enabled and metrics is None:
+    if not tracer.enabled and not metrics.enabled:
 
-        async def logged(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async def logged(request: bytes, context: Any) -> bytes:
             reply = await handle(request, context)
             code, reason = reply_status(method, reply)
             if code:
@@ -139,7 +139,7 @@ def instrument(method: str, handle: Handler, tracer: Tracer, metrics: Metrics | 
 
         return logged
 
-    async def observed(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def observed(request: bytes, context: Any) -> bytes:
         started = time.perf_counter()
         if tracer.enabled:
             with tracer.rpc_span(path, context.invocation_metadata(), context.peer()) as span:
@@ -158,7 +158,7 @@ def instrument(method: str, handle: Handler, tracer: Tracer, metrics: Metrics | 
     return observed
 
 
-def _peer(context: grpc.aio.ServicerContext) -> str:
+def _peer(context: Any) -> str:
     try:
         return str(context.peer() or "")
     except Exception:  # noqa: BLE001 - a context without a peer still gets its failure logged

@@ -1,8 +1,9 @@
 """What the status page shows: readiness, uptime, the effective settings, request rates, the
 nodes, and per collection how its files spread over them.
 
-The spread is what routing would do now: each collection's searchable files (from the meta DB)
-assigned by the proxy's own router over the current read-only nodes, unhealthy ones excluded.
+The spread is what routing would do now: each collection's searchable files (the meta reader's)
+planned by the search path's own planner over the current read-only nodes, so the page and the
+searches cannot disagree (unhealthy nodes left out; all on the writable node when none is healthy).
 Built on the HTTP thread when the page is asked for, never on the search path. No secret is
 shown: nodes by address, the meta DB by dialect only.
 """
@@ -12,28 +13,18 @@ from __future__ import annotations
 import html
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-from sqlalchemy.engine import Engine
-
-from utils.errors import NoAvailableNode
 from utils.logger import redact
 
-from ..nodes import Membership, NodeClient
 from .health import MetaMonitor
+from .metrics import Metrics, NoMetrics
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
-
-WRITABLE = "<writable>"
-_FILES_SQL = sa.text(
-    "SELECT CASE WHEN t.owner_table = '' OR t.owner_table IS NULL THEN t.table_id ELSE t.owner_table END, "
-    "f.id, f.row_count, f.file_size FROM TableFiles f JOIN Tables t ON t.table_id = f.table_id "
-    "WHERE f.file_type IN (1, 2, 3) AND t.state <> 1 ORDER BY f.id"
-)
+    from ..meta import MetaReader
+    from ..planner import Planner
 
 
 class StatusSource:
@@ -42,10 +33,10 @@ class StatusSource:
     def __init__(
         self,
         *,
-        membership: Membership,
-        writable: NodeClient,
-        router: Any,
-        engine: Engine,
+        membership: Any,
+        writable: Any,
+        planner: Planner,
+        meta: MetaReader,
         conn_stats: Callable[[], dict],
         serving: Callable[[], bool],
         meta_monitor: MetaMonitor | None = None,
@@ -53,14 +44,16 @@ class StatusSource:
         settings_summary: dict | None = None,
         started_at: float | None = None,
     ) -> None:
+        """`membership` and `writable` are read as `nodes.Membership` and `nodes.NodeClient` (duck
+        typed: observability imports no nodes)."""
         self.membership = membership
         self.writable = writable
-        self.router = router
-        self.engine = engine
+        self.planner = planner
+        self.meta = meta
         self.conn_stats = conn_stats
         self.serving = serving
         self.meta_monitor = meta_monitor
-        self.metrics = metrics
+        self.metrics = metrics if metrics is not None else NoMetrics()
         self.settings_summary = settings_summary or {}
         self.started_at = time.time() if started_at is None else started_at
         self._samples: deque[tuple[float, dict[str, tuple[int, int]]]] = deque(maxlen=64)
@@ -93,20 +86,13 @@ class StatusSource:
         return rows
 
     def collections(self) -> list[dict]:
-        files: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
-        with self.engine.connect() as connection:
-            for collection, file_id, row_count, file_size in connection.execute(_FILES_SQL):
-                files[collection].append((str(file_id), int(row_count or 0), int(file_size or 0)))
-        nodes = self.membership.all()
-        unhealthy = {name for name, client in nodes.items() if not client.stats.healthy}
+        files = self.meta.searchable_files_by_collection()
+        health = {name: client.stats.healthy for name, client in self.membership.all().items()}
         out = []
         for collection in sorted(files):
             entries = files[collection]
             by_id = {file_id: (rows, size) for file_id, rows, size in entries}
-            try:
-                groups = self.router.assign(list(by_id), list(nodes), unhealthy)
-            except NoAvailableNode:
-                groups = {WRITABLE: list(by_id)}
+            groups = self.planner.first(list(by_id), health)
             spread = [
                 {
                     "node": node,
@@ -124,7 +110,7 @@ class StatusSource:
     def requests(self) -> list[dict]:
         """Per method: totals, and requests and errors per second over the last minute or so (between
         this call and the oldest page view within 60 s; since start on the first view)."""
-        if self.metrics is None:
+        if not self.metrics.enabled:
             return []
         now = time.monotonic()
         all_series = dict(self.metrics.rpc_series())
@@ -177,7 +163,7 @@ class StatusSource:
             "uptime_s": round(self.uptime(), 1),
             "ready": ready,
             "ready_reason": reason,
-            "meta_db": self.engine.dialect.name,
+            "meta_db": self.meta.engine.dialect.name,
             "meta_error": meta_error,
             "settings": self.settings_summary,
             "requests": self.requests(),

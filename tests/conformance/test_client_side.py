@@ -10,7 +10,8 @@ import struct
 import grpc
 import pytest
 
-from mishards.transport import H2Channel
+from mishards.node_client import H2Channel
+from utils.errors import NodeCallError
 
 from .harness import (
     CANCEL,
@@ -88,7 +89,7 @@ async def run_scripted(answer: bytes, settings: bytes = settings_frame()) -> tup
     try:
         try:
             outcome: BaseException | bytes = await asyncio.wait_for(channel.unary("/s.S/M")(b"q", timeout=WAIT_S), 5)
-        except grpc.aio.AioRpcError as exc:
+        except NodeCallError as exc:
             outcome = exc
         await asyncio.wait_for(done.wait(), 5)
     finally:
@@ -103,8 +104,8 @@ def run(answer: bytes, settings: bytes = settings_frame()):
 
 
 def code_of(outcome) -> grpc.StatusCode:
-    assert isinstance(outcome, grpc.aio.AioRpcError), f"the call succeeded: {outcome!r}"
-    return outcome.code()
+    assert isinstance(outcome, NodeCallError), f"the call succeeded: {outcome!r}"
+    return next(code for code in grpc.StatusCode if code.value[0] == outcome.code)
 
 
 def sent(frames: list, kind: int) -> tuple | None:

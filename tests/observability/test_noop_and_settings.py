@@ -10,6 +10,7 @@ import pytest
 from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import status_pb2
 from mishards.observability import rpc
+from mishards.observability.metrics import NoMetrics
 from mishards.observability.rpc import instrument, reply_status, status_field
 from tracer import Tracer, create_tracer
 from utils.logger import RateLimitedLog, redact
@@ -25,7 +26,7 @@ def test_no_tracer_is_free():
     assert type(tracer) is Tracer and not tracer.enabled
     assert tracer.span("do_merge") is tracer.span("get_routing")  # one shared object: nothing allocated
     assert tracer.outgoing_metadata() is None
-    wrapped = instrument("Search", _handler, tracer, None)
+    wrapped = instrument("Search", _handler, tracer, NoMetrics())
     assert wrapped.__name__ == "logged", "tracing and metrics off: only the failure log, no span, no series"
 
 
@@ -45,8 +46,8 @@ def test_failed_calls_are_logged_rate_limited_with_code_and_collection(caplog, m
     async def insert_fails(request: bytes, context) -> bytes:
         return pb.VectorIds(status=status_pb2.Status(error_code=4, reason="collection not found")).SerializeToString()
 
-    search = instrument("Search", failing, create_tracer(""), None)
-    insert = instrument("Insert", insert_fails, create_tracer(""), None)
+    search = instrument("Search", failing, create_tracer(""), NoMetrics())
+    insert = instrument("Insert", insert_fails, create_tracer(""), NoMetrics())
     request = pb.SearchParam(collection_name="books", topk=3).SerializeToString()
     with caplog.at_level(logging.WARNING, logger="mishards.failures"):
         for _ in range(50):

@@ -28,7 +28,9 @@ import grpc
 import pytest
 
 from mishards.core.http2 import Limits
-from mishards.transport import H2Channel, H2Server
+from mishards.node_client import H2Channel
+from mishards.transport import H2Server
+from utils.errors import NodeCallError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -151,11 +153,19 @@ def refused(port: int) -> bool:
 
 
 async def fails_with(awaitable, timeout: float = 10) -> tuple[grpc.StatusCode, str, float]:
-    """The code and details of the AioRpcError `awaitable` raises, and how long that took."""
+    """The code and details of the error `awaitable` raises (the node-call port's NodeCallError for
+    our client, AioRpcError for grpcio's), and how long that took."""
     start = time.monotonic()
-    with pytest.raises(grpc.aio.AioRpcError) as info:
+    with pytest.raises((NodeCallError, grpc.aio.AioRpcError)) as info:
         await asyncio.wait_for(awaitable, timeout)
+    if isinstance(info.value, NodeCallError):
+        return status_code(info.value), info.value.details, time.monotonic() - start
     return info.value.code(), info.value.details(), time.monotonic() - start
+
+
+def status_code(error: NodeCallError) -> grpc.StatusCode:
+    """The gRPC status a NodeCallError carries, as grpcio names it."""
+    return next(code for code in grpc.StatusCode if code.value[0] == error.code)
 
 
 async def until_ok(call, request: bytes, within: float) -> float:
@@ -166,7 +176,7 @@ async def until_ok(call, request: bytes, within: float) -> float:
         try:
             assert await call(request, timeout=1) == request
             return time.monotonic() - start
-        except grpc.aio.AioRpcError as exc:
+        except (NodeCallError, grpc.aio.AioRpcError) as exc:
             last = exc
             await asyncio.sleep(0.05)
     raise AssertionError(f"no successful call within {within} s; last error {last!r}")
@@ -979,7 +989,7 @@ def test_client_graceful_grpc_server_stop():
             results = await asyncio.wait_for(asyncio.gather(*inflight, return_exceptions=True), 5)
             assert b"slept" in results
             for result in results:
-                assert result == b"slept" or result.code() == grpc.StatusCode.CANCELLED, result
+                assert result == b"slept" or status_code(result) == grpc.StatusCode.CANCELLED, result
             code, _, _ = await fails_with(channel.unary(ECHO)(b"x", timeout=2))
             assert code == grpc.StatusCode.UNAVAILABLE
             channel.close()
@@ -1111,15 +1121,15 @@ def test_node_client_closes_its_http2_connection_when_the_node_leaves():
         handlers = {f"/{SERVICE}/SearchInFiles": Handlers().echo}
         async with h2_serving(handlers) as (server, port):
             client = NodeClient("ro", f"127.0.0.1:{port}")
-            assert await client.rpc("SearchInFiles")(b"q", timeout=5) == b"q"
+            assert await client.call("SearchInFiles", b"q", 5) == b"q"
             assert len(server.connections) == 1
             await asyncio.to_thread(client.close)  # discovery threads call it
             deadline = time.monotonic() + 5
             while server.connections and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             assert not server.connections
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await client.rpc("SearchInFiles")(b"q", timeout=5)
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(NodeCallError) as caught:
+                await client.call("SearchInFiles", b"q", 5)
+            assert status_code(caught.value) == grpc.StatusCode.UNAVAILABLE
 
     asyncio.run(main())
