@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from milvus_grpc import milvus_pb2 as pb
+from utils.milvus_schema import method_path
 
 from .core.grpc_h2 import UNAVAILABLE
 from .settings import SUPPORTED_SERVER_VERSIONS
@@ -38,7 +39,6 @@ from .transport import H2Channel, rpc_error
 
 log = logging.getLogger(__name__)
 
-SERVICE = "milvus.grpc.MilvusService"
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
@@ -137,28 +137,26 @@ class NodeClient:
             if self._h2 is None:
                 self._loop = asyncio.get_running_loop()
                 self._h2 = H2Channel(self.address)
-            callable_ = self._h2.unary(f"/{SERVICE}/{method}")
+            callable_ = self._h2.unary(method_path(method))
             self._callables[method] = callable_
         if callable_ is None:
             if self._channel is None:
                 self._loop = asyncio.get_running_loop()
                 self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-            callable_ = self._channel.unary_unary(f"/{SERVICE}/{method}")
+            callable_ = self._channel.unary_unary(method_path(method))
             self._callables[method] = callable_
         return callable_
 
     def handshake(self, timeout: float = HANDSHAKE_TIMEOUT_S) -> str:
         """Ask `Cmd version` (blocking); the version string if supported, else HandshakeError."""
         try:
-            raw = self._probe_channel.unary_unary(f"/{SERVICE}/Cmd")(
+            raw = self._probe_channel.unary_unary(method_path("Cmd"))(
                 pb.Command(cmd="version").SerializeToString(), timeout=timeout
             )
         except grpc.RpcError as exc:
-            raise HandshakeError(
-                f"{self.name} ({self.address}) did not answer Cmd version: {exc.code().name}"
-            ) from None
-        except ValueError:  # the channel was closed meanwhile: the node left
-            raise HandshakeError(f"{self.name} ({self.address}) left") from None
+            raise HandshakeError(f"{self.name} ({self.address}) did not answer Cmd version: {exc.code().name}") from exc
+        except ValueError as exc:  # the channel was closed meanwhile: the node left
+            raise HandshakeError(f"{self.name} ({self.address}) left") from exc
         reply = pb.StringReply.FromString(raw)
         if reply.status.error_code != 0:
             raise HandshakeError(f"{self.name} refused Cmd version: {reply.status.reason}")

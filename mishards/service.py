@@ -18,7 +18,6 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from milvus_grpc import milvus_pb2 as pb
@@ -33,26 +32,32 @@ from utils.errors import (
     collection_missing,
     status_of,
 )
+from utils.milvus_schema import (
+    IN_PROGRESS_FILE_TYPES,
+    REPLY_CLASSES,
+    REQUEST_CLASSES,
+    SERVICE,
+    VECTOR_METHODS,
+    is_descending,
+    is_match_filter,
+    method_path,
+)
 
 from .core import wire
 from .core.hedging import TailTolerance
 from .core.http2 import DEFAULT_LIMITS, Limits
-from .core.merge import is_descending, is_match_filter, padding_distance
-from .meta import IN_PROGRESS_FILE_TYPES, FileSet, MetaReader, SchemaCache
-from .nodes import SERVICE, Membership, NodeClient
+from .core.merge import padding_distance
+from .meta import FileSet, MetaReader, SchemaCache
+from .nodes import Membership, NodeClient
 from .observability.metrics import Metrics
 from .observability.rpc import instrument
 from .search import ReloadTracker, Scatter
-from .transport import H2Server, RequestContext
+from .transport import H2Server, Handler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_GET_IDS = 1000  # a node's GetVectorsByID answers at most this many ids per request
 
-_SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["MilvusService"]
-VECTOR_METHODS = [m.name for m in _SERVICE_DESCRIPTOR.methods if m.index < 26]  # 1..25 + ReloadSegments
-REPLY_TYPES = {m.name: message_factory.GetMessageClass(m.output_type) for m in _SERVICE_DESCRIPTOR.methods}
-REQUEST_TYPES = {m.name: m.input_type.name for m in _SERVICE_DESCRIPTOR.methods}
 INVALIDATES_SCHEMA = {
     "CreateCollection": pb.CollectionSchema,
     "DropCollection": pb.CollectionName,
@@ -64,7 +69,7 @@ INVALIDATES_SCHEMA = {
 def error_reply(method: str, error: BaseException) -> bytes:
     """The method's reply type carrying the error's Status (a bare Status for Status replies)."""
     status = status_of(error)
-    reply_type = REPLY_TYPES[method]
+    reply_type = REPLY_CLASSES[method]
     if reply_type is status_pb2.Status:
         return status.SerializeToString()
     return reply_type(status=status).SerializeToString()
@@ -106,7 +111,7 @@ class MishardsService:
             partial_results=partial_results,
         )
         self.backend_version = ""
-        self._special: dict[str, Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]] = {
+        self._special: dict[str, Handler] = {
             "Search": self.search,
             "SearchInFiles": self.search_in_files,
             "SearchByID": self.search_by_id,
@@ -116,9 +121,9 @@ class MishardsService:
         }
 
     # ------------------------------------------------------------------ plumbing
-    def handlers(self) -> dict[str, Callable[[bytes, RequestContext], Awaitable[bytes]]]:
+    def handlers(self) -> dict[str, Handler]:
         """Raw-bytes handlers by method path, for `transport.H2Server`."""
-        return {f"/{SERVICE}/{name}": self._handler(name) for name in VECTOR_METHODS}
+        return {method_path(name): self._handler(name) for name in VECTOR_METHODS}
 
     async def _db(self, call: Callable[..., Awaitable[T]], *args) -> T:
         """A meta DB read (on the loop: SQLite inline, MySQL over the held session), timed when metrics are on."""
@@ -130,7 +135,7 @@ class MishardsService:
         finally:
             self.metrics.meta_query(call.__qualname__).observe(time.perf_counter() - started)
 
-    def _handler(self, method: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]:
+    def _handler(self, method: str) -> Handler:
         special = self._special.get(method)
         invalidates = INVALIDATES_SCHEMA.get(method)
 
@@ -146,7 +151,10 @@ class MishardsService:
                 return error_reply(method, exc)
             except DecodeError:
                 return error_reply(
-                    method, IllegalArgument(f"{method}: the request is not a valid {REQUEST_TYPES[method]} message")
+                    method,
+                    IllegalArgument(
+                        f"{method}: the request is not a valid {REQUEST_CLASSES[method].DESCRIPTOR.name} message"
+                    ),
                 )
             except Exception as exc:  # noqa: BLE001 - a bug must still answer with a Status
                 log.exception("%s failed", method)
@@ -170,13 +178,15 @@ class MishardsService:
             error = f"{exc.code().name}: {exc.details() or ''}".strip()
             if exc.code() == grpc.StatusCode.INTERNAL and "deserializ" in (exc.details() or ""):
                 # the node could not parse what the client sent: bad input, not an outage
-                raise IllegalArgument(f"{method}: the request is not a valid {REQUEST_TYPES[method]} message") from None
+                raise IllegalArgument(
+                    f"{method}: the request is not a valid {REQUEST_CLASSES[method].DESCRIPTOR.name} message"
+                ) from exc
             self.writable.record(False, time.monotonic() - start, error)
             if self.metrics is not None:
                 series = self.metrics.node(self.writable.name)
                 series.errors += 1
                 series.latency.observe(time.monotonic() - start)
-            raise ConnectFailed(f"writable node {self.writable.address} failed {method}: {error}") from None
+            raise ConnectFailed(f"writable node {self.writable.address} failed {method}: {error}") from exc
         self.writable.record(True, time.monotonic() - start)
         if self.metrics is not None:
             self.metrics.node(self.writable.name).latency.observe(time.monotonic() - start)

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 
 from utils.errors import NoAvailableNode
 from utils.logger import redact
+from utils.milvus_schema import SEARCHABLE_FILE_TYPES, TableState, sql_list
 
 from ..nodes import Membership, NodeClient
 from .health import MetaMonitor
@@ -32,7 +33,7 @@ WRITABLE = "<writable>"
 _FILES_SQL = sa.text(
     "SELECT CASE WHEN t.owner_table = '' OR t.owner_table IS NULL THEN t.table_id ELSE t.owner_table END, "
     "f.id, f.row_count, f.file_size FROM TableFiles f JOIN Tables t ON t.table_id = f.table_id "
-    "WHERE f.file_type IN (1, 2, 3) AND t.state <> 1 ORDER BY f.id"
+    f"WHERE f.file_type IN {sql_list(SEARCHABLE_FILE_TYPES)} AND t.state <> {TableState.TO_DELETE} ORDER BY f.id"
 )
 
 
