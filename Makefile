@@ -28,7 +28,7 @@ test: venv
 	PYTEST_ARGS="$(PYTEST_ARGS)" scripts/test.sh
 
 run: venv
-	$(PY) scripts/local_cluster.py
+	$(PY) -m scripts.local_cluster
 
 proto:
 	scripts/gen_proto.sh
@@ -38,17 +38,17 @@ coverage: venv
 
 # Benchmarks print tables; BENCH_ARGS passes options to the search benchmark (e.g. --rows 20000).
 bench: venv
-	$(PY) bench/merge_bench.py
-	$(PY) bench/search_bench.py $(BENCH_ARGS)
-	$(PY) bench/node_bench.py
+	$(PY) -m bench.merge_bench
+	$(PY) -m bench.search_bench $(BENCH_ARGS)
+	$(PY) -m bench.node_bench
 
 # Searches checked against an oracle while nodes are paused, killed, slowed and restarted (~3 min).
 chaos: venv
-	$(PY) bench/chaos_bench.py $(CHAOS_ARGS)
+	$(PY) -m bench.chaos_bench $(CHAOS_ARGS)
 
 # The attack battery (README "Attack battery"): ATTACK_ARGS passes options (e.g. --seconds 5 --only gzip_bomb).
 attacks: venv
-	$(PY) bench/attacks.py $(ATTACK_ARGS)
+	$(PY) -m bench.attacks $(ATTACK_ARGS)
 
 # ---- Deployment (README: "Running with Docker", "Running on Kubernetes"). The shell logic lives in
 # scripts/ and kubernetes_demo/start.sh; DOCKER, COMPOSE and KUBECTL name the tools.

@@ -14,9 +14,9 @@ Every attacker loop is bounded in time and in count; every socket is closed at t
 goes only to 127.0.0.1. A proxy whose RSS passes --rss-abort-mb has its attack stopped early (the
 row says so) so that a server without limits cannot take the machine with it.
 
-    python bench/attacks.py                    # every attack, 20 s each, both transports
-    python bench/attacks.py --seconds 5 --only rapid_reset_same_write,gzip_bomb
-    python bench/attacks.py --transports http2
+    python -m bench.attacks                    # every attack, 20 s each, both transports
+    python -m bench.attacks --seconds 5 --only rapid_reset_same_write,gzip_bomb
+    python -m bench.attacks --transports http2
 """
 
 from __future__ import annotations
@@ -42,9 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 HOST = "127.0.0.1"
 # attackers connect from addresses of their own (all of 127.0.0.0/8 is loopback), as they would in
 # life: a server that slows an abusive address must not be measured slowing the legitimate client

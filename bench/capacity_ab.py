@@ -6,7 +6,7 @@ proxies over the same 2 scripted fake nodes that answer at once (so the proxy is
 one from this checkout, one from REV checked out into a temporary git worktree, and measures them
 in alternation, round after round.
 
-    python bench/capacity_ab.py REV [--rounds 5] [--in-flight 32] [--requests 4000] [--transport http2]
+    python -m bench.capacity_ab REV [--rounds 5] [--in-flight 32] [--requests 4000] [--transport http2]
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.search_bench import DIM, _saturate, cpu_seconds, fake_nodes
+from milvus_grpc import milvus_pb2 as pb
+from tests.support.processes import (
+    MishardsProcess,
+    NodeProcess,
+)
+from tests.support.stubs import records
 
-from bench.search_bench import DIM, _saturate, cpu_seconds, fake_nodes  # noqa: E402
-from milvus_grpc import milvus_pb2 as pb  # noqa: E402
-from tests.proxy.conftest import MishardsProcess  # noqa: E402
-from tests.support.processes import NodeProcess  # noqa: E402
-from tests.support.stubs import records  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:

@@ -19,7 +19,7 @@ counts in it. Per phase: searches, failures (an error status or exception), wron
 but not the oracle's answer), p50/p99/max latency, hedges sent and won, node calls; then the
 acceptance checks. Bounded in time (about two minutes plus start-up).
 
-    python bench/chaos_bench.py [--clients 3] [--baseline 25] [--fault 10]
+    python -m bench.chaos_bench [--clients 3] [--baseline 25] [--fault 10]
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from milvus_grpc import milvus_pb2 as pb  # noqa: E402
-from tests.proxy.conftest import MishardsProcess  # noqa: E402
-from tests.support import oracle  # noqa: E402
-from tests.support.processes import NodeProcess  # noqa: E402
-from tests.support.stubs import milvus_stub, records, result_rows, search_param  # noqa: E402
+from milvus_grpc import milvus_pb2 as pb
+from tests.support import oracle
+from tests.support.processes import (
+    MishardsProcess,
+    NodeProcess,
+)
+from tests.support.stubs import milvus_stub, records, result_rows, search_param
+from utils.milvus_schema import MetricType
 
 DIM = 32
 BINARY_DIM = 128
@@ -90,9 +90,9 @@ def load_collections(address: str, rng: np.random.Generator) -> list[Query]:
     queries: list[Query] = []
     with milvus_stub(address) as stub:
         for name, metric, binary, tags in (
-            ("chaos_l2", oracle.L2, False, ("a", "b")),
-            ("chaos_ip", oracle.IP, False, ()),
-            ("chaos_bin", oracle.JACCARD, True, ()),
+            ("chaos_l2", MetricType.L2, False, ("a", "b")),
+            ("chaos_ip", MetricType.IP, False, ()),
+            ("chaos_bin", MetricType.JACCARD, True, ()),
         ):
             dim = BINARY_DIM if binary else DIM
             status = stub.CreateCollection(

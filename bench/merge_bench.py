@@ -1,6 +1,6 @@
 """Micro-benchmark: the top-k merge alone, and the TopKQueryResult encoding, against the old ways.
 
-    .venv/bin/python bench/merge_bench.py
+    .venv/bin/python -m bench.merge_bench
 
 Merge grid: nq in {1, 10, 100} x topk in {10, 100} x nodes in {2, 4, 8}. Every node answers a
 full (nq, topk) block of ascending L2 distances with distinct ids (the usual case: each file is
@@ -16,7 +16,6 @@ Prints medians; the machine is shared, so expect +-30%.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -24,11 +23,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from milvus_grpc import milvus_pb2  # noqa: E402
-from mishards.core.merge import merge_topk  # noqa: E402
-from mishards.core.wire import decode_topk_result, encode_topk_result  # noqa: E402
+from milvus_grpc import milvus_pb2
+from mishards.core.merge import merge_topk
+from mishards.core.wire import decode_topk_result, encode_topk_result
 
 try:
     import faiss

@@ -13,7 +13,7 @@ scripted fake nodes that answer at once, on a SQLite meta and on a MariaDB meta 
 rows, this checkout and (with --baseline REV) another git revision, interleaved rounds, medians.
 
     scripts/mariadb.sh start   # or MISHARDS_MYSQL_PORT=<free port> scripts/mariadb.sh start
-    python bench/meta_bench.py --mysql "$(scripts/mariadb.sh url)" [--baseline REV] [--rounds 5]
+    python -m bench.meta_bench --mysql "$(scripts/mariadb.sh url)" [--baseline REV] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -35,16 +35,19 @@ import grpc
 import numpy as np
 import sqlalchemy as sa
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.search_bench import DIM, cpu_seconds
+from milvus_grpc import milvus_pb2 as pb
+from milvus_node.meta import MetaStore, create_meta_engine
+from mishards.meta import _FILES_SQL, MetaReader, create_engine
+from tests.support.processes import (
+    ManagedProcess,
+    MishardsProcess,
+    cmd_version_probe,
+    free_port,
+)
+from tests.support.stubs import OPTIONS, records
 
-from bench.search_bench import DIM, cpu_seconds  # noqa: E402
-from milvus_grpc import milvus_pb2 as pb  # noqa: E402
-from milvus_node.meta import MetaStore, create_meta_engine  # noqa: E402
-from mishards.meta import _FILES_SQL, MetaReader, create_engine  # noqa: E402
-from tests.proxy.conftest import MishardsProcess  # noqa: E402
-from tests.support.processes import ManagedProcess, cmd_version_probe, free_port  # noqa: E402
-from tests.support.stubs import OPTIONS, records  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FILES = 10
 COLLECTION = "bench"

@@ -9,7 +9,7 @@ count) for nq = 1 and 10, topk = 10; the IVF_FLAT run also reports recall@10 aga
 The recall table builds IVF_FLAT, HNSW and ANNOY (several n_trees / search_k settings) over one
 20k x 64 segment and compares 100 queries' top 10 with an exact numpy oracle.
 
-    python bench/node_bench.py [--rows 100000] [--seconds 3] [--nlist 256] [--nprobe 16] [--part all|recall]
+    python -m bench.node_bench [--rows 100000] [--seconds 3] [--nlist 256] [--nprobe 16] [--part all|recall]
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,12 +24,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from milvus_grpc import milvus_pb2 as pb  # noqa: E402
-from tests.support.processes import NodeProcess  # noqa: E402
-from tests.support.stubs import OPTIONS, milvus_stub, records, search_param  # noqa: E402
+from milvus_grpc import milvus_pb2 as pb
+from tests.support.processes import NodeProcess
+from tests.support.stubs import OPTIONS, milvus_stub, records, search_param
 
 DIM, SEGMENTS, TOPK = 128, 10, 10
 

@@ -7,7 +7,7 @@ sent to each target, one request in flight, for each (nq, topk). The proxy's CPU
 is read from /proc/<pid>/stat around each run. Everything runs on this machine over loopback,
 bounded in requests and seconds.
 
-    python bench/search_bench.py [--rows 100000] [--seconds 3] [--profile]
+    python -m bench.search_bench [--rows 100000] [--seconds 3] [--profile]
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from milvus_grpc import milvus_pb2 as pb  # noqa: E402
-from tests.proxy.conftest import MishardsProcess  # noqa: E402
-from tests.support.processes import ManagedProcess, NodeProcess, cmd_version_probe, free_port  # noqa: E402
-from tests.support.stubs import OPTIONS, milvus_stub, records  # noqa: E402
+from milvus_grpc import milvus_pb2 as pb
+from tests.support.processes import (
+    ManagedProcess,
+    MishardsProcess,
+    NodeProcess,
+    cmd_version_probe,
+    free_port,
+)
+from tests.support.stubs import OPTIONS, milvus_stub, records
 
 DIM = 128
 SEGMENTS = 10

@@ -212,7 +212,7 @@ class RuntimeConfig:
         try:
             parser(value)
         except ValueError as exc:
-            raise IllegalArgument(f"Invalid value {value!r} for config {key}: {exc}") from None
+            raise IllegalArgument(f"Invalid value {value!r} for config {key}: {exc}") from exc
         with self._lock:
             self._values[key] = value
         listener = self._listeners.get(key)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-L2, IP, HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE = range(1, 8)
-BINARY_METRICS = frozenset({HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE})
-MATCH_FILTERS = frozenset({SUBSTRUCTURE, SUPERSTRUCTURE})
-"""Metrics that only filter: every match has distance 0.0 and the first matches in storage order win."""
+from utils.milvus_schema import MetricType, is_descending, is_match_filter
+
 FLT_MAX = float(np.finfo(np.float32).max)
 
 # Elements of the (queries x rows) distance block computed at once; bounds memory per search.
@@ -22,32 +20,19 @@ _BLOCK_ELEMENTS = 1 << 22
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.float64)
 
 
-def is_binary(metric: int) -> bool:
-    return metric in BINARY_METRICS
-
-
-def is_match_filter(metric: int) -> bool:
-    return metric in MATCH_FILTERS
-
-
-def descending(metric: int) -> bool:
-    """IP ranks larger first; L2 and every binary metric rank smaller first."""
-    return metric == IP
-
-
 def pad_distance(metric: int) -> float:
     """What faiss leaves beside a -1 id: the worst possible value for the metric."""
-    return -FLT_MAX if descending(metric) else FLT_MAX
+    return -FLT_MAX if is_descending(metric) else FLT_MAX
 
 
 def distances(metric: int, queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """Distance matrix (nq x n) in float64; +inf (or -inf for IP) marks rows that cannot qualify."""
-    if metric == L2:
+    if metric == MetricType.L2:
         q = queries.astype(np.float64)
         v = vectors.astype(np.float64)
         d = (q * q).sum(1)[:, None] + (v * v).sum(1)[None, :] - 2.0 * (q @ v.T)
         return np.maximum(d, 0.0)
-    if metric == IP:
+    if metric == MetricType.IP:
         return queries.astype(np.float64) @ vectors.astype(np.float64).T
     q_bits = np.unpackbits(queries, axis=1).astype(np.float64)
     v_bits = np.unpackbits(vectors, axis=1).astype(np.float64)
@@ -55,18 +40,18 @@ def distances(metric: int, queries: np.ndarray, vectors: np.ndarray) -> np.ndarr
     q_count = _POPCOUNT[queries].sum(1)[:, None]
     v_count = _POPCOUNT[vectors].sum(1)[None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        if metric == HAMMING:
+        if metric == MetricType.HAMMING:
             return q_count + v_count - 2.0 * both
         union = q_count + v_count - both
         similarity = np.where(union > 0, both / np.where(union > 0, union, 1.0), 1.0)
-        if metric == JACCARD:
+        if metric == MetricType.JACCARD:
             return 1.0 - similarity
-        if metric == TANIMOTO:
+        if metric == MetricType.TANIMOTO:
             return -np.log2(similarity)
         # Match filters as 0.9.1's binary flat search reports them: 0.0 for a match, nothing otherwise.
-        if metric == SUBSTRUCTURE:
+        if metric == MetricType.SUBSTRUCTURE:
             return np.where(both == q_count, 0.0, np.inf)
-        if metric == SUPERSTRUCTURE:
+        if metric == MetricType.SUPERSTRUCTURE:
             return np.where(both == v_count, 0.0, np.inf)
     raise ValueError(f"unknown metric type {metric}")
 
@@ -85,7 +70,7 @@ def select_topk(dist: np.ndarray, ids: np.ndarray, topk: int, metric: int) -> tu
     out_dist = np.full((nq, topk), pad_distance(metric), dtype=np.float64)
     if nq == 0 or m == 0:
         return out_ids, out_dist
-    key = -dist if descending(metric) else dist
+    key = -dist if is_descending(metric) else dist
     key = np.where(ids < 0, np.inf, key)
     if m > topk:
         # Everything strictly better than the k-th key is in; at the k-th key ties are settled by id.
@@ -153,7 +138,7 @@ def search_block(
         row_ids = np.where(excluded, -1, row_ids)
     nq, n = queries.shape[0], vectors.shape[0]
     step = max(1, _BLOCK_ELEMENTS // max(n, 1))
-    preselect = metric in (L2, IP) and n > _PRESELECT_FACTOR * topk + _PRESELECT_EXTRA
+    preselect = metric in (MetricType.L2, MetricType.IP) and n > _PRESELECT_FACTOR * topk + _PRESELECT_EXTRA
     if preselect:
         step = min(step, 64)  # bounds the (queries x candidates x dim) float64 block
     parts_ids, parts_dist = [], []
@@ -178,7 +163,7 @@ def exact_distances(metric: int, queries: np.ndarray, vectors: np.ndarray, candi
     """Exact float64 L2/IP distances of each query to its candidate rows (nq x c positions)."""
     chosen = vectors[np.maximum(candidates, 0)].astype(np.float64)  # (nq, c, dim)
     q = queries.astype(np.float64)[:, None, :]
-    if metric == L2:
+    if metric == MetricType.L2:
         chosen -= q
         return np.einsum("ijk,ijk->ij", chosen, chosen)
     return np.einsum("ijk,ijk->ij", chosen, np.broadcast_to(q, chosen.shape))
@@ -194,7 +179,7 @@ def _search_preselected(
     with more rows than were kept (duplicate vectors) is ranked exactly over the whole segment.
     """
     scores = queries.astype(np.float32, copy=False) @ vectors.T
-    if metric == L2:
+    if metric == MetricType.L2:
         if norms is None:
             norms = np.einsum("ij,ij->i", vectors, vectors)
         approx = norms[None, :] - 2.0 * scores
@@ -224,5 +209,5 @@ def merge_topk(
         return parts[0]
     ids = np.concatenate([p[0] for p in parts], axis=1)
     dist = np.concatenate([p[1] for p in parts], axis=1)
-    dist = np.where(ids < 0, -np.inf if descending(metric) else np.inf, dist)
+    dist = np.where(ids < 0, -np.inf if is_descending(metric) else np.inf, dist)
     return select(dist, ids, topk, metric)

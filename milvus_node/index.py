@@ -22,15 +22,16 @@ import faiss
 import numpy as np
 
 from utils.errors import IllegalArgument
+from utils.milvus_schema import IndexType, MetricType
 
 from . import engine
 
-# Tables.engine_type values (Milvus EngineType)
-FLAT, IVF_FLAT, IVF_SQ8, NSG, IVF_SQ8H, IVF_PQ, BIN_FLAT, BIN_IVF_FLAT, HNSW, ANNOY = 1, 2, 3, 4, 5, 6, 9, 10, 11, 12
-IVF_TYPES = frozenset({IVF_FLAT, IVF_SQ8, IVF_SQ8H, IVF_PQ, BIN_IVF_FLAT})
-EXACT_TYPES = frozenset({FLAT, BIN_FLAT})
+IVF_TYPES = frozenset(
+    {IndexType.IVF_FLAT, IndexType.IVF_SQ8, IndexType.IVF_SQ8H, IndexType.IVF_PQ, IndexType.BIN_IVF_FLAT}
+)
+EXACT_TYPES = frozenset({IndexType.FLAT, IndexType.BIN_FLAT})
 # Candidates fetched per wanted hit before the exact re-ranking: quantized codes misorder neighbours.
-REFINE_FACTOR = {IVF_SQ8: 4, IVF_PQ: 8}
+REFINE_FACTOR = {IndexType.IVF_SQ8: 4, IndexType.IVF_PQ: 8}
 ANNOY_SEED = 1  # fixed, so that a segment's trees (and its search results) do not vary between builds
 ANNOY_MAX_SEARCH_K = (1 << 31) - 1  # the annoy binding takes a C int; a larger search_k cannot visit more
 
@@ -47,12 +48,12 @@ class LoadedIndex:
 
 
 def _faiss_metric(metric: int) -> int:
-    return faiss.METRIC_INNER_PRODUCT if metric == engine.IP else faiss.METRIC_L2
+    return faiss.METRIC_INNER_PRODUCT if metric == MetricType.IP else faiss.METRIC_L2
 
 
 def _annoy_index(dimension: int, metric: int) -> annoy.AnnoyIndex:
     # Annoy's "euclidean" ranks as squared L2 does and "dot" as IP; distances are recomputed exactly.
-    return annoy.AnnoyIndex(dimension, "dot" if metric == engine.IP else "euclidean")
+    return annoy.AnnoyIndex(dimension, "dot" if metric == MetricType.IP else "euclidean")
 
 
 def _build_annoy(metric: int, vectors: np.ndarray, n_trees: int) -> annoy.AnnoyIndex:
@@ -67,9 +68,9 @@ def _build_annoy(metric: int, vectors: np.ndarray, n_trees: int) -> annoy.AnnoyI
 def build(engine_type: int, metric: int, vectors: np.ndarray, params: dict) -> object:
     """Train and fill a faiss (or annoy) index over all rows of a segment (labels = row positions)."""
     n = vectors.shape[0]
-    if engine_type == ANNOY:
+    if engine_type == IndexType.ANNOY:
         return _build_annoy(metric, vectors, int(params["n_trees"]))
-    if engine_type == BIN_IVF_FLAT:
+    if engine_type == IndexType.BIN_IVF_FLAT:
         bits = vectors.shape[1] * 8
         nlist = max(1, min(int(params["nlist"]), n))
         index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(bits), bits, nlist)
@@ -78,19 +79,19 @@ def build(engine_type: int, metric: int, vectors: np.ndarray, params: dict) -> o
         return index
     dim = vectors.shape[1]
     fm = _faiss_metric(metric)
-    if engine_type in (IVF_FLAT, IVF_SQ8, IVF_PQ):
+    if engine_type in (IndexType.IVF_FLAT, IndexType.IVF_SQ8, IndexType.IVF_PQ):
         nlist = max(1, min(int(params["nlist"]), n))
         quantizer = faiss.IndexFlatIP(dim) if fm == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(dim)
-        if engine_type == IVF_FLAT:
+        if engine_type == IndexType.IVF_FLAT:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, fm)
-        elif engine_type == IVF_SQ8:
+        elif engine_type == IndexType.IVF_SQ8:
             index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, fm)
         else:
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, int(params["m"]), 8, fm)
-    elif engine_type == HNSW:
+    elif engine_type == IndexType.HNSW:
         index = faiss.IndexHNSWFlat(dim, int(params["M"]), fm)
         index.hnsw.efConstruction = int(params["efConstruction"])
-    elif engine_type == NSG:
+    elif engine_type == IndexType.RNSG:
         index = faiss.IndexNSGFlat(dim, int(params["out_degree"]), fm)
         index.GK = min(int(params["knng"]), n - 1)
         index.build_type = 0  # exact k-NN graph: faster than NN-descent at segment sizes
@@ -133,12 +134,12 @@ def write(index: object, path: str) -> int:
 
 def load(engine_type: int, path: str, dimension: int, metric: int) -> LoadedIndex:
     size = os.path.getsize(path)
-    if engine_type == ANNOY:
+    if engine_type == IndexType.ANNOY:
         index = _annoy_index(dimension, metric)
         if not index.load(path, prefault=False):
             raise OSError(f"annoy could not load {path}")
         return LoadedIndex(engine_type, index, size)
-    if engine_type == BIN_IVF_FLAT:
+    if engine_type == IndexType.BIN_IVF_FLAT:
         index = faiss.read_index_binary(path)
         lists = np.empty(index.ntotal, dtype=np.int64)
         invlists = index.invlists
@@ -162,9 +163,9 @@ def search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Candidate hits of `queries` in one indexed segment, with the search params: (ids, exact float64
     distances), nq x c, unordered, id -1 for no hit. The caller ranks all segments' candidates at once."""
-    if loaded.engine_type == BIN_IVF_FLAT:
+    if loaded.engine_type == IndexType.BIN_IVF_FLAT:
         return _search_binary_ivf(loaded, metric, queries, vectors, row_ids, deleted, topk, params)
-    if loaded.engine_type == ANNOY:
+    if loaded.engine_type == IndexType.ANNOY:
         return _search_annoy(loaded, metric, queries, vectors, row_ids, deleted, topk, params)
     n = vectors.shape[0]
     dead = int(np.count_nonzero(deleted))
@@ -178,7 +179,7 @@ def search(
     if loaded.engine_type in IVF_TYPES:
         nprobe = min(int(params.get("nprobe", 16)), index.nlist)
         _, found = index.search(queries32, fetch, params=faiss.SearchParametersIVF(nprobe=nprobe, sel=selector))
-    elif loaded.engine_type == HNSW:
+    elif loaded.engine_type == IndexType.HNSW:
         ef = max(int(params.get("ef", 64)), fetch)
         _, found = index.search(queries32, fetch, params=faiss.SearchParametersHNSW(efSearch=ef, sel=selector))
     else:  # NSG: no selector support, and search_L lives on the index
@@ -260,21 +261,21 @@ def check_index_params(engine_type: int, dimension: int, params: dict) -> None:
     """CreateIndex parameters for an engine type (docs/semantics.md)."""
     if engine_type in IVF_TYPES:
         check_range(params, "nlist", 1, 999999)
-    if engine_type == IVF_PQ:
+    if engine_type == IndexType.IVF_PQ:
         m = check_range(params, "m", 1, max(PQ_M_VALUES))
         if m not in PQ_M_VALUES or dimension % m:
             raise IllegalArgument(
                 f"Invalid m: {m}. m must be one of {list(PQ_M_VALUES)} and divide the dimension ({dimension})"
             )
-    elif engine_type == NSG:
+    elif engine_type == IndexType.RNSG:
         check_range(params, "search_length", 10, 300)
         check_range(params, "out_degree", 5, 300)
         check_range(params, "candidate_pool_size", 50, 1000)
         check_range(params, "knng", 5, 300)
-    elif engine_type == HNSW:
+    elif engine_type == IndexType.HNSW:
         check_range(params, "M", 5, 48)
         check_range(params, "efConstruction", 100, 500)
-    elif engine_type == ANNOY:
+    elif engine_type == IndexType.ANNOY:
         check_range(params, "n_trees", 1, 1024)
 
 
@@ -282,9 +283,9 @@ def check_search_params(engine_type: int, topk: int, params: dict) -> None:
     """Search parameters against the collection's current index type; FLAT takes any."""
     if engine_type in IVF_TYPES:
         check_range(params, "nprobe", 1, 999999)
-    elif engine_type == HNSW:
+    elif engine_type == IndexType.HNSW:
         check_range(params, "ef", topk, 4096)
-    elif engine_type == NSG:
+    elif engine_type == IndexType.RNSG:
         check_range(params, "search_length", 10, 300)
-    elif engine_type == ANNOY:
+    elif engine_type == IndexType.ANNOY:
         check_range(params, "search_k", topk, INT64_MAX)

@@ -17,17 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from utils.errors import MetaFailed
+from utils.milvus_schema import IN_PROGRESS_FILE_TYPES, SEARCHABLE_FILE_TYPES, FileType, TableState
 
 log = logging.getLogger(__name__)
-
-# Tables.state
-STATE_NORMAL = 0
-STATE_TO_DELETE = 1
-
-# TableFiles.file_type
-NEW, RAW, TO_INDEX, INDEX, TO_DELETE, NEW_MERGE, NEW_INDEX, BACKUP = range(8)
-SEARCHABLE_FILE_TYPES = (RAW, TO_INDEX, INDEX)
-IN_PROGRESS_FILE_TYPES = (NEW, NEW_MERGE, NEW_INDEX)
 
 # Tables.flag
 FLAG_NO_USERID = 0x1
@@ -220,7 +212,7 @@ class MetaStore:
     def get_table(self, table_id: str, include_deleted: bool = False) -> TableRow | None:
         query = sa.select(tables_table).where(tables_table.c.table_id == table_id)
         if not include_deleted:
-            query = query.where(tables_table.c.state != STATE_TO_DELETE)
+            query = query.where(tables_table.c.state != TableState.TO_DELETE)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return _table_row(row) if row else None
@@ -231,7 +223,7 @@ class MetaStore:
             sa.select(tables_table)
             .where(
                 sa.or_(tables_table.c.table_id == name, tables_table.c.owner_table == name),
-                tables_table.c.state != STATE_TO_DELETE,
+                tables_table.c.state != TableState.TO_DELETE,
             )
             .order_by(tables_table.c.id)
         )
@@ -241,7 +233,7 @@ class MetaStore:
     def list_collections(self) -> list[TableRow]:
         query = (
             sa.select(tables_table)
-            .where(tables_table.c.state != STATE_TO_DELETE, tables_table.c.owner_table == "")
+            .where(tables_table.c.state != TableState.TO_DELETE, tables_table.c.owner_table == "")
             .order_by(tables_table.c.id)
         )
         with self.engine.connect() as conn:
@@ -250,7 +242,7 @@ class MetaStore:
     def list_partitions(self, collection: str) -> list[TableRow]:
         query = (
             sa.select(tables_table)
-            .where(tables_table.c.state != STATE_TO_DELETE, tables_table.c.owner_table == collection)
+            .where(tables_table.c.state != TableState.TO_DELETE, tables_table.c.owner_table == collection)
             .order_by(tables_table.c.id)
         )
         with self.engine.connect() as conn:
@@ -273,13 +265,13 @@ class MetaStore:
         with self.engine.begin() as conn:
             conn.execute(
                 sa.delete(tables_table).where(
-                    tables_table.c.table_id == table_id, tables_table.c.state == STATE_TO_DELETE
+                    tables_table.c.table_id == table_id, tables_table.c.state == TableState.TO_DELETE
                 )
             )
             conn.execute(
                 sa.insert(tables_table).values(
                     table_id=table_id,
-                    state=STATE_NORMAL,
+                    state=TableState.NORMAL,
                     dimension=dimension,
                     created_on=now_us(),
                     flag=flag,
@@ -314,12 +306,12 @@ class MetaStore:
         stamp = now_us()
         with self.engine.begin() as conn:
             conn.execute(
-                sa.update(tables_table).where(tables_table.c.table_id.in_(table_ids)).values(state=STATE_TO_DELETE)
+                sa.update(tables_table).where(tables_table.c.table_id.in_(table_ids)).values(state=TableState.TO_DELETE)
             )
             conn.execute(
                 sa.update(table_files_table)
-                .where(table_files_table.c.table_id.in_(table_ids), table_files_table.c.file_type != TO_DELETE)
-                .values(file_type=TO_DELETE, updated_time=stamp)
+                .where(table_files_table.c.table_id.in_(table_ids), table_files_table.c.file_type != FileType.TO_DELETE)
+                .values(file_type=FileType.TO_DELETE, updated_time=stamp)
             )
 
     # ------------------------------------------------------------------ TableFiles
@@ -412,7 +404,7 @@ class MetaStore:
         query = sa.select(table_files_table.c.id).where(
             table_files_table.c.table_id == table_id,
             table_files_table.c.segment_id == segment_id,
-            table_files_table.c.file_type.in_([RAW, TO_INDEX, INDEX, BACKUP]),
+            table_files_table.c.file_type.in_([FileType.RAW, FileType.TO_INDEX, FileType.INDEX, FileType.BACKUP]),
         )
         with self.engine.connect() as conn:
             return [r[0] for r in conn.execute(query)]
@@ -425,7 +417,7 @@ class MetaStore:
         segment = sa.and_(
             table_files_table.c.table_id == table_id,
             table_files_table.c.segment_id == segment_id,
-            table_files_table.c.file_type != TO_DELETE,
+            table_files_table.c.file_type != FileType.TO_DELETE,
         )
         with self.engine.begin() as conn:
             conn.execute(sa.update(table_files_table).where(segment).values(row_count=row_count, updated_time=stamp))
@@ -447,10 +439,10 @@ class MetaStore:
                 sa.update(table_files_table)
                 .where(
                     table_files_table.c.table_id.in_(list(table_ids)),
-                    table_files_table.c.file_type == RAW,
+                    table_files_table.c.file_type == FileType.RAW,
                     table_files_table.c.row_count >= min_rows,
                 )
-                .values(file_type=TO_INDEX, updated_time=now_us())
+                .values(file_type=FileType.TO_INDEX, updated_time=now_us())
             )
 
     def drop_index_files(self, table_ids: Sequence[str], raw_engine_type: int) -> list[int]:
@@ -462,18 +454,18 @@ class MetaStore:
             retired = [
                 r[0]
                 for r in conn.execute(
-                    sa.select(table_files_table.c.id).where(tables, table_files_table.c.file_type == INDEX)
+                    sa.select(table_files_table.c.id).where(tables, table_files_table.c.file_type == FileType.INDEX)
                 )
             ]
             conn.execute(
                 sa.update(table_files_table)
-                .where(tables, table_files_table.c.file_type.in_([INDEX, NEW_INDEX]))
-                .values(file_type=TO_DELETE, updated_time=stamp)
+                .where(tables, table_files_table.c.file_type.in_([FileType.INDEX, FileType.NEW_INDEX]))
+                .values(file_type=FileType.TO_DELETE, updated_time=stamp)
             )
             conn.execute(
                 sa.update(table_files_table)
-                .where(tables, table_files_table.c.file_type.in_([BACKUP, TO_INDEX]))
-                .values(file_type=RAW, engine_type=raw_engine_type, updated_time=stamp)
+                .where(tables, table_files_table.c.file_type.in_([FileType.BACKUP, FileType.TO_INDEX]))
+                .values(file_type=FileType.RAW, engine_type=raw_engine_type, updated_time=stamp)
             )
         return retired
 
@@ -484,13 +476,15 @@ class MetaStore:
         with self.engine.begin() as conn:
             moved = conn.execute(
                 sa.update(table_files_table)
-                .where(table_files_table.c.id == source_id, table_files_table.c.file_type == TO_INDEX)
-                .values(file_type=BACKUP, updated_time=stamp)
+                .where(table_files_table.c.id == source_id, table_files_table.c.file_type == FileType.TO_INDEX)
+                .values(file_type=FileType.BACKUP, updated_time=stamp)
             ).rowcount
             conn.execute(
                 sa.update(table_files_table)
                 .where(table_files_table.c.id == new_id)
-                .values(file_type=INDEX if moved else TO_DELETE, file_size=file_size, updated_time=stamp)
+                .values(
+                    file_type=FileType.INDEX if moved else FileType.TO_DELETE, file_size=file_size, updated_time=stamp
+                )
             )
         return bool(moved)
 
@@ -505,21 +499,10 @@ class MetaStore:
 
     def files_to_purge(self, older_than_us: int) -> list[FileRow]:
         query = sa.select(table_files_table).where(
-            table_files_table.c.file_type == TO_DELETE, table_files_table.c.updated_time < older_than_us
+            table_files_table.c.file_type == FileType.TO_DELETE, table_files_table.c.updated_time < older_than_us
         )
         with self.engine.connect() as conn:
             return [_file_row(r) for r in conn.execute(query)]
-
-    def update_file_rows(self, file_id: int, row_count: int, file_size: int) -> int:
-        """After deletions were applied: new live row count, and a new `updated_time` readers can see."""
-        stamp = now_us()
-        with self.engine.begin() as conn:
-            conn.execute(
-                sa.update(table_files_table)
-                .where(table_files_table.c.id == file_id)
-                .values(row_count=row_count, file_size=file_size, updated_time=stamp)
-            )
-        return stamp
 
     def replace_files(self, new_ids: Sequence[int], old_ids: Sequence[int], new_type: int) -> None:
         """Publish rewritten files and retire the originals in one transaction, so no reader sees both."""
@@ -535,7 +518,7 @@ class MetaStore:
                 conn.execute(
                     sa.update(table_files_table)
                     .where(table_files_table.c.id.in_(list(old_ids)))
-                    .values(file_type=TO_DELETE, updated_time=stamp)
+                    .values(file_type=FileType.TO_DELETE, updated_time=stamp)
                 )
 
     def delete_file_rows(self, file_ids: Sequence[int]) -> None:
@@ -552,7 +535,7 @@ class MetaStore:
 
     def delete_shadow_files(self) -> list[FileRow]:
         """At start-up a writer drops rows of files that were being written (NEW, NEW_MERGE, NEW_INDEX)."""
-        shadow = (NEW, NEW_MERGE, NEW_INDEX)
+        shadow = IN_PROGRESS_FILE_TYPES
         with self.engine.begin() as conn:
             rows = [
                 _file_row(r)
@@ -566,6 +549,6 @@ class MetaStore:
         with self.engine.begin() as conn:
             owned = sa.select(table_files_table.c.id).where(table_files_table.c.table_id == tables_table.c.table_id)
             result = conn.execute(
-                sa.delete(tables_table).where(tables_table.c.state == STATE_TO_DELETE, ~sa.exists(owned))
+                sa.delete(tables_table).where(tables_table.c.state == TableState.TO_DELETE, ~sa.exists(owned))
             )
             return result.rowcount or 0

@@ -20,8 +20,8 @@ from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import milvus_pb2_grpc
 from utils import validation
 from utils.errors import IllegalArgument, IllegalRowRecord, MilvusError, status_of
+from utils.milvus_schema import is_binary
 
-from . import engine
 from .config import RuntimeConfig
 from .db import NodeDB
 
@@ -89,7 +89,7 @@ class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
         self.version = version
 
     def _binary(self, name: str) -> bool:
-        return engine.is_binary(self.db.collection(name).metric_type)
+        return is_binary(self.db.collection(name).metric_type)
 
     # ------------------------------------------------------------------ collections
     @_reply_on_error(None)
@@ -230,7 +230,7 @@ class MilvusNodeServicer(milvus_pb2_grpc.MilvusServiceServicer):
         family = self.db.family(param.collection_name)
         validation.topk(param.topk)
         params = validation.json_params(param.extra_params, "search")
-        queries = records_to_array(param.query_record_array, engine.is_binary(family[0].metric_type))
+        queries = records_to_array(param.query_record_array, is_binary(family[0].metric_type))
         return family, queries, param.topk, params
 
     @staticmethod

@@ -34,11 +34,12 @@ try:
     from mishards.observability.metrics import Metrics, NoMetrics
     from mishards.observability.status import StatusSource
     from mishards.router import router_factory
-    from mishards.service import SERVICE, MishardsService
+    from mishards.service import MishardsService
     from mishards.settings import Settings, SettingsError, load_settings
     from mishards.transport import H2Server
     from tracer import Tracer, create_tracer
     from utils import logger
+    from utils.milvus_schema import SERVICE
     from utils.plugins import PluginError
 except ModuleNotFoundError as missing:  # run outside the environment it was installed in
     sys.exit(
@@ -62,7 +63,7 @@ class Mishards:
                 settings.tracer_class_name, settings.tracer_plugin_path, settings.tracing_config
             )
         except PluginError as exc:
-            raise SettingsError(f"TRACER_CLASS_NAME={settings.tracer_class_name!r}: {exc}") from None
+            raise SettingsError(f"TRACER_CLASS_NAME={settings.tracer_class_name!r}: {exc}") from exc
         self.metrics = Metrics() if settings.metrics_port else NoMetrics()
         try:
             engine = create_engine(
@@ -75,7 +76,7 @@ class Mishards:
                 max_overflow=settings.max_overflow,
             )
         except (ArgumentError, NoSuchModuleError, ImportError, TypeError) as exc:
-            raise SettingsError(f"SQLALCHEMY_DATABASE_URI cannot be used: {exc.__class__.__name__}: {exc}") from None
+            raise SettingsError(f"SQLALCHEMY_DATABASE_URI cannot be used: {exc.__class__.__name__}: {exc}") from exc
         self.meta = MetaReader(engine)
         # A hung check counts as a failure after this long (a healthy DB answers in milliseconds).
         self.meta_monitor = MetaMonitor(engine, settings.health_check_interval, max(settings.health_check_timeout, 2.0))
@@ -94,15 +95,15 @@ class Mishards:
         try:
             self.router = router = router_factory(settings.router_plugin_path).create(settings.router_class_name)
         except PluginError as exc:
-            raise SettingsError(f"ROUTER_CLASS_NAME={settings.router_class_name!r}: {exc}") from None
+            raise SettingsError(f"ROUTER_CLASS_NAME={settings.router_class_name!r}: {exc}") from exc
         try:
             self.discovery = discovery_factory(settings.discovery_plugin_path).create(
                 settings.discovery_class_name, config=settings.discovery_config, membership=self.membership
             )
         except PluginError as exc:
-            raise SettingsError(f"DISCOVERY_CLASS_NAME={settings.discovery_class_name!r}: {exc}") from None
+            raise SettingsError(f"DISCOVERY_CLASS_NAME={settings.discovery_class_name!r}: {exc}") from exc
         except DiscoveryConfigError as exc:
-            raise SettingsError(str(exc)) from None
+            raise SettingsError(str(exc)) from exc
         self.service = MishardsService(
             writable=self.writable,
             membership=self.membership,
@@ -134,7 +135,7 @@ class Mishards:
                 raise SettingsError(
                     f"SERVER_PORT={s.server_port}: cannot listen on {s.server_host}:{s.server_port}: "
                     f"{exc.strerror or exc}"
-                ) from None
+                ) from exc
 
     def _bind_metrics(self) -> None:
         s = self.settings
@@ -145,7 +146,7 @@ class Mishards:
                 raise SettingsError(
                     f"METRICS_PORT={s.metrics_port}: cannot listen on {s.metrics_host}:{s.metrics_port}: "
                     f"{exc.strerror or exc}"
-                ) from None
+                ) from exc
 
     def connect(self) -> None:
         """Check the writable node's version and the meta DB, then find the read-only nodes (blocking,
@@ -157,7 +158,7 @@ class Mishards:
             log.info("writable node %s runs Milvus %s", self.writable.address, self.service.backend_version)
         except HandshakeError as exc:
             if "runs Milvus" in str(exc):  # an unsupported version is a configuration error, not an outage
-                raise SettingsError(f"WOSERVER={self.settings.woserver}: {exc}") from None
+                raise SettingsError(f"WOSERVER={self.settings.woserver}: {exc}") from exc
             self.writable.set_health(False, str(exc))
             log.warning("writable node not reachable at start (searches still work): %s", exc)
         self.discovery.start()
@@ -178,7 +179,7 @@ class Mishards:
                 self.service, self.host, port, self.settings.rpc_transport, self.settings.front_door
             )
         except OSError as exc:
-            raise SettingsError(f"SERVER_PORT={port}: cannot listen on {self.host}:{port}: {exc}") from None
+            raise SettingsError(f"SERVER_PORT={port}: cannot listen on {self.host}:{port}: {exc}") from exc
         self.serving = True
         log.info(
             "Mishards serving on %s:%d; writable %s; read-only %s",

@@ -19,14 +19,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from utils.errors import MetaFailed
+from utils.milvus_schema import SEARCHABLE_FILE_TYPES, TableState, sql_list
 
 from .mysql_wire import ConnectionLost, MysqlChannel, ServerError, Unsupported, open_session
 
 log = logging.getLogger(__name__)
 
-SEARCHABLE_FILE_TYPES = (1, 2, 3)  # RAW, TO_INDEX, INDEX
-IN_PROGRESS_FILE_TYPES = (0, 5, 6)  # NEW, NEW_MERGE, NEW_INDEX: still being written
-STATE_TO_DELETE = 1
 # A meta read waits at least this long, even for a request with less time left: a DB that is merely
 # slower than one caller's deadline is not dropped and reconnected for it.
 MIN_QUERY_TIMEOUT_S = 1.0
@@ -35,17 +33,17 @@ MIN_QUERY_TIMEOUT_S = 1.0
 # through SQLAlchemy's statement compilation costs ~10x the SQLite query itself.
 _COLLECTION_SQL = (
     "SELECT table_id, owner_table, partition_tag, metric_type, dimension FROM Tables "
-    f"WHERE (table_id = {{p}} OR owner_table = {{p}}) AND state <> {STATE_TO_DELETE} ORDER BY id"
+    f"WHERE (table_id = {{p}} OR owner_table = {{p}}) AND state <> {TableState.TO_DELETE} ORDER BY id"
 )
 _FILES_SQL = (
-    f"SELECT id, updated_time FROM TableFiles WHERE file_type IN {SEARCHABLE_FILE_TYPES} "
+    f"SELECT id, updated_time FROM TableFiles WHERE file_type IN {sql_list(SEARCHABLE_FILE_TYPES)} "
     "AND table_id IN ({ps}) ORDER BY id"
 )
 _FILES_BY_ID_SQL = "SELECT id, table_id, file_type, updated_time FROM TableFiles WHERE id IN ({ps})"
 _SPREAD_SQL = (
     "SELECT CASE WHEN t.owner_table = '' OR t.owner_table IS NULL THEN t.table_id ELSE t.owner_table END, "
     "f.id, f.row_count, f.file_size FROM TableFiles f JOIN Tables t ON t.table_id = f.table_id "
-    f"WHERE f.file_type IN {SEARCHABLE_FILE_TYPES} AND t.state <> {STATE_TO_DELETE} ORDER BY f.id"
+    f"WHERE f.file_type IN {sql_list(SEARCHABLE_FILE_TYPES)} AND t.state <> {TableState.TO_DELETE} ORDER BY f.id"
 )
 
 
@@ -128,8 +126,8 @@ class MetaReader:
         try:
             async with asyncio.timeout(max(timeout, MIN_QUERY_TIMEOUT_S)):
                 return await asyncio.to_thread(self._pooled_rows, sql, params)
-        except TimeoutError:
-            raise MetaFailed(f"meta DB query failed: no answer in {max(timeout, MIN_QUERY_TIMEOUT_S):.1f} s") from None
+        except TimeoutError as exc:
+            raise MetaFailed(f"meta DB query failed: no answer in {max(timeout, MIN_QUERY_TIMEOUT_S):.1f} s") from exc
 
     def _inline_rows(self, sql: str, params: Sequence) -> list[tuple]:
         held = self._held
@@ -144,7 +142,7 @@ class MetaReader:
                 connection.invalidate()
                 raise
         except Exception as exc:  # DB-API errors differ per driver
-            raise MetaFailed(f"meta DB query failed: {exc.__class__.__name__}: {exc}") from None
+            raise MetaFailed(f"meta DB query failed: {exc.__class__.__name__}: {exc}") from exc
 
     def _pooled_rows(self, sql: str, params: Sequence) -> list[tuple]:
         """On a pooled connection, rolled back on return, so no snapshot outlives the statement."""
@@ -155,7 +153,7 @@ class MetaReader:
             finally:
                 connection.close()
         except Exception as exc:  # DB-API errors differ per driver
-            raise MetaFailed(f"meta DB query failed: {exc.__class__.__name__}: {exc}") from None
+            raise MetaFailed(f"meta DB query failed: {exc.__class__.__name__}: {exc}") from exc
 
     @staticmethod
     def _execute(connection, sql: str, params: Sequence) -> list[tuple]:
@@ -246,11 +244,11 @@ class _HeldSession:
                 except ConnectionLost as exc:
                     error = exc
                 except ServerError as exc:
-                    raise MetaFailed(f"meta DB query failed: {exc}") from None
+                    raise MetaFailed(f"meta DB query failed: {exc}") from exc
                 finally:
                     timer.cancel()
             if attempt or loop.time() >= deadline or isinstance(error, _Expired):
-                raise MetaFailed(f"meta DB query failed: {error}") from None
+                raise MetaFailed(f"meta DB query failed: {error}") from error
         raise AssertionError("unreachable")
 
     async def _open(self, loop: asyncio.AbstractEventLoop, deadline: float, timeout: float) -> MysqlChannel:
@@ -261,13 +259,13 @@ class _HeldSession:
         try:
             async with asyncio.timeout_at(deadline):
                 return await asyncio.shield(opening)
-        except TimeoutError:
-            raise MetaFailed(f"meta DB query failed: no connection in {timeout:.1f} s") from None
+        except TimeoutError as exc:
+            raise MetaFailed(f"meta DB query failed: no connection in {timeout:.1f} s") from exc
         except Unsupported:
             self.usable = False
             raise
         except Exception as exc:  # connect errors differ per cause (refused, auth, unknown DB)
-            raise MetaFailed(f"meta DB unreachable: {exc.__class__.__name__}: {exc}") from None
+            raise MetaFailed(f"meta DB unreachable: {exc.__class__.__name__}: {exc}") from exc
 
     async def _open_now(self, loop: asyncio.AbstractEventLoop, timeout: float) -> MysqlChannel:
         if self._channel is not None:

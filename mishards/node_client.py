@@ -237,8 +237,8 @@ class H2Channel:
                 loop.create_task(self._open(self._connecting))
             try:
                 await asyncio.wait_for(asyncio.shield(self._connecting), timeout)
-            except TimeoutError:
-                raise NodeDeadline(f"Deadline Exceeded connecting to {self.address}") from None
+            except TimeoutError as exc:
+                raise NodeDeadline(f"Deadline Exceeded connecting to {self.address}") from exc
 
     async def _open(self, waiter: asyncio.Future) -> None:
         loop = asyncio.get_running_loop()

@@ -59,7 +59,7 @@ async def _translated(call) -> bytes:
     try:
         return await call
     except grpc.RpcError as exc:
-        raise node_call_error(exc.code().value[0], exc.details() or "") from None
+        raise node_call_error(exc.code().value[0], exc.details() or "") from exc
     except asyncio.CancelledError:
         call.cancel()
         raise

@@ -52,6 +52,7 @@ from utils.errors import (
     NodeUnavailable,
     NodeUnimplemented,
 )
+from utils.milvus_schema import method_path
 
 from .node_client import H2Channel
 from .node_grpcio import GrpcioChannel
@@ -69,14 +70,13 @@ __all__ = [  # the port's error family, re-exported: callers of nodes import the
     "NodeUnimplemented",
 ]
 
-SERVICE = "milvus.grpc.MilvusService"
 # The calls of the search path (and the health checks), over the proxy's own HTTP/2 client unless
 # RPC_TRANSPORT=grpcio; the writable node's other calls stay on grpcio (see the module docstring).
 SEARCH_PATH_METHODS = frozenset({"SearchInFiles", "ReloadSegments", "PreloadCollection", "Cmd"})
 HANDSHAKE_TIMEOUT_S = 3.0
 LOOP_GRACE_S = 1.0  # a check handed to the serving loop waits this much longer than its own deadline
 MAX_PARALLEL_PROBES = 8
-_PATHS = {name: f"/{SERVICE}/{name}" for name in pb.DESCRIPTOR.services_by_name["MilvusService"].methods_by_name}
+_PATHS = {name: method_path(name) for name in pb.DESCRIPTOR.services_by_name["MilvusService"].methods_by_name}
 _VERSION_REQUEST = pb.Command(cmd="version").SerializeToString()
 
 
@@ -217,13 +217,13 @@ class NodeClient:
             future = asyncio.run_coroutine_threadsafe(self._await(method, request, timeout), loop)
             try:
                 return future.result(timeout + LOOP_GRACE_S)
-            except concurrent.futures.TimeoutError:
+            except concurrent.futures.TimeoutError as exc:
                 future.cancel()
                 raise NodeDeadline(
                     f"the serving loop did not finish the call within {timeout + LOOP_GRACE_S:.1f} s"
-                ) from None
-            except concurrent.futures.CancelledError:
-                raise NodeCancelled("the serving loop stopped during the call") from None
+                ) from exc
+            except concurrent.futures.CancelledError as exc:
+                raise NodeCancelled("the serving loop stopped during the call") from exc
         factory = self._port_factory or H2Channel
         return asyncio.run(_one_off(factory(self.address), _PATHS[method], request, timeout))
 
@@ -238,9 +238,9 @@ class NodeClient:
             raw = self._blocking_call("Cmd", _VERSION_REQUEST, timeout)
         except NodeCallError as exc:
             code = str(exc).split(" ", 1)[0]
-            raise HandshakeError(f"{self.name} ({self.address}) did not answer Cmd version: {code}") from None
-        except RuntimeError:  # the serving loop closed meanwhile: the proxy is stopping
-            raise HandshakeError(f"{self.name} ({self.address}): the proxy is stopping") from None
+            raise HandshakeError(f"{self.name} ({self.address}) did not answer Cmd version: {code}") from exc
+        except RuntimeError as exc:  # the serving loop closed meanwhile: the proxy is stopping
+            raise HandshakeError(f"{self.name} ({self.address}): the proxy is stopping") from exc
         reply = pb.StringReply.FromString(raw)
         if reply.status.error_code != 0:
             raise HandshakeError(f"{self.name} refused Cmd version: {reply.status.reason}")

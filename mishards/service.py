@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 import numpy as np
-from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from milvus_grpc import milvus_pb2 as pb
@@ -35,13 +34,22 @@ from utils.errors import (
     collection_missing,
     status_of,
 )
+from utils.milvus_schema import (
+    IN_PROGRESS_FILE_TYPES,
+    REPLY_CLASSES,
+    REQUEST_CLASSES,
+    VECTOR_METHODS,
+    is_descending,
+    is_match_filter,
+    method_path,
+)
 
 from .accounting import Accounting
 from .core import wire
 from .core.hedging import TailTolerance
-from .core.merge import is_descending, is_match_filter, padding_distance
-from .meta import IN_PROGRESS_FILE_TYPES, FileSet, MetaReader, SchemaCache
-from .nodes import SERVICE, Membership, NodeClient
+from .core.merge import padding_distance
+from .meta import FileSet, MetaReader, SchemaCache
+from .nodes import Membership, NodeClient
 from .observability.metrics import Metrics, NoMetrics
 from .observability.rpc import instrument
 from .planner import WRITABLE, Planner
@@ -51,10 +59,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_GET_IDS = 1000  # a node's GetVectorsByID answers at most this many ids per request
 
-_SERVICE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["MilvusService"]
-VECTOR_METHODS = [m.name for m in _SERVICE_DESCRIPTOR.methods if m.index < 26]  # 1..25 + ReloadSegments
-REPLY_TYPES = {m.name: message_factory.GetMessageClass(m.output_type) for m in _SERVICE_DESCRIPTOR.methods}
-REQUEST_TYPES = {m.name: m.input_type.name for m in _SERVICE_DESCRIPTOR.methods}
 INVALIDATES_SCHEMA = {
     "CreateCollection": pb.CollectionSchema,
     "DropCollection": pb.CollectionName,
@@ -80,7 +84,7 @@ Handler = Callable[[bytes, RequestContext], Awaitable[bytes]]
 def error_reply(method: str, error: BaseException) -> bytes:
     """The method's reply type carrying the error's Status (a bare Status for Status replies)."""
     status = status_of(error)
-    reply_type = REPLY_TYPES[method]
+    reply_type = REPLY_CLASSES[method]
     if reply_type is status_pb2.Status:
         return status.SerializeToString()
     return reply_type(status=status).SerializeToString()
@@ -140,7 +144,7 @@ class MishardsService:
     # ------------------------------------------------------------------ plumbing
     def handlers(self) -> dict[str, Handler]:
         """Raw-bytes handlers by method path, for whichever server main.py starts."""
-        return {f"/{SERVICE}/{name}": self._handler(name) for name in VECTOR_METHODS}
+        return {method_path(name): self._handler(name) for name in VECTOR_METHODS}
 
     async def _db(self, call: Callable[..., Awaitable[T]], *args) -> T:
         """A meta DB read (on the loop: SQLite inline, MySQL over the held session), timed when metrics are on."""
@@ -168,7 +172,10 @@ class MishardsService:
                 return error_reply(method, exc)
             except DecodeError:
                 return error_reply(
-                    method, IllegalArgument(f"{method}: the request is not a valid {REQUEST_TYPES[method]} message")
+                    method,
+                    IllegalArgument(
+                        f"{method}: the request is not a valid {REQUEST_CLASSES[method].DESCRIPTOR.name} message"
+                    ),
                 )
             except Exception as exc:  # noqa: BLE001 - a bug must still answer with a Status
                 log.exception("%s failed", method)
@@ -186,13 +193,15 @@ class MishardsService:
         start = time.monotonic()
         try:
             reply = await self.writable.call(method, request, self.budget(context), self.tracer.outgoing_metadata())
-        except NodeRejectedRequest:  # the node could not parse what the client sent: bad input, not an outage
-            raise IllegalArgument(f"{method}: the request is not a valid {REQUEST_TYPES[method]} message") from None
+        except NodeRejectedRequest as exc:  # the node could not parse what the client sent: bad input, not an outage
+            raise IllegalArgument(
+                f"{method}: the request is not a valid {REQUEST_CLASSES[method].DESCRIPTOR.name} message"
+            ) from exc
         except NodeCallError as exc:
             self.accounting.finished(WRITABLE, self.writable, start, exc, sample=False)
             code, _, details = str(exc).partition(" ")
             error = f"{code}: {details}".strip()
-            raise ConnectFailed(f"writable node {self.writable.address} failed {method}: {error}") from None
+            raise ConnectFailed(f"writable node {self.writable.address} failed {method}: {error}") from exc
         self.accounting.finished(WRITABLE, self.writable, start, None, sample=False)
         return reply
 

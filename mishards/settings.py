@@ -52,8 +52,7 @@ class Settings:
     max_workers: int
     rpc_transport: str  # http2: the proxy's own HTTP/2 (server and search calls); grpcio
     debug: bool
-    timezone: str
-    server_test_port: int
+    timezone: str  # TIMEZONE: in the user's guide, so accepted and checked, but ignored (see README)
     # ---- meta DB
     sqlalchemy_database_uri: str
     sql_echo: bool
@@ -185,8 +184,8 @@ class Source:
             return default
         try:
             value = int(text)
-        except ValueError:
-            raise SettingsError(f"{name} must be an integer, got {text!r}") from None
+        except ValueError as exc:
+            raise SettingsError(f"{name} must be an integer, got {text!r}") from exc
         if minimum is not None and value < minimum:
             raise SettingsError(f"{name} must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
@@ -199,8 +198,8 @@ class Source:
             return default
         try:
             value = float(text)
-        except ValueError:
-            raise SettingsError(f"{name} must be a number, got {text!r}") from None
+        except ValueError as exc:
+            raise SettingsError(f"{name} must be a number, got {text!r}") from exc
         if not value >= minimum:  # also rejects NaN
             raise SettingsError(f"{name} must be at least {minimum:g}, got {text}")
         return value
@@ -245,7 +244,7 @@ def _read_dotenv(path: Path) -> dict[str, str]:
     try:
         values = dotenv_values(path, interpolate=False)
     except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"cannot read {path}: {exc}") from None
+        raise SettingsError(f"cannot read {path}: {exc}") from exc
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -294,15 +293,15 @@ def parse_database_uri(name: str, value: str) -> str:
     try:
         url = make_url(value)
         url.get_dialect()
-    except ArgumentError:
+    except ArgumentError as exc:
         raise SettingsError(
             f"{name} is not a database URL (e.g. mysql+pymysql://user:password@host:3306/milvus "
             f"or sqlite:////var/lib/milvus/db/meta.sqlite), got {redact_url(value) if '@' in value else value!r}"
-        ) from None
-    except NoSuchModuleError:
+        ) from exc
+    except NoSuchModuleError as exc:
         raise SettingsError(
             f"{name} names an unknown database dialect {url.drivername!r} (use mysql+pymysql or sqlite)"
-        ) from None
+        ) from exc
     if url.get_backend_name() not in ("sqlite", "mysql"):
         raise SettingsError(f"{name}: the Milvus meta DB is MySQL or SQLite, got {url.get_backend_name()!r}")
     return value
@@ -348,7 +347,6 @@ def _read(source: Source, testing: bool) -> Settings:
         rpc_transport=s.choice("RPC_TRANSPORT", "http2", ("http2", "grpcio")),
         debug=debug,
         timezone=s.str("TIMEZONE", "UTC"),
-        server_test_port=s.int("SERVER_TEST_PORT", 19530, minimum=0),
         # meta DB
         sqlalchemy_database_uri=parse_database_uri(uri_name, s.required(uri_name)),
         sql_echo=s.bool("SQL_TEST_ECHO" if testing else "SQL_ECHO", False),

@@ -24,10 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.support.processes import (  # noqa: E402 - needs ROOT on sys.path
+from tests.support.processes import (
     LOCALHOST,
     ManagedProcess,
     ProcessStartError,
@@ -35,6 +32,8 @@ from tests.support.processes import (  # noqa: E402 - needs ROOT on sys.path
     log_tail,
     port_is_free,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)

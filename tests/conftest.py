@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # `import milvus_grpc`, `tests.support` from any cwd
 
 MYSQL_URL_ENV = "MISHARDS_TEST_MYSQL_URL"
 # A developer's mishards/.env (or .env) must not configure the proxies under test: settings read

@@ -71,7 +71,7 @@ def local_cluster(tmp_path_factory) -> Iterator[int]:
     out = base / "stdout.txt"
     with open(out, "wb") as stdout, open(base / "stderr.txt", "wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "local_cluster.py")], env=env, stdout=stdout, stderr=stderr
+            [sys.executable, "-m", "scripts.local_cluster"], cwd=ROOT, env=env, stdout=stdout, stderr=stderr
         )
     try:
         deadline = time.monotonic() + 90

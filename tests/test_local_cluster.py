@@ -17,6 +17,7 @@ import pytest
 from tests.support import oracle
 from tests.support.processes import ROOT, cmd_version_probe, free_port, port_is_free
 from tests.support.pymilvus_client import PymilvusClient
+from utils.milvus_schema import MetricType
 
 READY_LINE = "Ctrl-C stops the cluster."
 Cluster = tuple[subprocess.Popen[bytes], dict[str, int], list[int], Path]
@@ -25,7 +26,7 @@ Cluster = tuple[subprocess.Popen[bytes], dict[str, int], list[int], Path]
 def start_script(env: dict[str, str], out: Path, err: Path) -> subprocess.Popen[bytes]:
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         return subprocess.Popen(
-            [sys.executable, str(ROOT / "scripts" / "local_cluster.py")], env=env, stdout=stdout, stderr=stderr
+            [sys.executable, "-m", "scripts.local_cluster"], cwd=ROOT, env=env, stdout=stdout, stderr=stderr
         )
 
 
@@ -173,7 +174,7 @@ def test_a_frozen_then_killed_readonly_node_costs_no_search_more_than_2_s(cluste
     vectors = rng.random((800, 16)).astype(np.float32)
     ids = list(range(1, 801))
     queries = rng.random((2, 16)).astype(np.float32)
-    expected = oracle.brute_force(oracle.L2, queries, vectors, np.array(ids), 10)
+    expected = oracle.brute_force(MetricType.L2, queries, vectors, np.array(ids), 10)
     with PymilvusClient("127.0.0.1", ports[3]) as client:
         assert client.create_collection({"collection_name": "tail", "dimension": 16, "metric_type": 1}).OK()
         for part in np.array_split(np.arange(800), 12):  # 12 segments, spread over both read-only nodes

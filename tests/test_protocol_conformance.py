@@ -19,6 +19,7 @@ from google.protobuf import descriptor_pb2
 
 from milvus_grpc import milvus_pb2, status_pb2
 from tests.support.wheels import ROOT, extracted_wheel
+from utils.milvus_schema import VECTOR_METHODS
 
 FileDescriptors = list[descriptor_pb2.FileDescriptorProto]
 Shape = dict[str, Any]
@@ -51,33 +52,6 @@ VECTOR_MESSAGES = [
     "VectorsIdentity",
     "VectorsData",
     "GetVectorIDsParam",
-]
-VECTOR_RPCS = [
-    "CreateCollection",
-    "HasCollection",
-    "DescribeCollection",
-    "CountCollection",
-    "ShowCollections",
-    "ShowCollectionInfo",
-    "DropCollection",
-    "CreateIndex",
-    "DescribeIndex",
-    "DropIndex",
-    "CreatePartition",
-    "HasPartition",
-    "ShowPartitions",
-    "DropPartition",
-    "Insert",
-    "GetVectorsByID",
-    "GetVectorIDs",
-    "Search",
-    "SearchByID",
-    "SearchInFiles",
-    "Cmd",
-    "DeleteByID",
-    "PreloadCollection",
-    "Flush",
-    "Compact",
 ]
 RELOAD_KEYS = {f"message {PKG}.ReLoadSegmentsParam", f"rpc {SERVICE}/ReloadSegments"}
 
@@ -217,7 +191,7 @@ def test_against_0_2_12_only_reload_segments_is_added(ours: Shape, ref_0_2_12: S
 def test_against_0_2_14_the_vector_api_is_identical(ours: Shape, ref_0_2_14: Shape) -> None:
     keys = [f"message {PKG}.{name}" for name in [*VECTOR_MESSAGES, "ReLoadSegmentsParam"]]
     keys += [f"message {PKG}.Status", f"enum {PKG}.ErrorCode"]
-    keys += [f"rpc {SERVICE}/{name}" for name in [*VECTOR_RPCS, "ReloadSegments"]]
+    keys += [f"rpc {SERVICE}/{name}" for name in VECTOR_METHODS]  # the 0.9.1 API + ReloadSegments
     for key in keys:
         assert key in ours, key
         assert ours[key] == ref_0_2_14[key], key

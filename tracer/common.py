@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import builtins
 
-from google.protobuf import message_factory, text_format
+from google.protobuf import text_format
 
-from milvus_grpc import milvus_pb2 as pb
+from utils.milvus_schema import REPLY_CLASSES, REQUEST_CLASSES
 from utils.plugins import PluginError
 
-_METHODS = pb.DESCRIPTOR.services_by_name["MilvusService"].methods_by_name
 PAYLOAD_TEXT_LIMIT = 2048
 PAYLOAD_PARSE_LIMIT = 64 << 10  # larger payloads (bulk vectors) are described by size only: text costs ~0.7 s per MB
 
@@ -37,23 +36,24 @@ class TracingSettings:
         raw = self._config.get(name, "").strip()
         try:
             return int(raw) if raw else default
-        except ValueError:
-            raise PluginError(f"{name} must be an integer, got {raw!r}") from None
+        except ValueError as exc:
+            raise PluginError(f"{name} must be an integer, got {raw!r}") from exc
 
     def float(self, name: builtins.str, default: builtins.float) -> builtins.float:
         raw = self._config.get(name, "").strip()
         try:
             return float(raw) if raw else default
-        except ValueError:
-            raise PluginError(f"{name} must be a number, got {raw!r}") from None
+        except ValueError as exc:
+            raise PluginError(f"{name} must be a number, got {raw!r}") from exc
 
 
 def describe_payload(method_path: str, data: bytes, request: bool) -> str:
     """A request or reply as protobuf text, cut to a size a span log can carry (TRACING_LOG_PAYLOAD)."""
-    method = _METHODS.get(method_path.rsplit("/", 1)[-1])
-    if method is None or len(data) > PAYLOAD_PARSE_LIMIT:
+    method = method_path.rsplit("/", 1)[-1]
+    classes = REQUEST_CLASSES if request else REPLY_CLASSES
+    if method not in classes or len(data) > PAYLOAD_PARSE_LIMIT:
         return f"<{len(data)} bytes>"
-    message_type = message_factory.GetMessageClass(method.input_type if request else method.output_type)
+    message_type = classes[method]
     try:
         text = text_format.MessageToString(message_type.FromString(data), as_one_line=True)
     except Exception:  # noqa: BLE001 - a malformed payload is still worth a log entry

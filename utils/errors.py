@@ -64,24 +64,12 @@ class IllegalMetricType(MilvusError):
     code = Code.ILLEGAL_METRIC_TYPE
 
 
-class IllegalNlist(MilvusError):
-    code = Code.ILLEGAL_NLIST
-
-
-class FileNotFound(MilvusError):
-    code = Code.FILE_NOT_FOUND
-
-
 class MetaFailed(MilvusError):
     code = Code.META_FAILED
 
 
 class CacheFailed(MilvusError):
     code = Code.CACHE_FAILED
-
-
-class BuildIndexError(MilvusError):
-    code = Code.BUILD_INDEX_ERROR
 
 
 class PartitionError(MilvusError):

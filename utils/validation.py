@@ -20,6 +20,7 @@ from utils.errors import (
     PartitionError,
     UnexpectedError,
 )
+from utils.milvus_schema import CLIENT_INDEX_TYPES, METRIC_TYPES, is_binary
 
 MAX_NAME_LENGTH = 255
 MAX_DIMENSION = 32768
@@ -28,19 +29,6 @@ MAX_TOPK = 2048
 MAX_PARTITIONS = 4096
 MAX_INSERT_BYTES = 256 * 1024 * 1024
 DEFAULT_PARTITION_TAG = "_default"
-BINARY_METRICS = frozenset({3, 4, 5, 6, 7})  # HAMMING .. SUPERSTRUCTURE
-
-# IndexType values a client can send (pymilvus IndexType); 7..10 are server-internal engine types.
-INDEX_TYPE_NAMES = {
-    1: "FLAT",
-    2: "IVF_FLAT",
-    3: "IVF_SQ8",
-    4: "RNSG",
-    5: "IVF_SQ8H",
-    6: "IVF_PQ",
-    11: "HNSW",
-    12: "ANNOY",
-}
 
 _NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -62,7 +50,7 @@ def dimension(dim: int, metric: int) -> None:
             f"Invalid collection dimension: {dim}. "
             f"The collection dimension must be within the range of 1 ~ {MAX_DIMENSION}"
         )
-    if metric in BINARY_METRICS and dim % 8 != 0:
+    if is_binary(metric) and dim % 8 != 0:
         raise IllegalDimension(
             f"Invalid collection dimension: {dim}. The collection dimension must be a multiple of 8 for binary metrics"
         )
@@ -77,7 +65,7 @@ def index_file_size(size_mb: int) -> None:
 
 
 def metric_type(metric: int) -> None:
-    if metric < 1 or metric > 7:
+    if metric not in METRIC_TYPES:
         raise IllegalMetricType(f"Invalid metric type: {metric}. Valid values are 1 (L2) ~ 7 (SUPERSTRUCTURE)")
 
 
@@ -87,7 +75,7 @@ def topk(k: int) -> None:
 
 
 def index_type(kind: int) -> None:
-    if kind not in INDEX_TYPE_NAMES:
+    if kind not in CLIENT_INDEX_TYPES:
         raise IllegalIndexType(f"Invalid index type: {kind}")
 
 
@@ -98,7 +86,7 @@ def json_params(extra_params, what: str) -> dict:
             try:
                 value = json.loads(pair.value) if pair.value else {}
             except ValueError as exc:
-                raise IllegalArgument(f"Invalid {what} params: {pair.value!r} is not valid JSON ({exc})") from None
+                raise IllegalArgument(f"Invalid {what} params: {pair.value!r} is not valid JSON ({exc})") from exc
             if not isinstance(value, dict):
                 raise IllegalArgument(f"Invalid {what} params: {pair.value!r} is not a JSON object")
             return value

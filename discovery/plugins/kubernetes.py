@@ -77,8 +77,8 @@ class KubernetesConfig:
             text = get(name, default)
             try:
                 value = kind(text)
-            except ValueError:
-                raise DiscoveryConfigError(f"DISCOVERY_KUBERNETES_{name} must be a number, got {text!r}") from None
+            except ValueError as exc:
+                raise DiscoveryConfigError(f"DISCOVERY_KUBERNETES_{name} must be a number, got {text!r}") from exc
             if value <= 0:
                 raise DiscoveryConfigError(f"DISCOVERY_KUBERNETES_{name} must be positive, got {text!r}")
             return value
@@ -92,7 +92,7 @@ class KubernetesConfig:
         try:
             pattern = re.compile(pattern_text) if pattern_text else None
         except re.error as exc:
-            raise DiscoveryConfigError(f"DISCOVERY_KUBERNETES_POD_PATT is not a valid regex: {exc}") from None
+            raise DiscoveryConfigError(f"DISCOVERY_KUBERNETES_POD_PATT is not a valid regex: {exc}") from exc
         port = number("PORT", "19530", int)
         if port > 65535:
             raise DiscoveryConfigError(f"DISCOVERY_KUBERNETES_PORT must be a port number, got {port}")
@@ -121,7 +121,7 @@ def _read_namespace_file(path: str) -> str:
         raise DiscoveryConfigError(
             f"DISCOVERY_KUBERNETES_NAMESPACE is not set and the in-cluster namespace file {path} "
             f"cannot be read: {exc.strerror}"
-        ) from None
+        ) from exc
     if not namespace:
         raise DiscoveryConfigError(f"DISCOVERY_KUBERNETES_NAMESPACE is not set and {path} is empty")
     return namespace
@@ -141,7 +141,7 @@ def _api_client(config: KubernetesConfig) -> k8s_client.ApiClient:
         mode = "in-cluster" if config.in_cluster else "kubeconfig"
         raise DiscoveryConfigError(
             f"DISCOVERY_KUBERNETES_IN_CLUSTER={config.in_cluster}: cannot load the {mode} configuration: {exc}"
-        ) from None
+        ) from exc
     return k8s_client.ApiClient(configuration)
 
 

@@ -45,8 +45,6 @@ import numpy as np
 from utils.errors import IllegalTopK, UnexpectedError
 
 PADDING_ID = -1
-METRIC_IP = 2
-MATCH_FILTER_METRICS = frozenset({6, 7})  # SUBSTRUCTURE, SUPERSTRUCTURE
 FLT_MAX = float(np.finfo(np.float32).max)
 
 SMALL_MERGE_CANDIDATES = 64
@@ -60,16 +58,6 @@ _COLUMN_HALF = 1 - _KEY_HALF
 
 NodeResult = tuple[np.ndarray, np.ndarray]
 """One node's answer: ids (int64) and distances (float32), both shaped (nq, k_i); k_i may be 0."""
-
-
-def is_descending(metric_type: int) -> bool:
-    """True when larger distances are better: only inner product (IP, 2)."""
-    return metric_type == METRIC_IP
-
-
-def is_match_filter(metric_type: int) -> bool:
-    """True for SUBSTRUCTURE and SUPERSTRUCTURE: every match is at 0.0, the order is the reply order."""
-    return metric_type in MATCH_FILTER_METRICS
 
 
 def padding_distance(descending: bool) -> float:

@@ -64,8 +64,9 @@ class ConsistentHashRing:
 
         A file belongs to the first node at or after its position, walking the ring. Nodes in
         `excluded` (e.g. ones that just failed) are skipped, so their files go to the next distinct
-        node of their `fallbacks` -- the same node that a ring without them would pick. Groups
-        are never empty; their files keep the input order; groups are ordered by node name.
+        node met walking the ring from the file's position -- the same node that a ring without them
+        would pick. Groups are never empty; their files keep the input order; groups are ordered by
+        node name.
         """
         if not file_ids:
             return {}
@@ -96,18 +97,6 @@ class ConsistentHashRing:
             position = int.from_bytes(md5(file_id.encode("utf-8")).digest()[:4], "little")
             groups.setdefault(owners[bisect_right(keys, position) % size], []).append(file_id)
         return dict(sorted(groups.items()))
-
-    def fallbacks(self, file_id: str) -> list[str]:
-        """Every node once, in ring order from the file's owner: where its search goes on failure.
-
-        Empty when the ring has no nodes.
-        """
-        if self._point_keys.size == 0:
-            return []
-        start = np.searchsorted(self._point_keys, ring_positions([file_id]), side="right")[0]
-        walk = np.roll(self._point_owners, -(start % self._point_keys.size))
-        _, first_seen = np.unique(walk, return_index=True)
-        return [self._names[owner] for owner in walk[np.sort(first_seen)]]
 
     def _points_without(self, excluded: Collection[str]) -> tuple[np.ndarray, np.ndarray]:
         """The ring's (keys, owners) with the excluded nodes' points removed."""

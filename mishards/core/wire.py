@@ -15,7 +15,6 @@ Everything here produces what the generated ``milvus_pb2`` code would serialize,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -149,30 +148,3 @@ def decode_topk_result(data: bytes) -> TopKReply:
         raise UnexpectedError(f"malformed search result: {ids.size} ids do not fill {row_num} equal rows")
     width = ids.size // row_num
     return TopKReply(code, reason, row_num, ids.reshape(row_num, width), distances.reshape(row_num, width))
-
-
-@dataclass(frozen=True)
-class SearchSummary:
-    """What the proxy needs from a ``SearchParam`` to route and merge, without its vectors."""
-
-    collection_name: str
-    partition_tags: tuple[str, ...]
-    topk: int
-    nq: int
-    extra_params: tuple[tuple[str, str], ...]
-
-
-def summarize_search_param(data: bytes) -> SearchSummary:
-    """Read the routing fields of serialized ``SearchParam`` bytes.
-
-    upb parses the vectors as packed arrays in C (~13 us for 100 x 768 floats); only counting the
-    query records, never reading their values, keeps this cheap.
-    """
-    param = milvus_pb2.SearchParam.FromString(data)
-    return SearchSummary(
-        collection_name=param.collection_name,
-        partition_tags=tuple(param.partition_tag_array),
-        topk=param.topk,
-        nq=len(param.query_record_array),
-        extra_params=tuple((pair.key, pair.value) for pair in param.extra_params),
-    )

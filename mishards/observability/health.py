@@ -59,7 +59,6 @@ class MetaMonitor:
         self.timeout = timeout
         self._reason: str | None = None  # None: not checked yet
         self._checking_since: float | None = None
-        self._changed_at = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -72,8 +71,6 @@ class MetaMonitor:
         with self._lock:
             self._checking_since = None
             previous, self._reason = self._reason, reason
-            if previous != reason:
-                self._changed_at = time.monotonic()
         if reason and reason != previous:
             log.warning("meta DB unreadable, searches fail until it is back: %s", reason)
         elif previous and not reason:

@@ -16,22 +16,16 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import status_pb2
 from tracer import Tracer
 from utils.logger import RateLimitedLog
+from utils.milvus_schema import REQUEST_CLASSES, STATUS_REPLY_METHODS, method_path
 
 from .metrics import Metrics
 
 failure_log = RateLimitedLog(logging.getLogger("mishards.failures"), interval=10.0)
 
 Handler = Callable[[bytes, Any], Awaitable[bytes]]  # the context: service.RequestContext
-SERVICE = "milvus.grpc.MilvusService"
-_STATUS_REPLIES = {
-    m.name
-    for m in pb.DESCRIPTOR.services_by_name["MilvusService"].methods
-    if m.output_type.full_name == status_pb2.Status.DESCRIPTOR.full_name
-}
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -72,7 +66,7 @@ def status_field(reply: bytes) -> bytes | None:
 def reply_status(method: str, reply: bytes) -> tuple[int, str]:
     """(error_code, reason) of a reply; an unreadable reply counts as UNEXPECTED_ERROR (1)."""
     try:
-        raw = reply if method in _STATUS_REPLIES else status_field(reply)
+        raw = reply if method in STATUS_REPLY_METHODS else status_field(reply)
         if raw is None:
             return 0, ""
         status = status_pb2.Status.FromString(raw)
@@ -81,21 +75,13 @@ def reply_status(method: str, reply: bytes) -> tuple[int, str]:
     return status.error_code, status.reason
 
 
-_REQUEST_TYPES = {
-    m.name: pb.DESCRIPTOR.message_types_by_name.get(m.input_type.name)
-    for m in pb.DESCRIPTOR.services_by_name["MilvusService"].methods
-}
-
-
 def collection_of(method: str, request: bytes) -> str:
     """The collection a request names ('' when none or unreadable); only decoded for failed calls."""
-    descriptor = _REQUEST_TYPES.get(method)
-    if descriptor is None:
+    request_class = REQUEST_CLASSES.get(method)
+    if request_class is None:
         return ""
     try:
-        from google.protobuf import message_factory
-
-        message = message_factory.GetMessageClass(descriptor).FromString(request)
+        message = request_class.FromString(request)
     except (DecodeError, TypeError):
         return ""
     for holder in (message, getattr(message, "search_param", None)):
@@ -125,7 +111,7 @@ def log_failure(method: str, request: bytes, code: int, reason: str, peer: str =
 
 def instrument(method: str, handle: Handler, tracer: Tracer, metrics: Metrics) -> Handler:
     """`handle` inside the RPC's server span and metrics; failed calls logged either way."""
-    path = f"/{SERVICE}/{method}"
+    path = method_path(method)
     series = metrics.rpc(method) if metrics.enabled else None
 
     if not tracer.enabled and not metrics.enabled:

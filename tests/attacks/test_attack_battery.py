@@ -11,14 +11,11 @@ uses the defaults and compares with grpcio."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import attacks  # noqa: E402 - bench/ is not a package
+from bench import attacks
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -19,7 +19,6 @@ from .harness import (
     HEADERS,
     SLOW,
     UNKNOWN_TYPE,
-    ConnectionEnded,
     Peer,
     data,
     ping,

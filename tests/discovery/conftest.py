@@ -20,6 +20,7 @@ from milvus_grpc import milvus_pb2 as pb
 from tests.support import oracle
 from tests.support.processes import NodeProcess
 from tests.support.stubs import milvus_stub, records, result_rows, search_param
+from utils.milvus_schema import MetricType
 
 DIM = 16
 COLLECTION = "discovery"
@@ -130,7 +131,7 @@ class SearchStream:
 
     def _run(self) -> None:
         queries = np.random.default_rng(3).random((3, DIM)).astype(np.float32)
-        expected = oracle.brute_force(oracle.L2, queries, self.cluster.vectors, self.cluster.ids, 10)
+        expected = oracle.brute_force(MetricType.L2, queries, self.cluster.vectors, self.cluster.ids, 10)
         deadline = time.monotonic() + self.max_seconds
         with milvus_stub(self.address) as stub:
             param = search_param(COLLECTION, queries, 10)

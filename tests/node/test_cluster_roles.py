@@ -10,6 +10,7 @@ from milvus_grpc import milvus_pb2 as pb
 from tests.support import oracle
 from tests.support.processes import NodeProcess
 from tests.support.stubs import milvus_stub, records, result_rows, search_param
+from utils.milvus_schema import MetricType
 
 UNEXPECTED_ERROR = 1
 
@@ -71,7 +72,7 @@ def test_readonly_nodes_serve_flushed_data_and_see_deletes_after_reload(meta_uri
         assert len(files) == 3
 
         queries = np.vstack([rng.random((3, dim)).astype(np.float32), vectors[[5, 250]]])
-        expected = oracle.brute_force(oracle.L2, queries, vectors, ids, 10)
+        expected = oracle.brute_force(MetricType.L2, queries, vectors, ids, 10)
         for ro in (r1, r2):
             assert ro.HasCollection(pb.CollectionName(collection_name="shared")).bool_reply
             assert ro.CountCollection(pb.CollectionName(collection_name="shared")).collection_row_count == 600
@@ -85,7 +86,7 @@ def test_readonly_nodes_serve_flushed_data_and_see_deletes_after_reload(meta_uri
             pb.SearchInFilesParam(file_id_array=files[1:2], search_param=search_param("shared", queries, 10))
         )
         oracle.assert_same_result(
-            *result_rows(reply), oracle.brute_force(oracle.L2, queries, vectors[200:400], ids[200:400], 10)
+            *result_rows(reply), oracle.brute_force(MetricType.L2, queries, vectors[200:400], ids[200:400], 10)
         )
 
         # read-only nodes never write
@@ -108,7 +109,7 @@ def test_readonly_nodes_serve_flushed_data_and_see_deletes_after_reload(meta_uri
         assert w.Flush(pb.FlushParam(collection_name_array=["shared"])).error_code == 0
         assert searchable_file_ids(meta_uri, "shared") == files, "deletes keep the file ids"
         keep = ~np.isin(ids, doomed)
-        after = oracle.brute_force(oracle.L2, queries, vectors[keep], ids[keep], 10)
+        after = oracle.brute_force(MetricType.L2, queries, vectors[keep], ids[keep], 10)
         writer_reply = w.Search(search_param("shared", queries, 10))
         oracle.assert_same_result(*result_rows(writer_reply), after)
 
@@ -171,5 +172,5 @@ def test_files_replaced_after_routing_are_still_searched(tmp_data_dir, tmp_path)
         assert reply.status.error_code == 0, reply.status
         keep = ~np.isin(ids, [1, 150])
         oracle.assert_same_result(
-            *result_rows(reply), oracle.brute_force(oracle.L2, queries, vectors[keep], ids[keep], 5)
+            *result_rows(reply), oracle.brute_force(MetricType.L2, queries, vectors[keep], ids[keep], 5)
         )

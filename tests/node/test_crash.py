@@ -1,7 +1,8 @@
 """kill -9 of the writable node: acknowledged inserts and deletes survive, exactly once.
 
-Crashes in the middle of a flush, an index build, a compaction or a merge are placed exactly with
-`MILVUS_NODE_CRASH_AT=<point>`: the node SIGKILLs itself there (a real kill -9, at a known step).
+Crashes in the middle of a flush, an index build, a compaction or a merge are placed exactly by
+running the node as tests.support.crashing_node: it SIGKILLs itself at the named crash point of
+milvus_node/crash_points.py (a real kill -9, at a known step).
 After every restart, every acknowledged row is counted and stored exactly once and searchable,
 and no deleted id comes back.
 """
@@ -9,7 +10,6 @@ and no deleted id comes back.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -39,16 +39,14 @@ class Cluster:
         self.node: NodeProcess | None = None
 
     def start(self, crash_at: str = "", extra: tuple[str, ...] = ()) -> NodeProcess:
-        env = {k: v for k, v in os.environ.items() if k != "MILVUS_NODE_CRASH_AT"}
-        if crash_at:
-            env["MILVUS_NODE_CRASH_AT"] = crash_at
+        crash = ("--crash-at", crash_at) if crash_at else ()
         self.node = NodeProcess(
             "writable",
             self.meta,
             self.base / "data",
             log_dir=self.base,
-            env=env,
-            extra_args=["--auto-flush-interval", "0", "--merge-after", "-1", *extra],
+            extra_args=["--auto-flush-interval", "0", "--merge-after", "-1", *extra, *crash],
+            module="tests.support.crashing_node" if crash_at else "milvus_node",
         ).start()
         return self.node
 

@@ -14,6 +14,7 @@ from milvus_grpc import status_pb2
 from milvus_node import index
 from tests.support.processes import NodeProcess
 from tests.support.stubs import milvus_stub, records, search_param
+from utils.milvus_schema import IndexType
 
 E = status_pb2.ErrorCode
 NSG_OK = {"search_length": 45, "out_degree": 50, "candidate_pool_size": 300, "knng": 100}
@@ -180,10 +181,10 @@ def test_search_parameters_follow_the_current_index_type(stub, kind, build, bad,
 def test_annoy_search_k_rule():
     """Milvus' search rule for ANNOY: search_k in [topk, int64 max]."""
     with pytest.raises(Exception, match=r"Invalid search_k value: 9. Valid range is \[10, 9223372036854775807\]"):
-        index.check_search_params(index.ANNOY, 10, {"search_k": 9})
+        index.check_search_params(IndexType.ANNOY, 10, {"search_k": 9})
     with pytest.raises(Exception, match="Parameter list must contain: search_k"):
-        index.check_search_params(index.ANNOY, 10, {})
-    index.check_search_params(index.ANNOY, 10, {"search_k": 10})
+        index.check_search_params(IndexType.ANNOY, 10, {})
+    index.check_search_params(IndexType.ANNOY, 10, {"search_k": 10})
 
 
 def test_insert_limit_is_256_mb(tmp_path):
@@ -239,8 +240,8 @@ def test_set_config_changes_what_the_node_uses(stub):
 
 def test_annoy_build_rule():
     with pytest.raises(Exception, match=r"Invalid n_trees value: 1025. Valid range is \[1, 1024\]"):
-        index.check_index_params(index.ANNOY, 16, {"n_trees": 1025})
-    index.check_index_params(index.ANNOY, 16, {"n_trees": 8})
+        index.check_index_params(IndexType.ANNOY, 16, {"n_trees": 1025})
+    index.check_index_params(IndexType.ANNOY, 16, {"n_trees": 8})
 
 
 def test_preload_beyond_the_cache_fails_with_cache_failed(tmp_path):

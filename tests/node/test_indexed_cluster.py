@@ -12,9 +12,9 @@ from milvus_grpc import milvus_pb2 as pb
 from tests.support import oracle
 from tests.support.processes import NodeProcess
 from tests.support.stubs import milvus_stub, records, result_rows, search_param
+from utils.milvus_schema import FileType
 
 DIM, ROWS = 32, 9000  # 9000 x 32 floats: above index_file_size = 1 MB
-INDEX, TO_INDEX, TO_DELETE, BACKUP = 3, 2, 4, 7
 
 
 def files(meta_uri: str) -> list[tuple[int, int, int]]:
@@ -64,7 +64,7 @@ def test_read_only_node_searches_index_files_and_compaction_reindexes(tmp_path):
             collection_name="c", index_type=2, extra_params=[pb.KeyValuePair(key="params", value='{"nlist": 16}')]
         )
         assert w.CreateIndex(index).error_code == 0
-        ((index_id, _, stamp),) = [f for f in files(meta) if f[1] == INDEX]
+        ((index_id, _, stamp),) = [f for f in files(meta) if f[1] == FileType.INDEX]
 
         queries = vectors[:5]
         exhaustive = '{"nprobe": 16}'  # every list: the index answers exactly
@@ -93,10 +93,12 @@ def test_read_only_node_searches_index_files_and_compaction_reindexes(tmp_path):
         oracle.assert_same_result(*result_rows(reply), oracle.brute_force(1, queries, vectors[keep], ids[keep], 10))
 
         assert w.Compact(pb.CollectionName(collection_name="c")).error_code == 0
-        assert sorted(f[1] for f in files(meta) if f[0] <= index_id) == [TO_DELETE, TO_DELETE], (
+        assert sorted(f[1] for f in files(meta) if f[0] <= index_id) == [FileType.TO_DELETE, FileType.TO_DELETE], (
             "INDEX and BACKUP retired"
         )
-        assert wait_for(lambda: sorted(f[1] for f in files(meta) if f[1] != TO_DELETE) == [INDEX, BACKUP]), files(meta)
+        assert wait_for(
+            lambda: sorted(f[1] for f in files(meta) if f[1] != FileType.TO_DELETE) == [FileType.INDEX, FileType.BACKUP]
+        ), files(meta)
         assert w.CountCollection(pb.CollectionName(collection_name="c")).collection_row_count == ROWS - 2
         reply = w.Search(search_param("c", queries, 10, params=exhaustive))
         oracle.assert_same_result(*result_rows(reply), oracle.brute_force(1, queries, vectors[keep], ids[keep], 10))

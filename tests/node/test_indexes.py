@@ -16,9 +16,9 @@ from milvus_grpc import milvus_pb2 as pb
 from tests.support import oracle
 from tests.support.processes import NodeProcess
 from tests.support.stubs import milvus_stub, records, result_rows, search_param
+from utils.milvus_schema import FileType, MetricType
 
 ROWS, DIM, BITS, NQ, TOPK = 20_000, 32, 512, 50, 10  # 20k x 512 bits = 1.25 MB: above index_file_size
-RAW, TO_INDEX, INDEX, TO_DELETE, BACKUP = 1, 2, 3, 4, 7
 IVF = {"nlist": 128}
 # (index type, build params, default search params)
 FLOAT_CASES = {
@@ -83,7 +83,7 @@ def recall(metric: int, got_ids, queries, data, ids, want) -> float:
         kth = expected[-1][1]
         for hit in got_ids[row]:
             ((_, dist),) = oracle.brute_force(metric, q[None], data[by_id[hit]][None], [hit], 1)[0:1][0]
-            hits += dist >= kth - 1e-6 if metric == oracle.IP else dist <= kth + 1e-6
+            hits += dist >= kth - 1e-6 if metric == MetricType.IP else dist <= kth + 1e-6
     return hits / (len(want) * TOPK)
 
 
@@ -122,12 +122,12 @@ def check_index(node, name, metric, data, index_type, build, search, min_recall)
         ids = load(stub, name, metric, data)
         engine_type = {1: 9, 2: 10}[index_type] if metric >= 3 else index_type
         flat_engine = 9 if metric >= 3 else 1
-        assert file_types(node, name) == [(RAW, flat_engine)], "a flushed segment starts RAW"
+        assert file_types(node, name) == [(FileType.RAW, flat_engine)], "a flushed segment starts RAW"
         status = stub.CreateIndex(index_param(name, index_type, build), timeout=120)
         assert status.error_code == 0, status
         exact = index_type == 1
         assert file_types(node, name) == (
-            [(RAW, flat_engine)] if exact else [(INDEX, engine_type), (BACKUP, flat_engine)]
+            [(FileType.RAW, flat_engine)] if exact else [(FileType.INDEX, engine_type), (FileType.BACKUP, flat_engine)]
         )
         described = stub.DescribeIndex(pb.CollectionName(collection_name=name))
         assert described.index_type == index_type
@@ -145,14 +145,14 @@ def check_index(node, name, metric, data, index_type, build, search, min_recall)
 
         assert stub.DropIndex(pb.CollectionName(collection_name=name)).error_code == 0
         if not exact:
-            assert file_types(node, name) == [(RAW, flat_engine), (TO_DELETE, engine_type)]
+            assert file_types(node, name) == [(FileType.RAW, flat_engine), (FileType.TO_DELETE, engine_type)]
         described = stub.DescribeIndex(pb.CollectionName(collection_name=name))
         assert described.index_type == 1 and described.extra_params[0].value == "{}"
         reply = stub.Search(search_param(name, queries, TOPK))
         oracle.assert_same_result(*result_rows(reply), want)  # raw data is searchable again, exactly
 
 
-@pytest.mark.parametrize("metric", [oracle.L2, oracle.IP], ids=["L2", "IP"])
+@pytest.mark.parametrize("metric", [MetricType.L2, MetricType.IP], ids=["L2", "IP"])
 @pytest.mark.parametrize("kind", list(FLOAT_CASES))
 def test_float_index_recall_and_file_types(node, kind, metric):
     index_type, build, search = FLOAT_CASES[kind]
@@ -176,7 +176,7 @@ def test_index_covers_partitions_and_new_segments_are_indexed_in_the_background(
     rng = np.random.default_rng(11)
     data = clustered_floats(rng, 15_000)  # 9000 x 32 floats in the partition: above 1 MB
     with milvus_stub(node.address) as stub:
-        ids = load(stub, "bg", oracle.L2, data[:6000])
+        ids = load(stub, "bg", MetricType.L2, data[:6000])
         assert stub.CreatePartition(pb.PartitionParam(collection_name="bg", tag="p")).error_code == 0
         assert stub.CreateIndex(index_param("bg", 2, IVF)).error_code == 0
         reply = stub.Insert(
@@ -194,9 +194,14 @@ def test_index_covers_partitions_and_new_segments_are_indexed_in_the_background(
         import time
 
         deadline = time.monotonic() + 30
-        while file_types(node, partition.table_id) != [(INDEX, 2), (BACKUP, 2)] and time.monotonic() < deadline:
+        while (
+            file_types(node, partition.table_id) != [(FileType.INDEX, 2), (FileType.BACKUP, 2)]
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.2)
-        assert file_types(node, partition.table_id) == [(INDEX, 2), (BACKUP, 2)], "TO_INDEX built by the index thread"
+        assert file_types(node, partition.table_id) == [(FileType.INDEX, 2), (FileType.BACKUP, 2)], (
+            "TO_INDEX built by the index thread"
+        )
         assert stub.CountCollection(pb.CollectionName(collection_name="bg")).collection_row_count == 15_000
         queries = data[:20]
         reply = stub.Search(search_param("bg", queries, 1, params='{"nprobe": 128}'))

@@ -16,10 +16,9 @@ from tests.support import oracle
 from tests.support.processes import NodeProcess
 from tests.support.pymilvus_client import PymilvusClient
 from tests.support.stubs import milvus_stub, search_param
+from utils.milvus_schema import FileType, IndexType, MetricType
 
 ILLEGAL_ARGUMENT = 5
-ANNOY, IVF_FLAT = 12, 2
-RAW, INDEX, BACKUP = 1, 3, 7
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +118,7 @@ def test_binary_filter_rows_are_padded_inside_the_width(client, collection):
 
 
 # ------------------------------------------------------------------------------------ match filters
-@pytest.mark.parametrize("metric", [oracle.SUBSTRUCTURE, oracle.SUPERSTRUCTURE])
+@pytest.mark.parametrize("metric", [MetricType.SUBSTRUCTURE, MetricType.SUPERSTRUCTURE])
 def test_match_filters_keep_the_first_matches_in_storage_order(client, collection, metric):
     dim = 32
     assert client.create_collection({"collection_name": collection, "dimension": dim, "metric_type": metric}).OK()
@@ -133,9 +132,11 @@ def test_match_filters_keep_the_first_matches_in_storage_order(client, collectio
         stored.append(vectors)
         stored_ids += ids
     data = np.vstack(stored)
-    everything = np.zeros((1, dim // 8), np.uint8) if metric == oracle.SUBSTRUCTURE else np.full((1, 4), 255, np.uint8)
+    everything = (
+        np.zeros((1, dim // 8), np.uint8) if metric == MetricType.SUBSTRUCTURE else np.full((1, 4), 255, np.uint8)
+    )
     some = data[[5, 50, 100]] & np.packbits(rng.random((3, dim)) < 0.5, axis=1)
-    if metric == oracle.SUPERSTRUCTURE:
+    if metric == MetricType.SUPERSTRUCTURE:
         some = data[[5, 50, 100]] | np.packbits(rng.random((3, dim)) < 0.5, axis=1)
     queries = np.vstack([everything, some])
     status, result = client.search(collection, 25, records(queries))
@@ -158,14 +159,18 @@ def test_create_index_builds_every_raw_file_of_4096_rows(client, collection, nod
     assert status.OK() and client.flush([collection]).OK()
     assert [s["index_name"] for s in segments(client, collection)] == ["IDMAP", "IDMAP"], "flush rule unchanged"
 
-    assert client.create_index(collection, IVF_FLAT, {"nlist": 64}).OK()
+    assert client.create_index(collection, IndexType.IVF_FLAT, {"nlist": 64}).OK()
     by_rows = {s["row_count"]: s["index_name"] for s in segments(client, collection)}
     assert by_rows == {6000: "IVFFLAT", 100: "IDMAP"}
-    assert sorted(file_rows(node.meta_uri, collection)) == [(RAW, 1, 100), (INDEX, IVF_FLAT, 6000), (BACKUP, 1, 6000)]
+    assert sorted(file_rows(node.meta_uri, collection)) == [
+        (FileType.RAW, 1, 100),
+        (FileType.INDEX, IndexType.IVF_FLAT, 6000),
+        (FileType.BACKUP, 1, 6000),
+    ]
     queries = np.vstack([big[:3], small[:2]])
     status, result = client.search(collection, 10, queries.tolist(), params={"nprobe": 64})
     assert status.OK(), status
-    expected = oracle.brute_force(oracle.L2, queries, np.vstack([big, small]), big_ids + small_ids, 10)
+    expected = oracle.brute_force(MetricType.L2, queries, np.vstack([big, small]), big_ids + small_ids, 10)
     oracle.assert_same_result(result.ids, result.distances, expected)
 
 
@@ -182,17 +187,21 @@ def test_annoy_builds_describes_searches_and_validates(client, collection, node)
     ids += more
 
     for bad in ({}, {"n_trees": 0}, {"n_trees": 1025}):
-        status = client.create_index(collection, ANNOY, bad)
+        status = client.create_index(collection, IndexType.ANNOY, bad)
         assert status.code == ILLEGAL_ARGUMENT, status
-    assert client.create_index(collection, ANNOY, {"n_trees": 1025}).message == (
+    assert client.create_index(collection, IndexType.ANNOY, {"n_trees": 1025}).message == (
         "Invalid n_trees value: 1025. Valid range is [1, 1024]"
     )
-    assert client.create_index(collection, ANNOY, {"n_trees": 16}).OK()
+    assert client.create_index(collection, IndexType.ANNOY, {"n_trees": 16}).OK()
     status, info = client.get_index_info(collection)
-    assert status.OK() and info["index_type"] == ANNOY and info["params"] == {"n_trees": 16}
+    assert status.OK() and info["index_type"] == IndexType.ANNOY and info["params"] == {"n_trees": 16}
     by_rows = {s["row_count"]: s["index_name"] for s in segments(client, collection)}
     assert by_rows == {4200: "ANNOY", 800: "IDMAP"}, "the 800-row file stays raw"
-    assert sorted(file_rows(node.meta_uri, collection)) == [(RAW, 1, 800), (INDEX, ANNOY, 4200), (BACKUP, 1, 4200)]
+    assert sorted(file_rows(node.meta_uri, collection)) == [
+        (FileType.RAW, 1, 800),
+        (FileType.INDEX, IndexType.ANNOY, 4200),
+        (FileType.BACKUP, 1, 4200),
+    ]
 
     queries = rng.random((20, dim)).astype(np.float32)
     status, result = client.search(collection, 10, queries.tolist(), params={"search_k": 9})
@@ -201,7 +210,7 @@ def test_annoy_builds_describes_searches_and_validates(client, collection, node)
     assert client.search(collection, 10, queries.tolist(), params={"search_k": -1})[0].code == ILLEGAL_ARGUMENT
     assert client.search(collection, 10, queries.tolist())[0].message == "Parameter list must contain: search_k"
 
-    expected = oracle.brute_force(oracle.L2, queries, data, ids, 10)
+    expected = oracle.brute_force(MetricType.L2, queries, data, ids, 10)
     status, result = client.search(collection, 10, queries.tolist(), params={"search_k": 2**63 - 1})
     assert status.OK(), status
     oracle.assert_same_result(result.ids, result.distances, expected)  # search_k beyond the trees: exact

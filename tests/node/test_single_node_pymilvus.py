@@ -12,6 +12,7 @@ import pytest
 from tests.support import oracle
 from tests.support.processes import NodeProcess
 from tests.support.pymilvus_client import PymilvusClient, RemoteClientError
+from utils.milvus_schema import MetricType
 
 OK = 0
 COLLECTION_NOT_EXISTS = 4
@@ -93,7 +94,7 @@ def test_collection_lifecycle(client, collection):
     assert client.get_collection_info(collection)[1]["dimension"] == 8
 
 
-@pytest.mark.parametrize("metric", [oracle.L2, oracle.IP])
+@pytest.mark.parametrize("metric", [MetricType.L2, MetricType.IP])
 def test_float_search_matches_oracle_with_partitions_deletes_and_user_ids(client, collection, metric, request):
     dim = 24
     assert client.set_config("db_config", "auto_flush_interval", "0")[0].OK()  # only explicit flushes here
@@ -153,7 +154,7 @@ def test_float_search_matches_oracle_with_partitions_deletes_and_user_ids(client
 def test_binary_search_matches_oracle(client, collection, metric):
     dim = 64
     assert client.create_collection({"collection_name": collection, "dimension": dim, "metric_type": metric}).OK()
-    density = 0.3 if metric in (oracle.SUBSTRUCTURE, oracle.SUPERSTRUCTURE) else 0.5
+    density = 0.3 if metric in (MetricType.SUBSTRUCTURE, MetricType.SUPERSTRUCTURE) else 0.5
     data = binary_data(400, dim, 4, density)
     status, ids = client.insert(collection, as_records(data))
     assert status.OK() and len(ids) == 400
@@ -162,9 +163,9 @@ def test_binary_search_matches_oracle(client, collection, metric):
     assert client.flush([collection]).OK()
     # sub/superstructure queries: take stored vectors with bits removed / added so some qualify
     queries = binary_data(3, dim, 5, density)
-    if metric == oracle.SUBSTRUCTURE:
+    if metric == MetricType.SUBSTRUCTURE:
         queries = np.vstack([queries, data[10:13] & binary_data(3, dim, 6, 0.5)])
-    if metric == oracle.SUPERSTRUCTURE:
+    if metric == MetricType.SUPERSTRUCTURE:
         queries = np.vstack([queries, data[10:13] | binary_data(3, dim, 6, 0.5)])
     status, result = client.search(collection, 20, as_records(queries))
     assert status.OK(), status
@@ -251,7 +252,7 @@ def test_search_in_segment_by_file_id(client, collection, node):
     status, result = client.search_in_segment(collection, [file_ids[1]], vectors[:3].tolist(), 5)
     assert status.OK(), status
     oracle.assert_same_result(
-        result.ids, result.distances, oracle.brute_force(oracle.L2, vectors[:3], vectors[20:], ids_b, 5)
+        result.ids, result.distances, oracle.brute_force(MetricType.L2, vectors[:3], vectors[20:], ids_b, 5)
     )
     status, _ = client.search_in_segment(collection, [987654321], vectors[:1].tolist(), 5)
     assert status.code == UNEXPECTED_ERROR

@@ -27,7 +27,7 @@ def _target(kind: str, data: Path):
         with NodeProcess("single", meta, data, log_dir=data) as node:
             yield node.address
         return
-    from tests.proxy.conftest import MishardsProcess
+    from tests.support.processes import MishardsProcess
 
     with (
         NodeProcess("writable", meta, data, log_dir=data) as writable,

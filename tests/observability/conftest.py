@@ -24,8 +24,7 @@ from thrift.protocol.TCompactProtocol import TCompactProtocol
 from thrift.transport.TTransport import TMemoryBuffer
 
 from milvus_grpc import milvus_pb2 as pb
-from tests.proxy.conftest import MishardsProcess
-from tests.support.processes import LOCALHOST, NodeProcess, free_port
+from tests.support.processes import LOCALHOST, MishardsProcess, NodeProcess, free_port
 from tests.support.stubs import milvus_stub, records
 
 DIM = 16

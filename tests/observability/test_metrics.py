@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.proxy.conftest import MishardsProcess
-from tests.support.processes import LOCALHOST, NodeProcess, free_port
+from tests.support.processes import LOCALHOST, MishardsProcess, NodeProcess, free_port
 from tests.support.stubs import milvus_stub, search_param
 
 from .conftest import COLLECTION, DIM, ObservedCluster, http_get

@@ -2,59 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.support.processes import LOCALHOST, ManagedProcess, NodeProcess, cmd_version_probe, free_port
+from tests.support.processes import MishardsProcess, NodeProcess
 from tests.support.pymilvus_client import PymilvusClient
-
-
-class MishardsProcess(ManagedProcess):
-    """`python -m mishards` configured through its original environment variables."""
-
-    def __init__(
-        self,
-        *,
-        woserver: str,
-        meta_uri: str,
-        ro_addresses: list[str],
-        log_dir: Path,
-        port: int | None = None,
-        extra_env: dict[str, str] | None = None,
-    ) -> None:
-        self.host = LOCALHOST
-        self.port = free_port() if port is None else port
-        env = dict(os.environ)
-        env.update(
-            {
-                "WOSERVER": f"tcp://{woserver}",
-                "SQLALCHEMY_DATABASE_URI": meta_uri,
-                "DISCOVERY_CLASS_NAME": "static",
-                "DISCOVERY_STATIC_HOSTS": ",".join(ro_addresses),
-                "SERVER_HOST": LOCALHOST,
-                "SERVER_PORT": str(self.port),
-                "LOG_PATH": str(log_dir / "mishards-logs"),
-                "LOG_LEVEL": "INFO",
-                "TIMEOUT": "20",
-            }
-        )
-        env.update(extra_env or {})
-        super().__init__(
-            name=f"mishards@{self.port}",
-            argv=[sys.executable, "-m", "mishards"],
-            probe=cmd_version_probe(self.address),
-            log_path=log_dir / f"mishards-{self.port}.log",
-            env=env,
-        )
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 @dataclass

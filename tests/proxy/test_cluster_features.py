@@ -9,10 +9,11 @@ import pytest
 
 from milvus_grpc import milvus_pb2 as pb
 from tests.support import oracle
+from tests.support.processes import MishardsProcess
 from tests.support.pymilvus_client import PymilvusClient
 from tests.support.stubs import milvus_stub, records, result_rows, search_param
 
-from .conftest import MishardsProcess, start_cluster
+from .conftest import start_cluster
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ import pytest
 from milvus_grpc import milvus_pb2 as pb
 from tests.observability.conftest import SpanSink, tracing_env
 from tests.support import oracle
-from tests.support.processes import NodeProcess, free_port
+from tests.support.processes import MishardsProcess, NodeProcess, free_port
 from tests.support.stubs import milvus_stub, records, result_rows, search_param
-
-from .conftest import MishardsProcess
+from utils.milvus_schema import MetricType
 
 DIM = 16
 
@@ -107,7 +106,7 @@ def stream_searches(
 
 def run_with_fault(cluster, fault) -> list:
     queries = np.random.default_rng(1).random((3, DIM)).astype(np.float32)
-    expected = oracle.brute_force(oracle.L2, queries, cluster["vectors"], cluster["ids"], 10)
+    expected = oracle.brute_force(MetricType.L2, queries, cluster["vectors"], cluster["ids"], 10)
     stop, results = threading.Event(), []
     worker = threading.Thread(target=stream_searches, args=(cluster["proxy"].address, queries, expected, stop, results))
     worker.start()
@@ -183,7 +182,7 @@ def test_all_readonly_nodes_down_searches_fall_back_to_the_writable_node(faulty_
     for node in faulty_cluster["ro"]:
         node.kill()
     queries = np.random.default_rng(3).random((2, DIM)).astype(np.float32)
-    expected = oracle.brute_force(oracle.L2, queries, faulty_cluster["vectors"], faulty_cluster["ids"], 10)
+    expected = oracle.brute_force(MetricType.L2, queries, faulty_cluster["vectors"], faulty_cluster["ids"], 10)
     with milvus_stub(faulty_cluster["proxy"].address) as stub:
         for _ in range(3):
             reply = stub.Search(search_param("faults", queries, 10), timeout=15)
@@ -198,7 +197,7 @@ def test_all_readonly_nodes_down_searches_fall_back_to_the_writable_node(faulty_
 def test_writable_node_down_searches_answer_and_writes_fail_fast(faulty_cluster):
     faulty_cluster["writable"].kill()
     queries = np.random.default_rng(4).random((2, DIM)).astype(np.float32)
-    expected = oracle.brute_force(oracle.L2, queries, faulty_cluster["vectors"], faulty_cluster["ids"], 10)
+    expected = oracle.brute_force(MetricType.L2, queries, faulty_cluster["vectors"], faulty_cluster["ids"], 10)
     with milvus_stub(faulty_cluster["proxy"].address) as stub:
         assert stub.Cmd(pb.Command(cmd="version")).string_reply == "0.9.1", "clients can still connect"
         reply = stub.Search(search_param("faults", queries, 10), timeout=15)
@@ -234,7 +233,7 @@ def test_unreachable_readonly_node_at_start_never_breaks_searches(tmp_path):
         result = stub.Search(search_param("g", vectors[:2], 3))
         assert result.status.error_code == 0
         oracle.assert_same_result(
-            *result_rows(result), oracle.brute_force(oracle.L2, vectors[:2], vectors, reply.vector_id_array, 3)
+            *result_rows(result), oracle.brute_force(MetricType.L2, vectors[:2], vectors, reply.vector_id_array, 3)
         )
         stats = json.loads(stub.Cmd(pb.Command(cmd="conn_stats")).string_reply)
         assert ghost in stats["waiting"] and list(stats["readonly"]) == [ro.address]

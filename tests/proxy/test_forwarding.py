@@ -16,9 +16,8 @@ import pytest
 
 from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import status_pb2
+from tests.support.processes import MishardsProcess
 from tests.support.stubs import OPTIONS, milvus_stub, records
-
-from .conftest import MishardsProcess
 
 
 class FakeMilvus:

@@ -15,13 +15,14 @@ import pytest
 from milvus_grpc import milvus_pb2 as pb
 from mishards.core.hedging import TailPolicy, TailTolerance
 from mishards.meta import FileSet
-from mishards.nodes import SERVICE, HealthPolicy, Membership, NodeClient
+from mishards.nodes import HealthPolicy, Membership, NodeClient
 from mishards.router import FileBasedHashRingRouter
 from mishards.search import ReloadTracker, Scatter
 from tests.support.fake_node import FakeNode
 from tests.support.processes import free_port
 from tracer import Tracer
 from utils.errors import ConnectFailed
+from utils.milvus_schema import SERVICE
 
 HANG_S = 20.0  # a hung node's calls: released at teardown, long past any deadline here
 FILES = FileSet([str(i) for i in range(1, 41)], np.zeros(40, dtype=np.int64))

@@ -16,8 +16,7 @@ import pytest
 
 from milvus_grpc import milvus_pb2 as pb
 from milvus_node.meta import MetaStore, create_meta_engine
-from tests.proxy.conftest import MishardsProcess
-from tests.support.processes import ROOT, ManagedProcess, cmd_version_probe, free_port
+from tests.support.processes import ROOT, ManagedProcess, MishardsProcess, cmd_version_probe, free_port
 from tests.support.stubs import milvus_stub, records, result_rows, search_param
 from utils.errors import Code
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from milvus_grpc import milvus_pb2 as pb
 from milvus_grpc import status_pb2
+from utils.milvus_schema import SERVICE
 
-SERVICE = "milvus.grpc.MilvusService"
 _OK = status_pb2.Status().SerializeToString()
 _VERSION = pb.StringReply(string_reply="0.9.1").SerializeToString()
 

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import numpy as np
 
-L2, IP, HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE = range(1, 8)
-BINARY_METRICS = (HAMMING, JACCARD, TANIMOTO, SUBSTRUCTURE, SUPERSTRUCTURE)
-MATCH_FILTERS = (SUBSTRUCTURE, SUPERSTRUCTURE)
+from utils import milvus_schema
+from utils.milvus_schema import MetricType
+
+BINARY_METRICS = sorted(milvus_schema.BINARY_METRICS)
 
 
 def _distances(metric: int, q: np.ndarray, data: np.ndarray) -> np.ndarray:
     """Distances from one query to every row; NaN where the row cannot qualify."""
-    if metric == L2:
+    if metric == MetricType.L2:
         return ((data.astype(np.float64) - q.astype(np.float64)) ** 2).sum(1)
-    if metric == IP:
+    if metric == MetricType.IP:
         return (data.astype(np.float64) * q.astype(np.float64)).sum(1)
     qb = np.unpackbits(q).astype(bool)
     db = np.unpackbits(data, axis=1).astype(bool)
@@ -25,15 +26,15 @@ def _distances(metric: int, q: np.ndarray, data: np.ndarray) -> np.ndarray:
     nq, nd = float(qb.sum()), db.sum(1).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         sim = np.where(union > 0, both / union, 1.0)
-        if metric == HAMMING:
+        if metric == MetricType.HAMMING:
             return (db ^ qb).sum(1).astype(np.float64)
-        if metric == JACCARD:
+        if metric == MetricType.JACCARD:
             return 1.0 - sim
-        if metric == TANIMOTO:
+        if metric == MetricType.TANIMOTO:
             return np.where(sim > 0, -np.log2(sim), np.nan)
-        if metric == SUBSTRUCTURE:  # every set bit of the query is set in the row
+        if metric == MetricType.SUBSTRUCTURE:  # every set bit of the query is set in the row
             return np.where(both == nq, 0.0, np.nan)
-        if metric == SUPERSTRUCTURE:  # every set bit of the row is set in the query
+        if metric == MetricType.SUPERSTRUCTURE:  # every set bit of the row is set in the query
             return np.where(both == nd, 0.0, np.nan)
     raise ValueError(metric)
 
@@ -47,8 +48,8 @@ def brute_force(metric: int, queries, data, ids, topk: int) -> list[list[tuple[i
     for q in np.asarray(queries):
         dist = _distances(metric, q, data) if len(data) else np.zeros(0)
         ok = ~np.isnan(dist)
-        key = -dist[ok] if metric == IP else dist[ok]
-        tiebreak = np.arange(ok.sum()) if metric in MATCH_FILTERS else ids[ok]
+        key = -dist[ok] if metric == MetricType.IP else dist[ok]
+        tiebreak = np.arange(ok.sum()) if metric in milvus_schema.MATCH_FILTER_METRICS else ids[ok]
         order = np.lexsort((tiebreak, key))[:topk]
         out.append([(int(ids[ok][i]), float(dist[ok][i])) for i in order])
     return out

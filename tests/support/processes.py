@@ -202,7 +202,9 @@ class ManagedProcess:
 
 
 class NodeProcess(ManagedProcess):
-    """`python -m milvus_node` with a role, meta URI and data dir, on a free (or given) port."""
+    """`python -m milvus_node` with a role, meta URI and data dir, on a free (or given) port.
+
+    `module` runs another entry point with the same options (tests.support.crashing_node)."""
 
     def __init__(
         self,
@@ -215,6 +217,7 @@ class NodeProcess(ManagedProcess):
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         start_timeout_s: float = 20.0,
+        module: str = "milvus_node",
     ) -> None:
         self.host = host
         self.port = free_port(host) if port is None else port
@@ -224,7 +227,7 @@ class NodeProcess(ManagedProcess):
         argv = [
             sys.executable,
             "-m",
-            "milvus_node",
+            module,
             "--role",
             role,
             "--port",
@@ -246,6 +249,49 @@ class NodeProcess(ManagedProcess):
             log_path=log_dir / f"node-{role}-{self.port}.log",
             env=env,
             start_timeout_s=start_timeout_s,
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class MishardsProcess(ManagedProcess):
+    """`python -m mishards` configured through its original environment variables."""
+
+    def __init__(
+        self,
+        *,
+        woserver: str,
+        meta_uri: str,
+        ro_addresses: list[str],
+        log_dir: Path,
+        port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.host = LOCALHOST
+        self.port = free_port() if port is None else port
+        env = dict(os.environ)
+        env.update(
+            {
+                "WOSERVER": f"tcp://{woserver}",
+                "SQLALCHEMY_DATABASE_URI": meta_uri,
+                "DISCOVERY_CLASS_NAME": "static",
+                "DISCOVERY_STATIC_HOSTS": ",".join(ro_addresses),
+                "SERVER_HOST": LOCALHOST,
+                "SERVER_PORT": str(self.port),
+                "LOG_PATH": str(log_dir / "mishards-logs"),
+                "LOG_LEVEL": "INFO",
+                "TIMEOUT": "20",
+            }
+        )
+        env.update(extra_env or {})
+        super().__init__(
+            name=f"mishards@{self.port}",
+            argv=[sys.executable, "-m", "mishards"],
+            probe=cmd_version_probe(self.address),
+            log_path=log_dir / f"mishards-{self.port}.log",
+            env=env,
         )
 
     @property

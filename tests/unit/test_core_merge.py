@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mishards.core import merge
-from mishards.core.merge import FLT_MAX, is_descending, merge_topk
+from mishards.core.merge import FLT_MAX, merge_topk
 from utils.errors import IllegalTopK, UnexpectedError
+from utils.milvus_schema import is_descending, is_match_filter
 
 
 def oracle(node_results, nq: int, topk: int, descending: bool):
@@ -231,7 +232,7 @@ def test_match_filter_keeps_reply_order_then_id_and_zero_distances():
 
     ids, _ = merge_topk([node_a, node_b], nq=1, topk=2, descending=False, match_filter=True)
     assert ids.tolist() == [[7, 50]]
-    assert merge.is_match_filter(6) and merge.is_match_filter(7) and not merge.is_match_filter(3)
+    assert is_match_filter(6) and is_match_filter(7) and not is_match_filter(3)
 
 
 # ------------------------------------------------------------- the proxy's width = one node's width
@@ -288,10 +289,10 @@ def test_merged_width_equals_one_node_over_all_files(case):
         for node in sorted(set(node_of_file))
     ]
     single_ids, single_dists = _node_reply(metric, queries, files, topk)
-    ids, dists = merge_topk(replies, nq, topk, is_descending(metric), match_filter=merge.is_match_filter(metric))
+    ids, dists = merge_topk(replies, nq, topk, is_descending(metric), match_filter=is_match_filter(metric))
 
     assert ids.shape == dists.shape == single_ids.shape
-    if merge.is_match_filter(metric):
+    if is_match_filter(metric):
         np.testing.assert_array_equal((ids != -1).sum(axis=1), (single_ids != -1).sum(axis=1))
         from milvus_node import engine
 

@@ -162,18 +162,6 @@ def test_malformed_node_replies_are_refused(reply):
         wire.decode_topk_result(reply.SerializeToString())
 
 
-@settings(max_examples=60, deadline=None)
-@given(param=search_params())
-def test_search_summary_reads_the_routing_fields(param):
-    summary = wire.summarize_search_param(param.SerializeToString())
-
-    assert summary.collection_name == param.collection_name
-    assert summary.partition_tags == tuple(param.partition_tag_array)
-    assert summary.topk == param.topk
-    assert summary.nq == len(param.query_record_array)
-    assert summary.extra_params == tuple((pair.key, pair.value) for pair in param.extra_params)
-
-
 def test_scalar_varint_matches_protobuf():
     assert wire.varint(0) == b"\x00"
     for value in (1, 127, 128, 300, 2**32, 2**63 - 1):  # proto3 leaves a zero row_num out

@@ -12,28 +12,29 @@ from hypothesis import strategies as st
 from milvus_grpc import milvus_pb2 as pb
 from milvus_node import engine
 from milvus_node.server import records_to_array
+from utils.milvus_schema import BINARY_METRICS, MetricType
 
 
 def oracle_distance(metric: int, q: np.ndarray, d: np.ndarray) -> float | None:
     """One distance the slow, obvious way; None when the stored vector cannot qualify."""
-    if metric == engine.L2:
+    if metric == MetricType.L2:
         return float(sum((float(a) - float(b)) ** 2 for a, b in zip(q, d, strict=True)))
-    if metric == engine.IP:
+    if metric == MetricType.IP:
         return float(sum(float(a) * float(b) for a, b in zip(q, d, strict=True)))
     qi = int.from_bytes(q.tobytes(), "big")
     di = int.from_bytes(d.tobytes(), "big")
     both, union = bin(qi & di).count("1"), bin(qi | di).count("1")
     nq, nd = bin(qi).count("1"), bin(di).count("1")
-    if metric == engine.HAMMING:
+    if metric == MetricType.HAMMING:
         return float(bin(qi ^ di).count("1"))
-    if metric == engine.JACCARD:
+    if metric == MetricType.JACCARD:
         return 1.0 - (both / union if union else 1.0)
-    if metric == engine.TANIMOTO:
+    if metric == MetricType.TANIMOTO:
         sim = both / union if union else 1.0
         return None if sim == 0 else -math.log2(sim)  # infinite: faiss never ranks it
-    if metric == engine.SUBSTRUCTURE:  # a match filter: 0.0 for a match (corrected from ratio distances)
+    if metric == MetricType.SUBSTRUCTURE:  # a match filter: 0.0 for a match (corrected from ratio distances)
         return None if both != nq else 0.0
-    if metric == engine.SUPERSTRUCTURE:
+    if metric == MetricType.SUPERSTRUCTURE:
         return None if both != nd else 0.0
     raise AssertionError(metric)
 
@@ -47,10 +48,10 @@ def oracle_search(metric, queries, vectors, ids, deleted, topk):
             dist = oracle_distance(metric, q, v)
             if gone or dist is None:
                 continue
-            if metric in (engine.SUBSTRUCTURE, engine.SUPERSTRUCTURE):
+            if metric in (MetricType.SUBSTRUCTURE, MetricType.SUPERSTRUCTURE):
                 hits.append((position, int(i), dist))
             else:
-                hits.append((-dist if metric == engine.IP else dist, int(i), dist))
+                hits.append((-dist if metric == MetricType.IP else dist, int(i), dist))
         hits.sort()
         rows.append([(i, dist) for _, i, dist in hits[:topk]])
     return rows
@@ -66,7 +67,7 @@ def check(metric, queries, vectors, ids, deleted, topk):
         np.testing.assert_allclose(got_dist[row, : len(expected)], [d for _, d in expected], rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("metric", [engine.L2, engine.IP])
+@pytest.mark.parametrize("metric", [MetricType.L2, MetricType.IP])
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_float_metrics_match_oracle(metric, data):
@@ -83,7 +84,7 @@ def test_float_metrics_match_oracle(metric, data):
     check(metric, queries, vectors, ids, deleted, topk)
 
 
-@pytest.mark.parametrize("metric", sorted(engine.BINARY_METRICS))
+@pytest.mark.parametrize("metric", sorted(BINARY_METRICS))
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_binary_metrics_match_oracle(metric, data):
@@ -100,19 +101,19 @@ def test_binary_metrics_match_oracle(metric, data):
     check(metric, queries, vectors, ids, deleted, topk)
 
 
-@pytest.mark.parametrize("metric", [engine.SUBSTRUCTURE, engine.SUPERSTRUCTURE])
+@pytest.mark.parametrize("metric", [MetricType.SUBSTRUCTURE, MetricType.SUPERSTRUCTURE])
 def test_match_filters_keep_storage_order_across_segments(metric):
     rng = np.random.default_rng(metric)
     vectors = np.packbits(rng.random((60, 16)) < 0.3, axis=1)
     ids = rng.permutation(1000)[:60].astype(np.int64)
-    query = np.zeros((1, 2), np.uint8) if metric == engine.SUBSTRUCTURE else np.full((1, 2), 255, np.uint8)
+    query = np.zeros((1, 2), np.uint8) if metric == MetricType.SUBSTRUCTURE else np.full((1, 2), 255, np.uint8)
     parts = [engine.search_block(metric, query, vectors[s], ids[s], None, 25) for s in (slice(0, 20), slice(20, 60))]
     merged_ids, merged_dist = engine.merge_topk(parts, 1, 25, metric)
     assert merged_ids[0].tolist() == ids[:25].tolist(), "every row matches: the first 25 stored"
     assert (merged_dist == 0.0).all()
 
 
-@pytest.mark.parametrize("metric", [engine.L2, engine.IP])
+@pytest.mark.parametrize("metric", [MetricType.L2, MetricType.IP])
 @pytest.mark.parametrize("duplicates", [False, True])
 def test_large_segments_take_the_preselection_path_and_stay_exact(metric, duplicates):
     rng = np.random.default_rng(11)
@@ -135,19 +136,19 @@ def test_merge_of_segments_equals_one_search():
     vectors = rng.random((300, 8)).astype(np.float32)
     ids = np.arange(300, dtype=np.int64)
     queries = rng.random((5, 8)).astype(np.float32)
-    whole = engine.search_block(engine.L2, queries, vectors, ids, None, 10)
+    whole = engine.search_block(MetricType.L2, queries, vectors, ids, None, 10)
     parts = [
-        engine.search_block(engine.L2, queries, vectors[s], ids[s], None, 10)
+        engine.search_block(MetricType.L2, queries, vectors[s], ids[s], None, 10)
         for s in (slice(0, 100), slice(100, 250), slice(250, 300))
     ]
-    merged = engine.merge_topk(parts, 5, 10, engine.L2)
+    merged = engine.merge_topk(parts, 5, 10, MetricType.L2)
     assert (merged[0] == whole[0]).all()
     np.testing.assert_allclose(merged[1], whole[1])
 
 
 def test_padding_uses_the_worst_distance():
     ids, dist = engine.search_block(
-        engine.IP, np.ones((1, 2), np.float32), np.ones((1, 2), np.float32), np.array([5]), None, 3
+        MetricType.IP, np.ones((1, 2), np.float32), np.ones((1, 2), np.float32), np.array([5]), None, 3
     )
     assert ids.tolist() == [[5, -1, -1]]
     assert dist[0, 1] == -engine.FLT_MAX

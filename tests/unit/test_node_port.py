@@ -12,7 +12,6 @@ import pytest
 
 from milvus_grpc import milvus_pb2 as pb
 from mishards.nodes import (
-    SERVICE,
     NodeCallError,
     NodeClient,
     NodeRejectedRequest,
@@ -20,6 +19,7 @@ from mishards.nodes import (
     NodeUnimplemented,
 )
 from tests.unit.test_transport_interop import GRPC_OPTIONS, free_port, h2_serving
+from utils.milvus_schema import SERVICE
 
 VERSION = pb.StringReply(string_reply="0.9.1").SerializeToString()
 

@@ -1115,7 +1115,8 @@ def test_end_to_end_early_answer_does_not_leak_server_streams():
 
 def test_node_client_closes_its_http2_connection_when_the_node_leaves():
     """A read-only node only ever called on the search path still has its connection closed."""
-    from mishards.nodes import SERVICE, NodeClient
+    from mishards.nodes import NodeClient
+    from utils.milvus_schema import SERVICE
 
     async def main():
         handlers = {f"/{SERVICE}/SearchInFiles": Handlers().echo}

@@ -102,7 +102,7 @@ class JaegerTracer(Tracer):
                 scope_manager=ContextVarsScopeManager(),
             ).new_tracer()
         except ValueError as exc:  # e.g. an unknown sampler type
-            raise PluginError(f"jaeger tracer: {exc} (see TRACING_SAMPLER_TYPE, TRACING_SAMPLER_PARAM)") from None
+            raise PluginError(f"jaeger tracer: {exc} (see TRACING_SAMPLER_TYPE, TRACING_SAMPLER_PARAM)") from exc
         logging.getLogger("jaeger_tracing").setLevel(logging.ERROR)
         return cls(tracer, log_payloads=settings.bool("TRACING_LOG_PAYLOAD", False))
 
