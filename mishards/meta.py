@@ -11,8 +11,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -131,6 +132,7 @@ class MetaReader:
 
     def _inline_rows(self, sql: str, params: Sequence) -> list[tuple]:
         held = self._held
+        assert held is not None  # SQLite's per-thread connection
         try:
             connection = getattr(held, "connection", None)
             if connection is None:
@@ -215,13 +217,13 @@ class _HeldSession:
     statement starts on a fresh one instead of queueing behind a dead peer.
     """
 
-    def __init__(self, connect, args: tuple, params: dict) -> None:
+    def __init__(self, connect, args: tuple, params: Mapping[str, Any]) -> None:
         self._connect = connect
         self._args = args
         self._params = params
         self.usable = True  # False once the server's session turned out not to be one we can read
         self._channel: MysqlChannel | None = None
-        self._escape = None
+        self._escape: Callable[[Any], str] | None = None  # the session's own, once connected
         self._loop: asyncio.AbstractEventLoop | None = None
         self._opening: asyncio.Task | None = None
 
@@ -233,7 +235,9 @@ class _HeldSession:
             if channel is None or channel.closed or self._loop is not loop:
                 channel = await self._open(loop, deadline, timeout)
             try:
-                statement = sql % tuple(map(self._escape, params)) if params else sql
+                escape = self._escape
+                assert escape is not None  # set with the channel
+                statement = sql % tuple(map(escape, params)) if params else sql
                 future = channel.query(statement)
             except ConnectionLost as exc:
                 error: Exception = exc

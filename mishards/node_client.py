@@ -182,14 +182,14 @@ class H2Channel:
 
         return call
 
-    def call(self, path: str, request: bytes, timeout: float | None, metadata=None) -> asyncio.Future:
+    def call(self, path: str, request: bytes, timeout: float | None, metadata=None) -> asyncio.Future[bytes]:
         """The node-call port's unary call (`nodes.NodePort`): a future of the reply bytes."""
         encoded = self._paths.get(path)
         if encoded is None:
             encoded = self._paths[path] = path.encode()
         return self.start(encoded, request, timeout, metadata)
 
-    def start(self, path: bytes, request: bytes, timeout: float | None, metadata=None) -> asyncio.Future:
+    def start(self, path: bytes, request: bytes, timeout: float | None, metadata=None) -> _CallFuture:
         """Send the request now when connected (no task, no await); a future of the reply bytes."""
         loop = asyncio.get_running_loop()
         future = _CallFuture(loop=loop)
@@ -205,7 +205,7 @@ class H2Channel:
         future.add_done_callback(lambda done: task.cancel() if done.cancelled() else None)
         return future
 
-    async def _start_connected(self, path, request, deadline, metadata, future: asyncio.Future) -> None:
+    async def _start_connected(self, path, request, deadline, metadata, future: _CallFuture) -> None:
         loop = asyncio.get_running_loop()
         try:
             protocol = await self._connect(None if deadline is None else max(deadline - loop.time(), 0.001))

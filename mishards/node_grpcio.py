@@ -39,7 +39,7 @@ class GrpcioChannel:
         self._channel: grpc.aio.Channel | None = None
         self._callables: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
 
-    def call(self, path: str, request: bytes, timeout: float | None, metadata=None) -> asyncio.Future:
+    def call(self, path: str, request: bytes, timeout: float | None, metadata=None) -> asyncio.Future[bytes]:
         callable_ = self._callables.get(path)
         if callable_ is None:
             if self._channel is None:

@@ -36,7 +36,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -81,12 +81,12 @@ _VERSION_REQUEST = pb.Command(cmd="version").SerializeToString()
 
 
 class NodePort(Protocol):
-    """Unary calls to one node. `call` returns an awaitable of the reply bytes, or fails with
+    """Unary calls to one node. `call` returns a future of the reply bytes, or fails with
     NodeCallError; cancelling it cancels the call on the node. Use it on one event loop."""
 
     def call(
         self, path: str, request: bytes, timeout: float | None, metadata: Metadata | None = None
-    ) -> Awaitable[bytes]: ...
+    ) -> asyncio.Future[bytes]: ...
 
     def close(self) -> None:
         """No new calls; the connection closes once the calls in flight have ended."""
@@ -171,8 +171,8 @@ class NodeClient:
     # ------------------------------------------------------------------ calls (on the event loop)
     def call(
         self, method: str, request: bytes, timeout: float | None, metadata: Metadata | None = None
-    ) -> Awaitable[bytes]:
-        """Call `method` on the node: an awaitable of the reply bytes; failures raise NodeCallError.
+    ) -> asyncio.Future[bytes]:
+        """Call `method` on the node: a future of the reply bytes; failures raise NodeCallError.
         Only on the serving event loop. After the node left, calls fail with NodeUnavailable (so a
         search fails over) instead of opening a connection."""
         return self._port(method).call(_PATHS[method], request, timeout, metadata)
@@ -329,8 +329,8 @@ class _Left:
 
     def call(
         self, path: str, request: bytes, timeout: float | None, metadata: Metadata | None = None
-    ) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
+    ) -> asyncio.Future[bytes]:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         future.set_exception(NodeUnavailable(self.why))
         return future
 
@@ -456,11 +456,6 @@ class Membership:
             return dict(self._waiting)
 
     # ------------------------------------------------------------------ background
-    def _new_port(self) -> NodePort:
-        if self._port_factory is not None:
-            return self._port_factory(self.address)
-        return H2Channel(self.address) if self.fast_transport else GrpcioChannel(self.address)
-
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """The serving event loop: from now on handshakes and health checks use each node's own
         connection on it (before, each opens a short-lived one)."""

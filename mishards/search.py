@@ -146,7 +146,7 @@ class ReloadRefused(NodeCallError):
 class Outcome:
     """How one node call ended: the reply bytes, or the error that says why there is none."""
 
-    reply: bytes | None = None
+    reply: bytes = b""
     error: NodeCallError | None = None
 
     @property
@@ -508,7 +508,7 @@ class Scatter:
         self.accounting.partial()
         with self.tracer.span("partial_result", span, files_searched=total - lost, files_total=total):
             pass
-        return status_pb2.Status(error_code=0, reason=reason)
+        return status_pb2.Status(reason=reason)  # SUCCESS, with the reason
 
     def _incomplete(self, groups: list[_Group], request: _Request, why: str) -> ConnectFailed:
         """The error naming the files no node answered and what each node said."""

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_GET_IDS = 1000  # a node's GetVectorsByID answers at most this many ids per request
 
-INVALIDATES_SCHEMA = {
+INVALIDATES_SCHEMA: dict[str, type[pb.CollectionSchema | pb.CollectionName | pb.PartitionParam]] = {
     "CreateCollection": pb.CollectionSchema,
     "DropCollection": pb.CollectionName,
     "CreatePartition": pb.PartitionParam,
