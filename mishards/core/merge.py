@@ -30,15 +30,28 @@ NaN get the top codes), packed with the candidate's column into one uint64, so a
 sort (not an argsort) orders a row. That order breaks ties by column, not by id, and does not
 remove duplicates; both only matter when the selected head of a row contains an equal key or a
 repeated id, which is checked per row. Only those rows take the exact path, which argsorts by id
-just the candidates that can still make the cut. Inputs of at most SMALL_MERGE_CANDIDATES
-candidates take a pure-Python path, which beats numpy's fixed per-call costs there.
-faiss.merge_knn_results is faster still but neither drops repeated ids nor breaks ties by id.
+just the candidates that can still make the cut.
+
+Large merges first look only at a prefix of each node's row, a little more than that node's
+share of the width (nodes hold random shares of the files, so each contributes about
+width / nodes hits). The prefix merge is the answer for every row whose width-th hit is real and
+strictly better than the best candidate left out (nodes send their rows best first, so that is
+the rule, not the exception); the other rows are merged again from all their candidates. So the
+sort works on about 1.3 x width candidates per row instead of nodes x width.
+
+Small merges run in pure Python, numpy's fixed per-call costs exceed the whole merge there; node
+replies decoded to Python lists (wire.decode_topk_hits) are merged as lists and come back as
+lists, without any conversion. faiss.merge_knn_results is faster still but neither drops
+repeated ids nor breaks ties by id.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
+from itertools import chain
+from operator import neg
 
 import numpy as np
 
@@ -53,13 +66,21 @@ SMALL_MERGE_CANDIDATES = 64
 """Up to this many candidates (nq x sum of widths) the pure-Python merge is faster: measured
 ~12-20 us against the numpy path's ~31 us floor at 20-50 candidates, even at 60-80."""
 
+SMALL_LIST_CANDIDATES = 256
+"""Node results given as Python lists are merged in Python up to this many candidates (no
+conversion to numpy at all); beyond it they become arrays."""
+
+PREFIX_MIN_CANDIDATES = 4096
+"""From this many candidates on, the vectorised merge tries the node prefixes first."""
+
 _PADDING_KEY = np.uint32(0xFFFF_FFFF)
 _NAN_KEY = np.uint32(0xFFFF_FFFE)  # after +inf (0xFF80_0000), before padding
 _KEY_HALF = 1 if sys.byteorder == "little" else 0  # the high 32 bits of a uint64 seen as 2 x uint32
 _COLUMN_HALF = 1 - _KEY_HALF
 
-NodeResult = tuple[np.ndarray, np.ndarray]
-"""One node's answer: ids (int64) and distances (float32), both shaped (nq, k_i); k_i may be 0."""
+NodeResult = tuple[np.ndarray, np.ndarray] | tuple[list[int], list[float]]
+"""One node's answer: ids (int64) and distances (float32), both shaped (nq, k_i), k_i may be 0;
+or both as flat row-major Python lists of nq x k_i values, as protobuf hands them over."""
 
 
 def is_descending(metric_type: int) -> bool:
@@ -79,11 +100,20 @@ def padding_distance(descending: bool) -> float:
 
 def merge_topk(
     node_results: Sequence[NodeResult], nq: int, topk: int, descending: bool, match_filter: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray] | tuple[list[int], list[float]]:
     """The best `topk` distinct ids per query row over all nodes, shaped (nq, K), or (0, 0) when
-    K is 0 (module docstring). `match_filter`: rank by reply order, not by distance."""
+    K is 0 (module docstring). `match_filter`: rank by reply order, not by distance.
+
+    When every node result is lists and the merge is small, the answer is flat row-major lists
+    too (nq x K values, empty when K is 0); otherwise int64/float32 arrays.
+    """
     if topk < 1:
         raise IllegalTopK(f"topk must be at least 1, got {topk}")
+    if node_results and all(type(ids) is list for ids, _ in node_results):
+        lists = [_checked_lists(ids, distances, nq) for ids, distances in node_results]
+        lists = [node for node in lists if node[2]]
+        if nq * sum(node_width for _, _, node_width in lists) <= SMALL_LIST_CANDIDATES:
+            return _merge_lists(lists, nq, topk, descending, match_filter)
     blocks = _answering_nodes(node_results, nq)
     candidates_per_row = sum(ids.shape[1] for ids, _ in blocks)
     width = min(topk, candidates_per_row)
@@ -92,16 +122,39 @@ def merge_topk(
     if match_filter:
         return _merge_in_reply_order(blocks, width, descending)
     if nq * candidates_per_row <= SMALL_MERGE_CANDIDATES:
-        return _merge_small(blocks, nq, width, descending)
+        as_lists = [(ids.ravel().tolist(), distances.ravel().tolist(), ids.shape[1]) for ids, distances in blocks]
+        ids, distances = _merge_lists(as_lists, nq, topk, descending, False)
+        return np.array(ids, np.int64).reshape(nq, width), np.array(distances, np.float32).reshape(nq, width)
+    if nq * candidates_per_row >= PREFIX_MIN_CANDIDATES:
+        merged = _merge_prefixes(blocks, width, descending)
+        if merged is not None:
+            return merged
     ids = np.concatenate([ids for ids, _ in blocks], axis=1)
     distances = np.concatenate([distances for _, distances in blocks], axis=1)
     return _merge_vectorised(ids, distances, width, descending)
 
 
-def _answering_nodes(node_results: Sequence[NodeResult], nq: int) -> list[NodeResult]:
+Block = tuple[np.ndarray, np.ndarray]
+"""A node result as (nq, k) int64 ids and float32 distances."""
+
+
+def _checked_lists(ids: list[int], distances: list[float], nq: int) -> tuple[list[int], list[float], int]:
+    """(ids, distances, width) of a node result given as flat lists; malformed ones raise."""
+    if type(distances) is not list or len(ids) != len(distances) or (len(ids) and (nq < 1 or len(ids) % nq)):
+        raise UnexpectedError(
+            f"malformed node result: {len(ids)} ids and {len(distances)} distances are not {nq} equal rows"
+        )
+    return ids, distances, len(ids) // nq if ids else 0
+
+
+def _answering_nodes(node_results: Sequence[NodeResult], nq: int) -> list[Block]:
     """The node results that hold candidates, as int64/float32 (nq, k_i) arrays; malformed ones raise."""
     blocks = []
     for ids, distances in node_results:
+        if type(ids) is list:
+            ids, distances, node_width = _checked_lists(ids, distances, nq)
+            ids = np.array(ids, dtype=np.int64).reshape(nq if node_width else 0, node_width)
+            distances = np.array(distances, dtype=np.float32).reshape(ids.shape)
         ids = np.asarray(ids, dtype=np.int64)
         distances = np.asarray(distances, dtype=np.float32)
         if ids.ndim != 2 or ids.shape != distances.shape:
@@ -117,7 +170,121 @@ def _answering_nodes(node_results: Sequence[NodeResult], nq: int) -> list[NodeRe
     return blocks
 
 
-def _merge_in_reply_order(blocks: list[NodeResult], width: int, descending: bool) -> NodeResult:
+def _merge_lists(
+    lists: list[tuple[list[int], list[float], int]], nq: int, topk: int, descending: bool, match_filter: bool
+) -> tuple[list[int], list[float]]:
+    """The pure-Python merge of flat row-major lists (nodes without candidates left out)."""
+    width = min(topk, sum(node_width for _, _, node_width in lists))
+    if width == 0:
+        return [], []
+    padding = padding_distance(descending)
+    merged_ids: list[int] = []
+    merged_distances: list[float] = []
+    for row in range(nq):
+        if match_filter:
+            hits = _row_in_reply_order(lists, row, width)
+        else:
+            row_ids = list(chain.from_iterable(ids[row * w : row * w + w] for ids, _, w in lists))
+            row_distances = list(chain.from_iterable(ds[row * w : row * w + w] for _, ds, w in lists))
+            hits = _row_by_distance(row_ids, row_distances, width, descending)
+        for vector_id, distance in hits:
+            merged_ids.append(vector_id)
+            merged_distances.append(distance)
+        missing = width - len(hits)
+        if missing:
+            merged_ids += [PADDING_ID] * missing
+            merged_distances += [padding] * missing
+    return merged_ids, merged_distances
+
+
+def _row_by_distance(ids: list[int], distances: list[float], width: int, descending: bool) -> list[tuple[int, float]]:
+    """One row's best `width` distinct (id, distance) pairs: (key, id) tuples sort in rank order.
+
+    Tuples compare floats with ==, so -0.0 and 0.0 tie and the id decides. NaN compares false to
+    everything, so a row with one (found through the sum, which inf - inf also trips) gets
+    explicit (is NaN, key, id) tuples instead.
+    """
+    if PADDING_ID in ids:
+        pairs = [(d, i) for i, d in zip(ids, distances, strict=True) if i != PADDING_ID]
+        ids = [i for _, i in pairs]
+        distances = [d for d, _ in pairs]
+    if distances and math.isnan(sum(distances)):
+        sign = -1.0 if descending else 1.0
+        ranked = sorted((d != d, 0.0 if d != d else sign * d, i, d) for i, d in zip(ids, distances, strict=True))
+        best = [(i, d) for _, _, i, d in ranked]
+    elif descending:
+        best = [(i, -key) for key, i in sorted(zip(map(neg, distances), ids, strict=True))]
+    else:
+        best = [(i, d) for d, i in sorted(zip(distances, ids, strict=True))]
+    if len(set(ids)) == len(ids):
+        return best[:width]
+    kept: list[tuple[int, float]] = []
+    seen: set[int] = set()
+    for vector_id, distance in best:  # the first copy of an id is its best
+        if vector_id not in seen:
+            seen.add(vector_id)
+            kept.append((vector_id, distance))
+            if len(kept) == width:
+                break
+    return kept
+
+
+def _row_in_reply_order(
+    lists: list[tuple[list[int], list[float], int]], row: int, width: int
+) -> list[tuple[int, float]]:
+    """One row of a match-filter merge: (column, id) order, each id at its earliest copy
+    (smallest column, then first node), as _merge_in_reply_order."""
+    ranked = sorted(
+        (column, vector_id, node, distance)
+        for node, (ids, distances, w) in enumerate(lists)
+        for column, (vector_id, distance) in enumerate(
+            zip(ids[row * w : row * w + w], distances[row * w : row * w + w], strict=True)
+        )
+        if vector_id != PADDING_ID
+    )
+    kept: list[tuple[int, float]] = []
+    seen: set[int] = set()
+    for _, vector_id, _, distance in ranked:
+        if vector_id not in seen:
+            seen.add(vector_id)
+            kept.append((vector_id, distance))
+            if len(kept) == width:
+                break
+    return kept
+
+
+def _merge_prefixes(blocks: list[Block], width: int, descending: bool) -> Block | None:
+    """Merge each node's row prefix, then redo the rows the left-out candidates could change.
+
+    A row's prefix merge is exact when its width-th hit is real and strictly better than every
+    left-out candidate: those can then neither enter nor carry a better copy of a kept id. None
+    when the prefixes would hold most of the candidates anyway.
+    """
+    nodes = len(blocks)
+    share = width / nodes
+    prefix = math.ceil(share + 4.5 * math.sqrt(share * (1 - 1 / nodes)) + 2)
+    kept = [min(ids.shape[1], prefix) for ids, _ in blocks]
+    if sum(kept) * 4 > sum(ids.shape[1] for ids, _ in blocks) * 3:
+        return None
+    ids = np.concatenate([ids[:, :count] for (ids, _), count in zip(blocks, kept, strict=True)], axis=1)
+    distances = np.concatenate([d[:, :count] for (_, d), count in zip(blocks, kept, strict=True)], axis=1)
+    merged_ids, merged_distances = _merge_vectorised(ids, distances, width, descending)
+    tails = [d[:, count:] for (_, d), count in zip(blocks, kept, strict=True) if d.shape[1] > count]
+    cut = merged_distances[:, width - 1]
+    if descending:  # a NaN anywhere makes the comparison false: the row is redone
+        exact = np.maximum.reduce([tail.max(axis=1) for tail in tails]) < cut
+    else:
+        exact = np.minimum.reduce([tail.min(axis=1) for tail in tails]) > cut
+    exact &= merged_ids[:, width - 1] != PADDING_ID
+    redo = np.flatnonzero(~exact)
+    if redo.size:
+        all_ids = np.concatenate([ids[redo] for ids, _ in blocks], axis=1)
+        all_distances = np.concatenate([d[redo] for _, d in blocks], axis=1)
+        merged_ids[redo], merged_distances[redo] = _merge_vectorised(all_ids, all_distances, width, descending)
+    return merged_ids, merged_distances
+
+
+def _merge_in_reply_order(blocks: list[Block], width: int, descending: bool) -> Block:
     """Per row, the distinct ids ordered by (column in their node's row, id); an id several nodes
     returned keeps its earliest copy (smallest column, then first node)."""
     ids = np.concatenate([ids for ids, _ in blocks], axis=1)
@@ -140,37 +307,7 @@ def _merge_in_reply_order(blocks: list[NodeResult], width: int, descending: bool
     return merged_ids, merged_distances
 
 
-def _merge_small(blocks: list[NodeResult], nq: int, width: int, descending: bool) -> NodeResult:
-    """Per row, sort the candidates as Python tuples and keep each id's first (best) copy."""
-    sign = -1.0 if descending else 1.0
-    node_rows = [(ids.tolist(), distances.tolist()) for ids, distances in blocks]
-    merged_ids: list[int] = []
-    merged_distances: list[float] = []
-    for row in range(nq):
-        ranked = sorted(
-            (distance != distance, 0.0 if distance != distance else sign * distance, vector_id, distance)
-            for ids, distances in node_rows
-            for vector_id, distance in zip(ids[row], distances[row], strict=True)
-            if vector_id != PADDING_ID
-        )
-        seen: set[int] = set()
-        for _, _, vector_id, distance in ranked:
-            if vector_id not in seen:
-                seen.add(vector_id)
-                merged_ids.append(vector_id)
-                merged_distances.append(distance)
-                if len(seen) == width:
-                    break
-        missing = width - len(seen)
-        merged_ids += [PADDING_ID] * missing
-        merged_distances += [padding_distance(descending)] * missing
-    return (
-        np.array(merged_ids, dtype=np.int64).reshape(nq, width),
-        np.array(merged_distances, dtype=np.float32).reshape(nq, width),
-    )
-
-
-def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descending: bool) -> NodeResult:
+def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descending: bool) -> Block:
     """Sort rows by (key, column); redo exactly only the rows whose head has a tie or a repeated id."""
     keys = _rank_keys(ids, distances, descending)
     head = _sorted_head(_pack(keys), min(width + 1, ids.shape[1]))
