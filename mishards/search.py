@@ -37,7 +37,7 @@ from utils.errors import ConnectFailed, MilvusError, NoAvailableNode, Unexpected
 
 from .core import wire
 from .core.hedging import TailTolerance
-from .core.merge import merge_topk
+from .core.merge import NodeResult, merge_topk
 from .meta import FileSet
 from .nodes import Membership, NodeClient, NodeStats
 from .observability.metrics import Metrics, NodeSeries
@@ -275,7 +275,7 @@ class Scatter:
                 ",".join(groups),
                 (time.monotonic() - started) * 1000,
             )
-        return wire.encode_topk_result(ids, distances, status)
+        return wire.encode_topk_result(ids, distances, status, nq)
 
     # ------------------------------------------------------------------ the loop
     async def _gather(self, assignment: dict[str, list[str]], request: _Request) -> tuple[list, list[_Group]]:
@@ -633,12 +633,13 @@ class Scatter:
         self.reloads.record(job.node, ids, times)
         return ""
 
-    def _decode(self, job: _Job, payload: bytes, nq: int) -> tuple[np.ndarray, np.ndarray]:
-        code, reason, row_num, ids, distances = wire.decode_topk_result(payload)
+    def _decode(self, job: _Job, payload: bytes, nq: int) -> NodeResult:
+        """A node's hits for the merge: lists for small replies, arrays otherwise (decode_topk_hits)."""
+        code, reason, row_num, ids, distances = wire.decode_topk_hits(payload)
         if code != 0:
             raise MilvusError(reason, code)  # the node's own answer, e.g. a dimension mismatch
         if row_num == 0:
-            return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
+            return [], []
         if row_num != nq:
             raise UnexpectedError(f"read-only node {job.node} returned {row_num} rows for {nq} queries")
         return ids, distances

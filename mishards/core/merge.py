@@ -73,6 +73,7 @@ conversion to numpy at all); beyond it they become arrays."""
 PREFIX_MIN_CANDIDATES = 4096
 """From this many candidates on, the vectorised merge tries the node prefixes first."""
 
+_ID_HASH_MULTIPLIER = np.uint64(0x9E37_79B9_7F4A_7C15)  # odd, bits well mixed: 2**64 / golden ratio
 _PADDING_KEY = np.uint32(0xFFFF_FFFF)
 _NAN_KEY = np.uint32(0xFFFF_FFFE)  # after +inf (0xFF80_0000), before padding
 _KEY_HALF = 1 if sys.byteorder == "little" else 0  # the high 32 bits of a uint64 seen as 2 x uint32
@@ -109,6 +110,10 @@ def merge_topk(
     """
     if topk < 1:
         raise IllegalTopK(f"topk must be at least 1, got {topk}")
+    if nq == 1 and not match_filter:
+        merged = _merge_one_row_of_lists(node_results, topk, descending)
+        if merged is not None:
+            return merged
     if node_results and all(type(ids) is list for ids, _ in node_results):
         lists = [_checked_lists(ids, distances, nq) for ids, distances in node_results]
         lists = [node for node in lists if node[2]]
@@ -136,6 +141,35 @@ def merge_topk(
 
 Block = tuple[np.ndarray, np.ndarray]
 """A node result as (nq, k) int64 ids and float32 distances."""
+
+
+def _merge_one_row_of_lists(
+    node_results: Sequence[NodeResult], topk: int, descending: bool
+) -> tuple[list[int], list[float]] | None:
+    """The commonest search (one query, list replies) without padding, NaN or repeated ids in the
+    answer: one sort of (key, id) tuples, which ranks ties by id. None otherwise (the general paths
+    decide, and raise for malformed input). Written for speed: this is the whole merge there."""
+    ids: list[int] = []
+    distances: list[float] = []
+    for node_ids, node_distances in node_results:
+        if type(node_ids) is not list or type(node_distances) is not list or len(node_ids) != len(node_distances):
+            return None
+        ids += node_ids
+        distances += node_distances
+    if not ids or len(ids) > SMALL_LIST_CANDIDATES or -1 in ids:  # -1: padding
+        return None
+    total = sum(distances)
+    if total != total:  # a NaN (or inf - inf)
+        return None
+    # zip without strict=: its keyword costs ~0.2 us a call here, and the lengths are equal
+    if descending:
+        keys, best_ids = zip(*sorted(zip(map(neg, distances), ids))[:topk])  # noqa: B905
+        best_distances = [-key for key in keys]
+    else:
+        best_distances, best_ids = zip(*sorted(zip(distances, ids))[:topk])  # noqa: B905
+    if len(set(best_ids)) != len(best_ids):
+        return None
+    return list(best_ids), list(best_distances)
 
 
 def _checked_lists(ids: list[int], distances: list[float], nq: int) -> tuple[list[int], list[float], int]:
@@ -182,56 +216,68 @@ def _merge_lists(
     merged_distances: list[float] = []
     for row in range(nq):
         if match_filter:
-            hits = _row_in_reply_order(lists, row, width)
+            row_ids, row_distances = _row_in_reply_order(lists, row, width)
         else:
-            row_ids = list(chain.from_iterable(ids[row * w : row * w + w] for ids, _, w in lists))
-            row_distances = list(chain.from_iterable(ds[row * w : row * w + w] for _, ds, w in lists))
-            hits = _row_by_distance(row_ids, row_distances, width, descending)
-        for vector_id, distance in hits:
-            merged_ids.append(vector_id)
-            merged_distances.append(distance)
-        missing = width - len(hits)
+            if nq == 1:
+                candidate_ids = list(chain.from_iterable(ids for ids, _, _ in lists))
+                candidate_distances = list(chain.from_iterable(distances for _, distances, _ in lists))
+            else:
+                candidate_ids = list(chain.from_iterable(ids[row * w : row * w + w] for ids, _, w in lists))
+                candidate_distances = list(chain.from_iterable(ds[row * w : row * w + w] for _, ds, w in lists))
+            row_ids, row_distances = _row_by_distance(candidate_ids, candidate_distances, width, descending)
+        merged_ids += row_ids
+        merged_distances += row_distances
+        missing = width - len(row_ids)
         if missing:
             merged_ids += [PADDING_ID] * missing
             merged_distances += [padding] * missing
     return merged_ids, merged_distances
 
 
-def _row_by_distance(ids: list[int], distances: list[float], width: int, descending: bool) -> list[tuple[int, float]]:
-    """One row's best `width` distinct (id, distance) pairs: (key, id) tuples sort in rank order.
+def _row_by_distance(
+    ids: list[int], distances: list[float], width: int, descending: bool
+) -> tuple[list[int], list[float]]:
+    """One row's best `width` distinct ids and their distances.
 
-    Tuples compare floats with ==, so -0.0 and 0.0 tie and the id decides. NaN compares false to
-    everything, so a row with one (found through the sum, which inf - inf also trips) gets
-    explicit (is NaN, key, id) tuples instead.
+    Without ties or repeated ids (sets of the values tell; -0.0 and 0.0 are one value) a sort of
+    the positions by distance is the answer, as cheap as the original merge's. Otherwise (key, id)
+    tuples sort in rank order: tuples compare floats with ==, so -0.0 and 0.0 tie and the id
+    decides; the first copy of an id is its best. NaN compares false to everything, so a row with
+    one (found through the sum, which inf - inf also trips) gets (is NaN, key, id) tuples.
     """
     if PADDING_ID in ids:
         pairs = [(d, i) for i, d in zip(ids, distances, strict=True) if i != PADDING_ID]
         ids = [i for _, i in pairs]
         distances = [d for d, _ in pairs]
+    if not ids:
+        return [], []
+    distinct_ids = len(set(ids)) == len(ids)
     if distances and math.isnan(sum(distances)):
         sign = -1.0 if descending else 1.0
         ranked = sorted((d != d, 0.0 if d != d else sign * d, i, d) for i, d in zip(ids, distances, strict=True))
         best = [(i, d) for _, _, i, d in ranked]
+    elif distinct_ids and len(set(distances)) == len(distances):
+        order = sorted(range(len(distances)), key=distances.__getitem__, reverse=descending)[:width]
+        return [ids[j] for j in order], [distances[j] for j in order]
     elif descending:
         best = [(i, -key) for key, i in sorted(zip(map(neg, distances), ids, strict=True))]
     else:
         best = [(i, d) for d, i in sorted(zip(distances, ids, strict=True))]
-    if len(set(ids)) == len(ids):
-        return best[:width]
-    kept: list[tuple[int, float]] = []
-    seen: set[int] = set()
-    for vector_id, distance in best:  # the first copy of an id is its best
-        if vector_id not in seen:
-            seen.add(vector_id)
-            kept.append((vector_id, distance))
-            if len(kept) == width:
-                break
-    return kept
+    if not distinct_ids:
+        kept: dict[int, float] = {}
+        for vector_id, distance in best:
+            if vector_id not in kept:
+                kept[vector_id] = distance
+                if len(kept) == width:
+                    break
+        return list(kept), list(kept.values())
+    best = best[:width]
+    return [i for i, _ in best], [d for _, d in best]
 
 
 def _row_in_reply_order(
     lists: list[tuple[list[int], list[float], int]], row: int, width: int
-) -> list[tuple[int, float]]:
+) -> tuple[list[int], list[float]]:
     """One row of a match-filter merge: (column, id) order, each id at its earliest copy
     (smallest column, then first node), as _merge_in_reply_order."""
     ranked = sorted(
@@ -242,15 +288,13 @@ def _row_in_reply_order(
         )
         if vector_id != PADDING_ID
     )
-    kept: list[tuple[int, float]] = []
-    seen: set[int] = set()
+    kept: dict[int, float] = {}
     for _, vector_id, _, distance in ranked:
-        if vector_id not in seen:
-            seen.add(vector_id)
-            kept.append((vector_id, distance))
+        if vector_id not in kept:
+            kept[vector_id] = distance
             if len(kept) == width:
                 break
-    return kept
+    return list(kept), list(kept.values())
 
 
 def _merge_prefixes(blocks: list[Block], width: int, descending: bool) -> Block | None:
@@ -262,7 +306,7 @@ def _merge_prefixes(blocks: list[Block], width: int, descending: bool) -> Block 
     """
     nodes = len(blocks)
     share = width / nodes
-    prefix = math.ceil(share + 4.5 * math.sqrt(share * (1 - 1 / nodes)) + 2)
+    prefix = math.ceil(share + 4 * math.sqrt(share * (1 - 1 / nodes)) + 1)
     kept = [min(ids.shape[1], prefix) for ids, _ in blocks]
     if sum(kept) * 4 > sum(ids.shape[1] for ids, _ in blocks) * 3:
         return None
@@ -310,27 +354,50 @@ def _merge_in_reply_order(blocks: list[Block], width: int, descending: bool) -> 
 def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descending: bool) -> Block:
     """Sort rows by (key, column); redo exactly only the rows whose head has a tie or a repeated id."""
     keys = _rank_keys(ids, distances, descending)
-    head = _sorted_head(_pack(keys), min(width + 1, ids.shape[1]))
+    head_width = min(width + 1, ids.shape[1])  # one entry past the width, to see a tie across the cut
+    head = _sorted_head(_pack(keys), head_width)
     head_keys = _halves(head)[..., _KEY_HALF]
-    columns = _halves(head)[:, :width, _COLUMN_HALF].astype(np.intp)
-    merged_ids = _take_per_row(ids, columns)
-    merged_distances = _take_per_row(distances, columns)
+    flat = _halves(head)[..., _COLUMN_HALF].astype(np.intp)
+    flat += np.arange(0, ids.size, ids.shape[1], dtype=np.intp)[:, None]
+    head_ids = ids.reshape(-1)[flat]
+    merged_ids = head_ids[:, :width]
+    merged_distances = distances.reshape(-1)[flat[:, :width]]
     is_padding = head_keys[:, :width] == _PADDING_KEY
 
-    # The head (one entry past the width, to see a tie across the cut) is exact unless two real
-    # candidates share a key (the id must decide) or an id appears twice (a copy must go).
-    tied = (head_keys[:, 1:] == head_keys[:, :-1]) & (head_keys[:, 1:] != _PADDING_KEY)
-    sorted_head_ids = np.sort(merged_ids, axis=1)
-    repeated = (sorted_head_ids[:, 1:] == sorted_head_ids[:, :-1]) & (sorted_head_ids[:, 1:] != PADDING_ID)
-    inexact = np.flatnonzero(tied.any(axis=1) | repeated.any(axis=1))
+    # The head is exact unless two real candidates share a key and sit in descending id order
+    # (the id must decide), or an id appears twice (a copy must go). Misordered ties inside the
+    # head are put right by sorting just those rows' heads by (key, id); a tie across the cut may
+    # continue past the head, so that row, like a row with a repeated id, takes the exact path.
+    # Repeats are looked for among 32-bit hashes of the ids (a 32-bit sort is several times
+    # cheaper than a 64-bit one); a hash collision only sends a row to the exact path.
+    hashes = (merged_ids.view(np.uint64) * _ID_HASH_MULTIPLIER) >> np.uint64(32)
+    hashes = hashes.astype(np.uint32)
+    if is_padding[:, -1].any():  # several -1 must not look like a repeat: give them distinct hashes
+        hashes[is_padding] = np.nonzero(is_padding)[1].astype(np.uint32)
+    hashes.sort(axis=1)
+    inexact = (hashes[:, 1:] == hashes[:, :-1]).any(axis=1)
+    tied = np.flatnonzero((head_keys[:, 1:] == head_keys[:, :-1]).any(axis=1))  # padding ties too: refined
+    if tied.size:
+        tied_keys, tied_ids = head_keys[tied], head_ids[tied]
+        misordered = (tied_keys[:, 1:] == tied_keys[:, :-1]) & (tied_keys[:, 1:] != _PADDING_KEY)
+        misordered &= tied_ids[:, 1:] < tied_ids[:, :-1]
+        if head_width > width:  # whatever the order: an equal key past the head may have a smaller id
+            across_cut = tied_keys[:, width] == tied_keys[:, width - 1]
+            inexact[tied[across_cut & (tied_keys[:, width] != _PADDING_KEY)]] = True
+        reorder = tied[misordered.any(axis=1) & ~inexact[tied]]
+        if reorder.size:
+            order = np.lexsort((merged_ids[reorder], head_keys[reorder, :width]), axis=1)
+            merged_ids[reorder] = np.take_along_axis(merged_ids[reorder], order, axis=1)
+            merged_distances[reorder] = np.take_along_axis(merged_distances[reorder], order, axis=1)
+    inexact = np.flatnonzero(inexact)
     if inexact.size:
         merged_ids[inexact], merged_distances[inexact], is_padding[inexact] = _merge_contenders_exactly(
             ids[inexact], keys[inexact], distances[inexact], width
         )
-
-    merged_ids[is_padding] = PADDING_ID
-    merged_distances[is_padding] = padding_distance(descending)
-    return merged_ids, merged_distances
+    if is_padding[:, -1].any():  # padding sorts last: the last column shows whether a row has any
+        merged_ids[is_padding] = PADDING_ID
+        merged_distances[is_padding] = padding_distance(descending)
+    return np.ascontiguousarray(merged_ids), merged_distances
 
 
 def _merge_contenders_exactly(
