@@ -70,6 +70,12 @@ SMALL_LIST_CANDIDATES = 256
 """Node results given as Python lists are merged in Python up to this many candidates (no
 conversion to numpy at all); beyond it they become arrays."""
 
+NARROW_COLUMN_BITS = 10
+"""Rows of up to 2**10 candidates sort as uint32 (coarse key, column); wider ones as uint64."""
+
+NARROW_EXTRA = 8
+"""Entries sorted past the width: a run of equal coarse keys across the cut must end inside."""
+
 PREFIX_MIN_CANDIDATES = 4096
 """From this many candidates on, the vectorised merge tries the node prefixes first."""
 
@@ -353,51 +359,81 @@ def _merge_in_reply_order(blocks: list[Block], width: int, descending: bool) -> 
 
 def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descending: bool) -> Block:
     """Sort rows by (key, column); redo exactly only the rows whose head has a tie or a repeated id."""
-    keys = _rank_keys(ids, distances, descending)
-    head_width = min(width + 1, ids.shape[1])  # one entry past the width, to see a tie across the cut
-    head = _sorted_head(_pack(keys), head_width)
-    head_keys = _halves(head)[..., _KEY_HALF]
-    flat = _halves(head)[..., _COLUMN_HALF].astype(np.intp)
+    keys, has_nan = _rank_keys(ids, distances, descending)
+    column_bits = max(1, (ids.shape[1] - 1).bit_length())
+    if column_bits <= NARROW_COLUMN_BITS and not has_nan:
+        head_width = min(width + NARROW_EXTRA, ids.shape[1])
+        coarse_keys, flat = _narrow_head(keys, column_bits, head_width)
+        padding_coarse = _PADDING_KEY >> np.uint32(column_bits)
+    else:
+        head_width = min(width + 1, ids.shape[1])  # one entry past the width, to see a tie across the cut
+        head = _sorted_head(_pack(keys), head_width)
+        coarse_keys = _halves(head)[..., _KEY_HALF]
+        flat = _halves(head)[..., _COLUMN_HALF].astype(np.intp)
+        padding_coarse = _PADDING_KEY
     flat += np.arange(0, ids.size, ids.shape[1], dtype=np.intp)[:, None]
     head_ids = ids.reshape(-1)[flat]
-    merged_ids = head_ids[:, :width]
-    merged_distances = distances.reshape(-1)[flat[:, :width]]
-    is_padding = head_keys[:, :width] == _PADDING_KEY
 
-    # The head is exact unless two real candidates share a key and sit in descending id order
-    # (the id must decide), or an id appears twice (a copy must go). Misordered ties inside the
-    # head are put right by sorting just those rows' heads by (key, id); a tie across the cut may
-    # continue past the head, so that row, like a row with a repeated id, takes the exact path.
+    # The head is in rank order but for runs of equal (coarse) keys, which are in column order:
+    # the rows that have one are sorted again by (full key, id), just their heads. A run that
+    # reaches the end of the head and began inside the width may go on past the head: that row,
+    # like a row with a repeated id (a copy must go), takes the exact path.
+    inexact = np.zeros(ids.shape[0], dtype=bool)
+    runs = (coarse_keys[:, 1:] == coarse_keys[:, :-1]) & (coarse_keys[:, 1:] != padding_coarse)
+    in_run = np.flatnonzero(runs.any(axis=1))
+    if in_run.size:
+        if head_width < ids.shape[1]:
+            inexact[in_run] = runs[in_run, width - 1 : head_width - 1].all(axis=1)
+        in_run = in_run[~inexact[in_run]]
+        run_ids, run_flat = head_ids[in_run], flat[in_run]
+        order = np.lexsort((run_ids, keys.reshape(-1)[run_flat]), axis=1)
+        head_ids[in_run] = np.take_along_axis(run_ids, order, axis=1)
+        flat[in_run] = np.take_along_axis(run_flat, order, axis=1)
+    merged_ids = np.ascontiguousarray(head_ids[:, :width])
+    merged_flat = flat[:, :width]
+    merged_distances = distances.reshape(-1)[merged_flat]
+    is_padding = keys.reshape(-1)[merged_flat[:, -1]] == _PADDING_KEY  # padding sorts last
+    if is_padding.any():
+        is_padding = keys.reshape(-1)[merged_flat] == _PADDING_KEY
+    else:
+        is_padding = None
+
     # Repeats are looked for among 32-bit hashes of the ids (a 32-bit sort is several times
     # cheaper than a 64-bit one); a hash collision only sends a row to the exact path.
-    hashes = (merged_ids.view(np.uint64) * _ID_HASH_MULTIPLIER) >> np.uint64(32)
-    hashes = hashes.astype(np.uint32)
-    if is_padding[:, -1].any():  # several -1 must not look like a repeat: give them distinct hashes
+    hashes = ((merged_ids.view(np.uint64) * _ID_HASH_MULTIPLIER) >> np.uint64(32)).astype(np.uint32)
+    if is_padding is not None:  # several -1 must not look like a repeat: give them distinct hashes
         hashes[is_padding] = np.nonzero(is_padding)[1].astype(np.uint32)
     hashes.sort(axis=1)
-    inexact = (hashes[:, 1:] == hashes[:, :-1]).any(axis=1)
-    tied = np.flatnonzero((head_keys[:, 1:] == head_keys[:, :-1]).any(axis=1))  # padding ties too: refined
-    if tied.size:
-        tied_keys, tied_ids = head_keys[tied], head_ids[tied]
-        misordered = (tied_keys[:, 1:] == tied_keys[:, :-1]) & (tied_keys[:, 1:] != _PADDING_KEY)
-        misordered &= tied_ids[:, 1:] < tied_ids[:, :-1]
-        if head_width > width:  # whatever the order: an equal key past the head may have a smaller id
-            across_cut = tied_keys[:, width] == tied_keys[:, width - 1]
-            inexact[tied[across_cut & (tied_keys[:, width] != _PADDING_KEY)]] = True
-        reorder = tied[misordered.any(axis=1) & ~inexact[tied]]
-        if reorder.size:
-            order = np.lexsort((merged_ids[reorder], head_keys[reorder, :width]), axis=1)
-            merged_ids[reorder] = np.take_along_axis(merged_ids[reorder], order, axis=1)
-            merged_distances[reorder] = np.take_along_axis(merged_distances[reorder], order, axis=1)
+    inexact |= (hashes[:, 1:] == hashes[:, :-1]).any(axis=1)
     inexact = np.flatnonzero(inexact)
     if inexact.size:
+        if is_padding is None:
+            is_padding = np.zeros(merged_ids.shape, dtype=bool)
         merged_ids[inexact], merged_distances[inexact], is_padding[inexact] = _merge_contenders_exactly(
             ids[inexact], keys[inexact], distances[inexact], width
         )
-    if is_padding[:, -1].any():  # padding sorts last: the last column shows whether a row has any
+    if is_padding is not None and is_padding.any():
         merged_ids[is_padding] = PADDING_ID
         merged_distances[is_padding] = padding_distance(descending)
-    return np.ascontiguousarray(merged_ids), merged_distances
+    return merged_ids, merged_distances
+
+
+def _narrow_head(keys: np.ndarray, column_bits: int, head_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `head_width` of each row by (coarse key, column) through one uint32 sort.
+
+    A key's low `column_bits` bits make way for the column; numpy's 32-bit sort is several times
+    faster than its 64-bit one, and the lost bits only turn near-equal keys into runs the caller
+    re-sorts. Returns the sorted coarse keys and columns.
+    """
+    low_bits = np.uint32((1 << column_bits) - 1)
+    packed = keys & ~low_bits
+    packed |= np.arange(keys.shape[1], dtype=np.uint32)
+    if head_width * 2 < keys.shape[1]:
+        packed.partition(head_width - 1, axis=1)
+        head = np.sort(packed[:, :head_width], axis=1)
+    else:
+        head = np.sort(packed, axis=1)[:, :head_width]
+    return head >> np.uint32(column_bits), (head & low_bits).astype(np.intp)
 
 
 def _merge_contenders_exactly(
@@ -486,8 +522,9 @@ def _demote_repeated_ids(ids_by_id: np.ndarray, packed: np.ndarray) -> np.ndarra
     return had_repeats
 
 
-def _rank_keys(ids: np.ndarray, distances: np.ndarray, descending: bool) -> np.ndarray:
-    """uint32 keys whose unsigned order is the rank order: best first, then NaN, then padding."""
+def _rank_keys(ids: np.ndarray, distances: np.ndarray, descending: bool) -> tuple[np.ndarray, bool]:
+    """uint32 keys whose unsigned order is the rank order: best first, then NaN, then padding;
+    and whether there was a NaN."""
     oriented = np.negative(distances) if descending else distances.copy()
     oriented += np.float32(0.0)  # -0.0 + 0.0 is 0.0: equal distances get equal keys
     bits = oriented.view(np.int32)
@@ -495,9 +532,12 @@ def _rank_keys(ids: np.ndarray, distances: np.ndarray, descending: bool) -> np.n
     flips |= np.int32(-(2**31))  # and always the sign bit
     bits ^= flips  # IEEE float order -> unsigned integer order
     keys = bits.view(np.uint32)
-    keys[np.isnan(distances)] = _NAN_KEY
+    nan = np.isnan(distances)
+    has_nan = bool(nan.any())
+    if has_nan:
+        keys[nan] = _NAN_KEY
     keys[ids == PADDING_ID] = _PADDING_KEY
-    return keys
+    return keys, has_nan
 
 
 def _pack(keys: np.ndarray) -> np.ndarray:
