@@ -19,9 +19,9 @@ Two tables, each against the original Mishards re-implemented here:
   path's row checks, merge_topk, wire.encode_topk_result.
 
 Then one tie-heavy case (integer distances, as HAMMING gives) and the codecs at 10k values.
-Times are the minimum over rounds that alternate the two sides, each round timed after one
-untimed call: the machine is shared, and other load only ever adds time, so the minimum is the
-steadiest estimate of each side's own cost.
+Times are CPU time of the benchmarking thread, the minimum over rounds that alternate the two
+sides, each round timed after one untimed call: the machine is shared, and other load only ever
+adds time, so the minimum is the steadiest estimate of each side's own cost (see fastest).
 """
 
 from __future__ import annotations
@@ -52,17 +52,20 @@ TARGETS = (  # (nq, topk, nodes): minimum speed-up of merge alone, of reply to r
 
 
 def fastest(*functions: Callable[[], object], budget: float = 0.5) -> list[float]:
-    """Seconds per call of each function: the minimum over rounds that alternate between them,
-    each round a batch of ~0.3 ms (short, so some rounds run undisturbed) after one untimed call
-    (so neither side pays for the caches the other one just filled)."""
+    """CPU seconds per call of each function: the minimum over rounds that alternate between them,
+    each round a batch of ~0.3 ms after one untimed call (so neither side pays for the caches the
+    other one just filled). CPU time of this thread, not wall time: on a shared machine a call of
+    several milliseconds (the original's at nq=100) is almost never left alone for its whole
+    length, a 0.3 ms one often is, so wall-time minima would flatter the faster side."""
+    clock = time.thread_time
     batches = []
     for function in functions:
         calls = 1
         while True:
-            started = time.perf_counter()
+            started = clock()
             for _ in range(calls):
                 function()
-            if time.perf_counter() - started > 3e-4 or calls >= 1 << 14:
+            if clock() - started > 3e-4 or calls >= 1 << 14:
                 break
             calls *= 2
         batches.append(calls)
@@ -71,10 +74,10 @@ def fastest(*functions: Callable[[], object], budget: float = 0.5) -> list[float
     while time.perf_counter() < stop:
         for index, (function, calls) in enumerate(zip(functions, batches, strict=True)):
             function()
-            started = time.perf_counter()
+            started = clock()
             for _ in range(calls):
                 function()
-            best[index] = min(best[index], (time.perf_counter() - started) / calls)
+            best[index] = min(best[index], (clock() - started) / calls)
     return best
 
 
@@ -183,7 +186,7 @@ def bench_case(rng: np.random.Generator, nq: int, topk: int, nodes: int, ties: b
 
 
 def print_tables(rng: np.random.Generator) -> dict:
-    print("Merge alone, and node reply bytes to client reply bytes (minimum per call, microseconds)")
+    print("Merge alone, and node reply bytes to client reply bytes (minimum CPU time per call, microseconds)")
     print(
         f"{'nq':>4} {'topk':>5} {'nodes':>5} | {'pairwise':>9} {'merge_topk':>10} {'speed-up':>8} | "
         f"{'original':>9} {'ours':>8} {'speed-up':>8}" + (f" | {'faiss ref.':>10}" if faiss else "")

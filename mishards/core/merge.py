@@ -152,9 +152,9 @@ Block = tuple[np.ndarray, np.ndarray]
 def _merge_one_row_of_lists(
     node_results: Sequence[NodeResult], topk: int, descending: bool
 ) -> tuple[list[int], list[float]] | None:
-    """The commonest search (one query, list replies) without padding, NaN or repeated ids in the
-    answer: one sort of (key, id) tuples, which ranks ties by id. None otherwise (the general paths
-    decide, and raise for malformed input). Written for speed: this is the whole merge there."""
+    """The commonest search (one query, list replies) when the answer has no padding, NaN, tie or
+    repeated id: one sort of positions by distance, as cheap as the original merge. None
+    otherwise (the general paths decide, and raise for malformed input)."""
     ids: list[int] = []
     distances: list[float] = []
     for node_ids, node_distances in node_results:
@@ -162,20 +162,18 @@ def _merge_one_row_of_lists(
             return None
         ids += node_ids
         distances += node_distances
-    if not ids or len(ids) > SMALL_LIST_CANDIDATES or -1 in ids:  # -1: padding
+    if not ids or len(ids) > SMALL_LIST_CANDIDATES:
         return None
     total = sum(distances)
-    if total != total:  # a NaN (or inf - inf)
+    if total != total:  # a NaN (or inf - inf): float comparisons would not order the row
         return None
-    # zip without strict=: its keyword costs ~0.2 us a call here, and the lengths are equal
-    if descending:
-        keys, best_ids = zip(*sorted(zip(map(neg, distances), ids))[:topk])  # noqa: B905
-        best_distances = [-key for key in keys]
-    else:
-        best_distances, best_ids = zip(*sorted(zip(distances, ids))[:topk])  # noqa: B905
-    if len(set(best_ids)) != len(best_ids):
+    # one entry past topk, to see a tie across the cut; padding or a repeat in it: general path
+    head = sorted(range(len(distances)), key=distances.__getitem__, reverse=descending)[: topk + 1]
+    best_ids = [ids[index] for index in head]
+    best_distances = [distances[index] for index in head]
+    if -1 in best_ids or len(set(best_ids)) != len(head) or len(set(best_distances)) != len(head):
         return None
-    return list(best_ids), list(best_distances)
+    return best_ids[:topk], best_distances[:topk]
 
 
 def _checked_lists(ids: list[int], distances: list[float], nq: int) -> tuple[list[int], list[float], int]:
@@ -385,10 +383,7 @@ def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descen
         if head_width < ids.shape[1]:
             inexact[in_run] = runs[in_run, width - 1 : head_width - 1].all(axis=1)
         in_run = in_run[~inexact[in_run]]
-        run_ids, run_flat = head_ids[in_run], flat[in_run]
-        order = np.lexsort((run_ids, keys.reshape(-1)[run_flat]), axis=1)
-        head_ids[in_run] = np.take_along_axis(run_ids, order, axis=1)
-        flat[in_run] = np.take_along_axis(run_flat, order, axis=1)
+        head_ids[in_run], flat[in_run] = _by_key_then_id(head_ids[in_run], flat[in_run], keys.reshape(-1))
     merged_ids = np.ascontiguousarray(head_ids[:, :width])
     merged_flat = flat[:, :width]
     merged_distances = distances.reshape(-1)[merged_flat]
@@ -416,6 +411,27 @@ def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descen
         merged_ids[is_padding] = PADDING_ID
         merged_distances[is_padding] = padding_distance(descending)
     return merged_ids, merged_distances
+
+
+def _by_key_then_id(head_ids: np.ndarray, flat: np.ndarray, flat_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Heads re-sorted by (full key, id): a uint64 sort of (key, position), then a lexsort for
+    the rows where equal full keys are left in descending id order (a sort by key alone does
+    not order ids; cheap when ties are rare, as they are for float distances)."""
+    rows, width = head_ids.shape
+    packed = flat_keys[flat].astype(np.uint64) << np.uint64(32)
+    packed |= np.arange(width, dtype=np.uint64)
+    packed.sort(axis=1)
+    order = (packed & np.uint64(0xFFFF_FFFF)).astype(np.intp)
+    order += np.arange(0, rows * width, width, dtype=np.intp)[:, None]
+    head_ids, flat = head_ids.reshape(-1)[order], flat.reshape(-1)[order]
+    sorted_keys = packed >> np.uint64(32)
+    misordered = (sorted_keys[:, 1:] == sorted_keys[:, :-1]) & (head_ids[:, 1:] < head_ids[:, :-1])
+    tied = np.flatnonzero(misordered.any(axis=1))
+    if tied.size:
+        order = np.lexsort((head_ids[tied], sorted_keys[tied]), axis=1)
+        head_ids[tied] = np.take_along_axis(head_ids[tied], order, axis=1)
+        flat[tied] = np.take_along_axis(flat[tied], order, axis=1)
+    return head_ids, flat
 
 
 def _narrow_head(keys: np.ndarray, column_bits: int, head_width: int) -> tuple[np.ndarray, np.ndarray]:

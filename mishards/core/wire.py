@@ -152,6 +152,10 @@ class TopKReply(NamedTuple):
     distances: np.ndarray | list[float]
 
 
+_TOPK_FROM_STRING = milvus_pb2.TopKQueryResult.FromString
+_new_tuple = tuple.__new__
+
+
 class _TopKFields(NamedTuple):
     """Where the fields of a canonically encoded ``TopKQueryResult`` are (slices of the message)."""
 
@@ -255,16 +259,21 @@ def decode_topk_result(data: bytes) -> TopKReply:
 
 def decode_topk_hits(data: bytes) -> TopKReply:
     """decode_topk_result for the merge: replies up to SMALL_REPLY_BYTES come as flat row-major
-    Python lists, which the merge's pure-Python path takes without conversions."""
+    Python lists, which the merge's pure-Python path takes without conversions. (Written for
+    speed: at one query this is a third of the proxy's search path.)"""
     if len(data) > SMALL_REPLY_BYTES:
         return decode_topk_result(data)
-    reply = _parse(milvus_pb2.TopKQueryResult, data)
-    code, reason, row_num = reply.status.error_code, reply.status.reason, reply.row_num
-    if code != status_pb2.SUCCESS:
-        return TopKReply(code, reason, row_num, [], [])
-    ids, distances = list(reply.ids), list(reply.distances)
-    _row_width(row_num, len(ids), len(distances))
-    return TopKReply(code, reason, row_num, ids, distances)
+    try:
+        reply = _TOPK_FROM_STRING(data)
+    except DecodeError as exc:
+        raise UnexpectedError(f"malformed search result: {exc}") from exc
+    code = reply.status.error_code
+    if code:
+        return TopKReply(code, reply.status.reason, reply.row_num, [], [])
+    ids, distances, row_num = list(reply.ids), list(reply.distances), reply.row_num
+    if len(ids) != len(distances) or (row_num > 0 and len(ids) % row_num) or (row_num <= 0 and (ids or row_num)):
+        _row_width(row_num, len(ids), len(distances))  # raises, saying what is wrong
+    return _new_tuple(TopKReply, (0, "", row_num, ids, distances))  # TopKReply(...) costs ~0.6 us more
 
 
 def _status(data: bytes, field: slice | None) -> tuple[int, str]:
