@@ -8,7 +8,10 @@ Touching vectors from Python is what costs (building a 100 x 768 request field b
 * in ``TopKQueryResult``, ``distances`` is a packed float field -- the little-endian float32
   buffer as is -- and ``ids`` packed varints, encoded here by a vectorised varint encoder, so a
   merged reply is assembled from numpy buffers instead of Python values (~130 ns each);
-* replies from nodes are parsed by upb and read into numpy through the buffer protocol.
+* a node's reply is read in place: the packed distances are viewed as float32 where they lie in
+  the message, and only the ids field goes through upb (which decodes varints faster than numpy
+  can); small replies become Python lists for the merge's pure-Python path. Anything not encoded
+  the canonical way (unpacked or split repeated fields, unknown fields) is parsed by protobuf.
 
 Everything here produces what the generated ``milvus_pb2`` code would serialize, byte for byte.
 """
@@ -267,13 +270,14 @@ def decode_topk_hits(data: bytes) -> TopKReply:
         reply = _TOPK_FROM_STRING(data)
     except DecodeError as exc:
         raise UnexpectedError(f"malformed search result: {exc}") from exc
-    code = reply.status.error_code
+    status = reply.status
+    code = status.error_code
     if code:
-        return TopKReply(code, reply.status.reason, reply.row_num, [], [])
+        return TopKReply(code, status.reason, reply.row_num, [], [])
     ids, distances, row_num = list(reply.ids), list(reply.distances), reply.row_num
     if len(ids) != len(distances) or (row_num > 0 and len(ids) % row_num) or (row_num <= 0 and (ids or row_num)):
         _row_width(row_num, len(ids), len(distances))  # raises, saying what is wrong
-    return _new_tuple(TopKReply, (0, "", row_num, ids, distances))  # TopKReply(...) costs ~0.6 us more
+    return _new_tuple(TopKReply, (0, status.reason, row_num, ids, distances))  # TopKReply(...) costs ~0.6 us more
 
 
 def _status(data: bytes, field: slice | None) -> tuple[int, str]:
