@@ -118,7 +118,11 @@ def as_lists(node_results):
 def test_list_replies_merge_like_the_oracle(small_lists, case):
     """Lists in, flat lists out (nq x K values), equal to the oracle; or arrays past the limit."""
     node_results, nq, topk, descending = case
-    with mock.patch.object(merge, "SMALL_LIST_CANDIDATES", 10**9 if small_lists else -1):
+    limit = 10**9 if small_lists else -1
+    with (
+        mock.patch.object(merge, "SMALL_LIST_CANDIDATES", limit),
+        mock.patch.object(merge, "ONE_QUERY_LIST_CANDIDATES", limit),
+    ):
         ids, dists = merge_topk(as_lists(node_results), nq, topk, descending)
     expected_ids, expected_dists = oracle(node_results, nq, topk, descending)
     if not node_results or not small_lists:
