@@ -374,7 +374,6 @@ def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descen
         flat = _halves(head)[..., _COLUMN_HALF].astype(np.intp)
         padding_coarse = _PADDING_KEY
     flat += np.arange(0, ids.size, ids.shape[1], dtype=np.intp)[:, None]
-    head_ids = ids.reshape(-1)[flat]
 
     # The head is in rank order but for runs of equal (coarse) keys, which are in column order:
     # the rows that have one are sorted again by (full key, id), just their heads. A run that
@@ -387,9 +386,10 @@ def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descen
         if head_width < ids.shape[1]:
             inexact[in_run] = runs[in_run, width - 1 : head_width - 1].all(axis=1)
         in_run = in_run[~inexact[in_run]]
-        head_ids[in_run], flat[in_run] = _by_key_then_id(head_ids[in_run], flat[in_run], keys.reshape(-1))
-    merged_ids = np.ascontiguousarray(head_ids[:, :width])
+        run_flat = flat[in_run]
+        flat[in_run] = _by_key_then_id(ids.reshape(-1)[run_flat], run_flat, keys.reshape(-1))
     merged_flat = flat[:, :width]
+    merged_ids = ids.reshape(-1)[merged_flat]
     merged_distances = distances.reshape(-1)[merged_flat]
     is_padding = keys.reshape(-1)[merged_flat[:, -1]] == _PADDING_KEY  # padding sorts last
     if is_padding.any():
@@ -417,10 +417,10 @@ def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descen
     return merged_ids, merged_distances
 
 
-def _by_key_then_id(head_ids: np.ndarray, flat: np.ndarray, flat_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Heads re-sorted by (full key, id): a uint64 sort of (key, position), then a lexsort for
-    the rows where equal full keys are left in descending id order (a sort by key alone does
-    not order ids; cheap when ties are rare, as they are for float distances)."""
+def _by_key_then_id(head_ids: np.ndarray, flat: np.ndarray, flat_keys: np.ndarray) -> np.ndarray:
+    """The heads' flat indices re-sorted by (full key, id): a uint64 sort of (key, position),
+    then a lexsort for the rows where equal full keys are left in descending id order (a sort
+    by key alone does not order ids; cheap when ties are rare, as for float distances)."""
     rows, width = head_ids.shape
     packed = flat_keys[flat].astype(np.uint64) << np.uint64(32)
     packed |= np.arange(width, dtype=np.uint64)
@@ -433,9 +433,8 @@ def _by_key_then_id(head_ids: np.ndarray, flat: np.ndarray, flat_keys: np.ndarra
     tied = np.flatnonzero(misordered.any(axis=1))
     if tied.size:
         order = np.lexsort((head_ids[tied], sorted_keys[tied]), axis=1)
-        head_ids[tied] = np.take_along_axis(head_ids[tied], order, axis=1)
         flat[tied] = np.take_along_axis(flat[tied], order, axis=1)
-    return head_ids, flat
+    return flat
 
 
 def _narrow_head(keys: np.ndarray, column_bits: int, head_width: int) -> tuple[np.ndarray, np.ndarray]:
