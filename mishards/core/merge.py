@@ -51,7 +51,7 @@ import math
 import sys
 from collections.abc import Sequence
 from itertools import chain
-from operator import neg
+from operator import itemgetter, neg
 
 import numpy as np
 
@@ -166,18 +166,22 @@ def _merge_one_row_of_lists(
             return None
         ids += node_ids
         distances += node_distances
-    if not ids or len(ids) > ONE_QUERY_LIST_CANDIDATES:
+    count = len(ids)
+    if count < 2 or count > ONE_QUERY_LIST_CANDIDATES:  # (itemgetter of one index gives no tuple)
         return None
     total = sum(distances)
     if total != total:  # a NaN (or inf - inf): float comparisons would not order the row
         return None
     # one entry past topk, to see a tie across the cut; padding or a repeat in it: general path
-    head = sorted(range(len(distances)), key=distances.__getitem__, reverse=descending)[: topk + 1]
-    best_ids = [ids[index] for index in head]
-    best_distances = [distances[index] for index in head]
+    if descending:
+        head = sorted(range(count), key=distances.__getitem__, reverse=True)[: topk + 1]
+    else:
+        head = sorted(range(count), key=distances.__getitem__)[: topk + 1]
+    pick = itemgetter(*head)
+    best_ids, best_distances = pick(ids), pick(distances)
     if -1 in best_ids or len(set(best_ids)) != len(head) or len(set(best_distances)) != len(head):
         return None
-    return best_ids[:topk], best_distances[:topk]
+    return list(best_ids[:topk]), list(best_distances[:topk])
 
 
 def _checked_lists(ids: list[int], distances: list[float], nq: int) -> tuple[list[int], list[float], int]:
