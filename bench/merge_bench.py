@@ -19,14 +19,15 @@ Two tables, each against the original Mishards re-implemented here:
   path's row checks, merge_topk, wire.encode_topk_result.
 
 Then one tie-heavy case (integer distances, as HAMMING gives) and the codecs at 10k values.
-Times are CPU time of the benchmarking thread, the minimum over rounds that alternate the two
-sides, each round timed after one untimed call: the machine is shared, and other load only ever
-adds time, so the minimum is the steadiest estimate of each side's own cost (see fastest).
+Times are CPU time of the benchmarking thread, the median over rounds that alternate the two
+sides, each round timed after one untimed call: the machine is shared, and CPU time counts only
+this thread's own work, not the time other processes hold the cores (see fastest).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -52,11 +53,12 @@ TARGETS = (  # (nq, topk, nodes): minimum speed-up of merge alone, of reply to r
 
 
 def fastest(*functions: Callable[[], object], budget: float = 0.5) -> list[float]:
-    """CPU seconds per call of each function: the minimum over rounds that alternate between them,
+    """CPU seconds per call of each function: the median over rounds that alternate between them,
     each round a batch of ~0.3 ms after one untimed call (so neither side pays for the caches the
     other one just filled). CPU time of this thread, not wall time: on a shared machine a call of
     several milliseconds (the original's at nq=100) is almost never left alone for its whole
-    length, a 0.3 ms one often is, so wall-time minima would flatter the faster side."""
+    length, a 0.3 ms one often is, so wall-time minima would flatter the faster side. The median,
+    not the minimum: now and then the thread's CPU clock reads far too low for one batch."""
     clock = time.thread_time
     batches = []
     for function in functions:
@@ -69,16 +71,16 @@ def fastest(*functions: Callable[[], object], budget: float = 0.5) -> list[float
                 break
             calls *= 2
         batches.append(calls)
-    best = [float("inf")] * len(functions)
+    samples: list[list[float]] = [[] for _ in functions]
     stop = time.perf_counter() + budget
-    while time.perf_counter() < stop:
+    while time.perf_counter() < stop or len(samples[0]) < 5:
         for index, (function, calls) in enumerate(zip(functions, batches, strict=True)):
             function()
             started = clock()
             for _ in range(calls):
                 function()
-            best[index] = min(best[index], (clock() - started) / calls)
-    return best
+            samples[index].append((clock() - started) / calls)
+    return [statistics.median(times) for times in samples]
 
 
 def pairwise_sort_merge(node_results: list[tuple[list[int], list[float], int]], topk: int):
@@ -186,7 +188,7 @@ def bench_case(rng: np.random.Generator, nq: int, topk: int, nodes: int, ties: b
 
 
 def print_tables(rng: np.random.Generator) -> dict:
-    print("Merge alone, and node reply bytes to client reply bytes (minimum CPU time per call, microseconds)")
+    print("Merge alone, and node reply bytes to client reply bytes (median CPU time per call, microseconds)")
     print(
         f"{'nq':>4} {'topk':>5} {'nodes':>5} | {'pairwise':>9} {'merge_topk':>10} {'speed-up':>8} | "
         f"{'original':>9} {'ours':>8} {'speed-up':>8}" + (f" | {'faiss ref.':>10}" if faiss else "")
@@ -233,7 +235,7 @@ def print_codecs(rng: np.random.Generator) -> None:
         lambda: decode_topk_result(encoded),
         budget=0.3,
     )
-    print(f"\nTopKQueryResult of nq*k = {nq * k} ids below 2**61 (10% padding), minimum per call")
+    print(f"\nTopKQueryResult of nq*k = {nq * k} ids below 2**61 (10% padding), median CPU time per call")
     print(f"  encode: protobuf message + .extend(lists) + serialize {extend_cost * 1e6:8.1f} us")
     print(f"          encode_topk_result (packed floats, vectorised varints) {encode_cost * 1e6:8.1f} us")
     print(f"  decode: protobuf parse + list() of both fields {parse_cost * 1e6:8.1f} us")
