@@ -55,7 +55,7 @@ from utils.errors import (
 from .accounting import Accounting
 from .core import wire
 from .core.hedging import TailTolerance
-from .core.merge import merge_topk
+from .core.merge import NodeResult, merge_topk
 from .meta import FileSet
 from .nodes import Membership, NodeClient
 from .observability.metrics import Metrics, NoMetrics
@@ -75,28 +75,29 @@ def search_in_files_request(file_ids: list[str], search_param: bytes) -> bytes:
     return wire.search_in_files_request(file_ids, search_param)
 
 
-def decode_reply(node: str, payload: bytes, nq: int) -> tuple[np.ndarray, np.ndarray]:
-    """A node's top-k reply as (ids, distances); its own error status raises as the MilvusError it is."""
-    code, reason, row_num, ids, distances = wire.decode_topk_result(payload)
+def decode_reply(node: str, payload: bytes, nq: int) -> NodeResult:
+    """A node's hits for the merge (lists for small replies, arrays otherwise: `wire.decode_topk_hits`);
+    its own error status raises as the MilvusError it is."""
+    code, reason, row_num, ids, distances = wire.decode_topk_hits(payload)
     if code != 0:
         raise MilvusError(reason, code)  # the node's own answer, e.g. a dimension mismatch
     if row_num == 0:
-        return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
+        return [], []
     if row_num != nq:
         raise UnexpectedError(f"read-only node {node} returned {row_num} rows for {nq} queries")
     return ids, distances
 
 
 def merge_replies(
-    replies: list, nq: int, topk: int, descending: bool, match_filter: bool
-) -> tuple[np.ndarray, np.ndarray]:
+    replies: list[NodeResult], nq: int, topk: int, descending: bool, match_filter: bool
+) -> tuple[np.ndarray, np.ndarray] | tuple[list[int], list[float]]:
     """The nodes' top-k lists merged into one."""
     return merge_topk(replies, nq, topk, descending, match_filter)
 
 
-def encode_reply(ids: np.ndarray, distances: np.ndarray, status: status_pb2.Status | None = None) -> bytes:
-    """The client's `TopKQueryResult` bytes."""
-    return wire.encode_topk_result(ids, distances, status)
+def encode_reply(ids, distances, status: status_pb2.Status | None, nq: int) -> bytes:
+    """The client's `TopKQueryResult` bytes (arrays, or the merge's flat lists of `nq` rows)."""
+    return wire.encode_topk_result(ids, distances, status, nq)
 
 
 class ReloadTracker:
@@ -352,7 +353,7 @@ class Scatter:
                 ",".join(groups),
                 (self.clock() - started) * 1000,
             )
-        return encode_reply(ids, distances, status)
+        return encode_reply(ids, distances, status, nq)
 
     # ------------------------------------------------------------------ the loop
     async def _gather(self, assignment: dict[str, list[str]], request: _Request) -> tuple[list, list[_Group]]:

@@ -30,15 +30,28 @@ NaN get the top codes), packed with the candidate's column into one uint64, so a
 sort (not an argsort) orders a row. That order breaks ties by column, not by id, and does not
 remove duplicates; both only matter when the selected head of a row contains an equal key or a
 repeated id, which is checked per row. Only those rows take the exact path, which argsorts by id
-just the candidates that can still make the cut. Inputs of at most SMALL_MERGE_CANDIDATES
-candidates take a pure-Python path, which beats numpy's fixed per-call costs there.
-faiss.merge_knn_results is faster still but neither drops repeated ids nor breaks ties by id.
+just the candidates that can still make the cut.
+
+Large merges first look only at a prefix of each node's row, a little more than that node's
+share of the width (nodes hold random shares of the files, so each contributes about
+width / nodes hits). The prefix merge is the answer for every row whose width-th hit is real and
+strictly better than the best candidate left out (nodes send their rows best first, so that is
+the rule, not the exception); the other rows are merged again from all their candidates. So the
+sort works on about 1.3 x width candidates per row instead of nodes x width.
+
+Small merges run in pure Python, numpy's fixed per-call costs exceed the whole merge there; node
+replies decoded to Python lists (wire.decode_topk_hits) are merged as lists and come back as
+lists, without any conversion. faiss.merge_knn_results is faster still but neither drops
+repeated ids nor breaks ties by id.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
+from itertools import chain
+from operator import itemgetter, neg
 
 import numpy as np
 
@@ -51,13 +64,32 @@ SMALL_MERGE_CANDIDATES = 64
 """Up to this many candidates (nq x sum of widths) the pure-Python merge is faster: measured
 ~12-20 us against the numpy path's ~31 us floor at 20-50 candidates, even at 60-80."""
 
+SMALL_LIST_CANDIDATES = 256
+"""Node results given as Python lists are merged in Python up to this many candidates (no
+conversion to numpy at all); beyond it they become arrays."""
+
+ONE_QUERY_LIST_CANDIDATES = 1024
+"""The same limit for one query row, whose one sort of positions stays cheaper than converting
+to numpy further (measured at 400 and 800 candidates: ~2.5x and ~2x)."""
+
+NARROW_COLUMN_BITS = 10
+"""Rows of up to 2**10 candidates sort as uint32 (coarse key, column); wider ones as uint64."""
+
+NARROW_EXTRA = 8
+"""Entries sorted past the width: a run of equal coarse keys across the cut must end inside."""
+
+PREFIX_MIN_CANDIDATES = 4096
+"""From this many candidates on, the vectorised merge tries the node prefixes first."""
+
+_ID_HASH_MULTIPLIER = np.uint64(0x9E37_79B9_7F4A_7C15)  # odd, bits well mixed: 2**64 / golden ratio
 _PADDING_KEY = np.uint32(0xFFFF_FFFF)
 _NAN_KEY = np.uint32(0xFFFF_FFFE)  # after +inf (0xFF80_0000), before padding
 _KEY_HALF = 1 if sys.byteorder == "little" else 0  # the high 32 bits of a uint64 seen as 2 x uint32
 _COLUMN_HALF = 1 - _KEY_HALF
 
-NodeResult = tuple[np.ndarray, np.ndarray]
-"""One node's answer: ids (int64) and distances (float32), both shaped (nq, k_i); k_i may be 0."""
+NodeResult = tuple[np.ndarray, np.ndarray] | tuple[list[int], list[float]]
+"""One node's answer: ids (int64) and distances (float32), both shaped (nq, k_i), k_i may be 0;
+or both as flat row-major Python lists of nq x k_i values, as protobuf hands them over."""
 
 
 def padding_distance(descending: bool) -> float:
@@ -67,11 +99,24 @@ def padding_distance(descending: bool) -> float:
 
 def merge_topk(
     node_results: Sequence[NodeResult], nq: int, topk: int, descending: bool, match_filter: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray] | tuple[list[int], list[float]]:
     """The best `topk` distinct ids per query row over all nodes, shaped (nq, K), or (0, 0) when
-    K is 0 (module docstring). `match_filter`: rank by reply order, not by distance."""
+    K is 0 (module docstring). `match_filter`: rank by reply order, not by distance.
+
+    When every node result is lists and the merge is small, the answer is flat row-major lists
+    too (nq x K values, empty when K is 0); otherwise int64/float32 arrays.
+    """
     if topk < 1:
         raise IllegalTopK(f"topk must be at least 1, got {topk}")
+    if nq == 1 and not match_filter:
+        merged = _merge_one_row_of_lists(node_results, topk, descending)
+        if merged is not None:
+            return merged
+    if node_results and all(type(ids) is list for ids, _ in node_results):
+        lists = [_checked_lists(ids, distances, nq) for ids, distances in node_results]
+        lists = [node for node in lists if node[2]]
+        if nq * sum(node_width for _, _, node_width in lists) <= SMALL_LIST_CANDIDATES:
+            return _merge_lists(lists, nq, topk, descending, match_filter)
     blocks = _answering_nodes(node_results, nq)
     candidates_per_row = sum(ids.shape[1] for ids, _ in blocks)
     width = min(topk, candidates_per_row)
@@ -80,16 +125,70 @@ def merge_topk(
     if match_filter:
         return _merge_in_reply_order(blocks, width, descending)
     if nq * candidates_per_row <= SMALL_MERGE_CANDIDATES:
-        return _merge_small(blocks, nq, width, descending)
+        as_lists = [(ids.ravel().tolist(), distances.ravel().tolist(), ids.shape[1]) for ids, distances in blocks]
+        ids, distances = _merge_lists(as_lists, nq, topk, descending, False)
+        return np.array(ids, np.int64).reshape(nq, width), np.array(distances, np.float32).reshape(nq, width)
+    if nq * candidates_per_row >= PREFIX_MIN_CANDIDATES:
+        merged = _merge_prefixes(blocks, width, descending)
+        if merged is not None:
+            return merged
     ids = np.concatenate([ids for ids, _ in blocks], axis=1)
     distances = np.concatenate([distances for _, distances in blocks], axis=1)
     return _merge_vectorised(ids, distances, width, descending)
 
 
-def _answering_nodes(node_results: Sequence[NodeResult], nq: int) -> list[NodeResult]:
+Block = tuple[np.ndarray, np.ndarray]
+"""A node result as (nq, k) int64 ids and float32 distances."""
+
+
+def _merge_one_row_of_lists(
+    node_results: Sequence[NodeResult], topk: int, descending: bool
+) -> tuple[list[int], list[float]] | None:
+    """The commonest search (one query, list replies) when the answer has no padding, NaN, tie or
+    repeated id: one sort of positions by distance, as cheap as the original merge. None
+    otherwise (the general paths decide, and raise for malformed input)."""
+    ids: list[int] = []
+    distances: list[float] = []
+    for node_ids, node_distances in node_results:
+        if type(node_ids) is not list or type(node_distances) is not list or len(node_ids) != len(node_distances):
+            return None
+        ids += node_ids
+        distances += node_distances
+    count = len(ids)
+    if count < 2 or count > ONE_QUERY_LIST_CANDIDATES:  # (itemgetter of one index gives no tuple)
+        return None
+    total = sum(distances)
+    if total != total:  # a NaN (or inf - inf): float comparisons would not order the row
+        return None
+    # one entry past topk, to see a tie across the cut; padding or a repeat in it: general path
+    if descending:
+        head = sorted(range(count), key=distances.__getitem__, reverse=True)[: topk + 1]
+    else:
+        head = sorted(range(count), key=distances.__getitem__)[: topk + 1]
+    pick = itemgetter(*head)
+    best_ids, best_distances = pick(ids), pick(distances)
+    if -1 in best_ids or len(set(best_ids)) != len(head) or len(set(best_distances)) != len(head):
+        return None
+    return list(best_ids[:topk]), list(best_distances[:topk])
+
+
+def _checked_lists(ids: list[int], distances: list[float], nq: int) -> tuple[list[int], list[float], int]:
+    """(ids, distances, width) of a node result given as flat lists; malformed ones raise."""
+    if type(distances) is not list or len(ids) != len(distances) or (len(ids) and (nq < 1 or len(ids) % nq)):
+        raise UnexpectedError(
+            f"malformed node result: {len(ids)} ids and {len(distances)} distances are not {nq} equal rows"
+        )
+    return ids, distances, len(ids) // nq if ids else 0
+
+
+def _answering_nodes(node_results: Sequence[NodeResult], nq: int) -> list[Block]:
     """The node results that hold candidates, as int64/float32 (nq, k_i) arrays; malformed ones raise."""
     blocks = []
     for ids, distances in node_results:
+        if type(ids) is list:
+            ids, distances, node_width = _checked_lists(ids, distances, nq)
+            ids = np.array(ids, dtype=np.int64).reshape(nq if node_width else 0, node_width)
+            distances = np.array(distances, dtype=np.float32).reshape(ids.shape)
         ids = np.asarray(ids, dtype=np.int64)
         distances = np.asarray(distances, dtype=np.float32)
         if ids.ndim != 2 or ids.shape != distances.shape:
@@ -105,7 +204,131 @@ def _answering_nodes(node_results: Sequence[NodeResult], nq: int) -> list[NodeRe
     return blocks
 
 
-def _merge_in_reply_order(blocks: list[NodeResult], width: int, descending: bool) -> NodeResult:
+def _merge_lists(
+    lists: list[tuple[list[int], list[float], int]], nq: int, topk: int, descending: bool, match_filter: bool
+) -> tuple[list[int], list[float]]:
+    """The pure-Python merge of flat row-major lists (nodes without candidates left out)."""
+    width = min(topk, sum(node_width for _, _, node_width in lists))
+    if width == 0:
+        return [], []
+    padding = padding_distance(descending)
+    merged_ids: list[int] = []
+    merged_distances: list[float] = []
+    for row in range(nq):
+        if match_filter:
+            row_ids, row_distances = _row_in_reply_order(lists, row, width)
+        else:
+            if nq == 1:
+                candidate_ids = list(chain.from_iterable(ids for ids, _, _ in lists))
+                candidate_distances = list(chain.from_iterable(distances for _, distances, _ in lists))
+            else:
+                candidate_ids = list(chain.from_iterable(ids[row * w : row * w + w] for ids, _, w in lists))
+                candidate_distances = list(chain.from_iterable(ds[row * w : row * w + w] for _, ds, w in lists))
+            row_ids, row_distances = _row_by_distance(candidate_ids, candidate_distances, width, descending)
+        merged_ids += row_ids
+        merged_distances += row_distances
+        missing = width - len(row_ids)
+        if missing:
+            merged_ids += [PADDING_ID] * missing
+            merged_distances += [padding] * missing
+    return merged_ids, merged_distances
+
+
+def _row_by_distance(
+    ids: list[int], distances: list[float], width: int, descending: bool
+) -> tuple[list[int], list[float]]:
+    """One row's best `width` distinct ids and their distances.
+
+    Without ties or repeated ids (sets of the values tell; -0.0 and 0.0 are one value) a sort of
+    the positions by distance is the answer, as cheap as the original merge's. Otherwise (key, id)
+    tuples sort in rank order: tuples compare floats with ==, so -0.0 and 0.0 tie and the id
+    decides; the first copy of an id is its best. NaN compares false to everything, so a row with
+    one (found through the sum, which inf - inf also trips) gets (is NaN, key, id) tuples.
+    """
+    if PADDING_ID in ids:
+        pairs = [(d, i) for i, d in zip(ids, distances, strict=True) if i != PADDING_ID]
+        ids = [i for _, i in pairs]
+        distances = [d for d, _ in pairs]
+    if not ids:
+        return [], []
+    distinct_ids = len(set(ids)) == len(ids)
+    if distances and math.isnan(sum(distances)):
+        sign = -1.0 if descending else 1.0
+        ranked = sorted((d != d, 0.0 if d != d else sign * d, i, d) for i, d in zip(ids, distances, strict=True))
+        best = [(i, d) for _, _, i, d in ranked]
+    elif distinct_ids and len(set(distances)) == len(distances):
+        order = sorted(range(len(distances)), key=distances.__getitem__, reverse=descending)[:width]
+        return [ids[j] for j in order], [distances[j] for j in order]
+    elif descending:
+        best = [(i, -key) for key, i in sorted(zip(map(neg, distances), ids, strict=True))]
+    else:
+        best = [(i, d) for d, i in sorted(zip(distances, ids, strict=True))]
+    if not distinct_ids:
+        kept: dict[int, float] = {}
+        for vector_id, distance in best:
+            if vector_id not in kept:
+                kept[vector_id] = distance
+                if len(kept) == width:
+                    break
+        return list(kept), list(kept.values())
+    best = best[:width]
+    return [i for i, _ in best], [d for _, d in best]
+
+
+def _row_in_reply_order(
+    lists: list[tuple[list[int], list[float], int]], row: int, width: int
+) -> tuple[list[int], list[float]]:
+    """One row of a match-filter merge: (column, id) order, each id at its earliest copy
+    (smallest column, then first node), as _merge_in_reply_order."""
+    ranked = sorted(
+        (column, vector_id, node, distance)
+        for node, (ids, distances, w) in enumerate(lists)
+        for column, (vector_id, distance) in enumerate(
+            zip(ids[row * w : row * w + w], distances[row * w : row * w + w], strict=True)
+        )
+        if vector_id != PADDING_ID
+    )
+    kept: dict[int, float] = {}
+    for _, vector_id, _, distance in ranked:
+        if vector_id not in kept:
+            kept[vector_id] = distance
+            if len(kept) == width:
+                break
+    return list(kept), list(kept.values())
+
+
+def _merge_prefixes(blocks: list[Block], width: int, descending: bool) -> Block | None:
+    """Merge each node's row prefix, then redo the rows the left-out candidates could change.
+
+    A row's prefix merge is exact when its width-th hit is real and strictly better than every
+    left-out candidate: those can then neither enter nor carry a better copy of a kept id. None
+    when the prefixes would hold most of the candidates anyway.
+    """
+    nodes = len(blocks)
+    share = width / nodes
+    prefix = math.ceil(share + 4 * math.sqrt(share * (1 - 1 / nodes)) + 1)
+    kept = [min(ids.shape[1], prefix) for ids, _ in blocks]
+    if sum(kept) * 4 > sum(ids.shape[1] for ids, _ in blocks) * 3:
+        return None
+    ids = np.concatenate([ids[:, :count] for (ids, _), count in zip(blocks, kept, strict=True)], axis=1)
+    distances = np.concatenate([d[:, :count] for (_, d), count in zip(blocks, kept, strict=True)], axis=1)
+    merged_ids, merged_distances = _merge_vectorised(ids, distances, width, descending)
+    tails = [d[:, count:] for (_, d), count in zip(blocks, kept, strict=True) if d.shape[1] > count]
+    cut = merged_distances[:, width - 1]
+    if descending:  # a NaN anywhere makes the comparison false: the row is redone
+        exact = np.maximum.reduce([tail.max(axis=1) for tail in tails]) < cut
+    else:
+        exact = np.minimum.reduce([tail.min(axis=1) for tail in tails]) > cut
+    exact &= merged_ids[:, width - 1] != PADDING_ID
+    redo = np.flatnonzero(~exact)
+    if redo.size:
+        all_ids = np.concatenate([ids[redo] for ids, _ in blocks], axis=1)
+        all_distances = np.concatenate([d[redo] for _, d in blocks], axis=1)
+        merged_ids[redo], merged_distances[redo] = _merge_vectorised(all_ids, all_distances, width, descending)
+    return merged_ids, merged_distances
+
+
+def _merge_in_reply_order(blocks: list[Block], width: int, descending: bool) -> Block:
     """Per row, the distinct ids ordered by (column in their node's row, id); an id several nodes
     returned keeps its earliest copy (smallest column, then first node)."""
     ids = np.concatenate([ids for ids, _ in blocks], axis=1)
@@ -128,60 +351,100 @@ def _merge_in_reply_order(blocks: list[NodeResult], width: int, descending: bool
     return merged_ids, merged_distances
 
 
-def _merge_small(blocks: list[NodeResult], nq: int, width: int, descending: bool) -> NodeResult:
-    """Per row, sort the candidates as Python tuples and keep each id's first (best) copy."""
-    sign = -1.0 if descending else 1.0
-    node_rows = [(ids.tolist(), distances.tolist()) for ids, distances in blocks]
-    merged_ids: list[int] = []
-    merged_distances: list[float] = []
-    for row in range(nq):
-        ranked = sorted(
-            (distance != distance, 0.0 if distance != distance else sign * distance, vector_id, distance)
-            for ids, distances in node_rows
-            for vector_id, distance in zip(ids[row], distances[row], strict=True)
-            if vector_id != PADDING_ID
-        )
-        seen: set[int] = set()
-        for _, _, vector_id, distance in ranked:
-            if vector_id not in seen:
-                seen.add(vector_id)
-                merged_ids.append(vector_id)
-                merged_distances.append(distance)
-                if len(seen) == width:
-                    break
-        missing = width - len(seen)
-        merged_ids += [PADDING_ID] * missing
-        merged_distances += [padding_distance(descending)] * missing
-    return (
-        np.array(merged_ids, dtype=np.int64).reshape(nq, width),
-        np.array(merged_distances, dtype=np.float32).reshape(nq, width),
-    )
-
-
-def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descending: bool) -> NodeResult:
+def _merge_vectorised(ids: np.ndarray, distances: np.ndarray, width: int, descending: bool) -> Block:
     """Sort rows by (key, column); redo exactly only the rows whose head has a tie or a repeated id."""
-    keys = _rank_keys(ids, distances, descending)
-    head = _sorted_head(_pack(keys), min(width + 1, ids.shape[1]))
-    head_keys = _halves(head)[..., _KEY_HALF]
-    columns = _halves(head)[:, :width, _COLUMN_HALF].astype(np.intp)
-    merged_ids = _take_per_row(ids, columns)
-    merged_distances = _take_per_row(distances, columns)
-    is_padding = head_keys[:, :width] == _PADDING_KEY
+    keys, has_nan = _rank_keys(ids, distances, descending)
+    column_bits = max(1, (ids.shape[1] - 1).bit_length())
+    if column_bits <= NARROW_COLUMN_BITS and not has_nan:
+        head_width = min(width + NARROW_EXTRA, ids.shape[1])
+        coarse_keys, flat = _narrow_head(keys, column_bits, head_width)
+        padding_coarse = _PADDING_KEY >> np.uint32(column_bits)
+    else:
+        head_width = min(width + 1, ids.shape[1])  # one entry past the width, to see a tie across the cut
+        head = _sorted_head(_pack(keys), head_width)
+        coarse_keys = _halves(head)[..., _KEY_HALF]
+        flat = _halves(head)[..., _COLUMN_HALF].astype(np.intp)
+        padding_coarse = _PADDING_KEY
+    flat += np.arange(0, ids.size, ids.shape[1], dtype=np.intp)[:, None]
 
-    # The head (one entry past the width, to see a tie across the cut) is exact unless two real
-    # candidates share a key (the id must decide) or an id appears twice (a copy must go).
-    tied = (head_keys[:, 1:] == head_keys[:, :-1]) & (head_keys[:, 1:] != _PADDING_KEY)
-    sorted_head_ids = np.sort(merged_ids, axis=1)
-    repeated = (sorted_head_ids[:, 1:] == sorted_head_ids[:, :-1]) & (sorted_head_ids[:, 1:] != PADDING_ID)
-    inexact = np.flatnonzero(tied.any(axis=1) | repeated.any(axis=1))
+    # The head is in rank order but for runs of equal (coarse) keys, which are in column order:
+    # the rows that have one are sorted again by (full key, id), just their heads. A run that
+    # reaches the end of the head and began inside the width may go on past the head: that row,
+    # like a row with a repeated id (a copy must go), takes the exact path.
+    inexact = np.zeros(ids.shape[0], dtype=bool)
+    runs = (coarse_keys[:, 1:] == coarse_keys[:, :-1]) & (coarse_keys[:, 1:] != padding_coarse)
+    in_run = np.flatnonzero(runs.any(axis=1))
+    if in_run.size:
+        if head_width < ids.shape[1]:
+            inexact[in_run] = runs[in_run, width - 1 : head_width - 1].all(axis=1)
+        in_run = in_run[~inexact[in_run]]
+        run_flat = flat[in_run]
+        flat[in_run] = _by_key_then_id(ids.reshape(-1)[run_flat], run_flat, keys.reshape(-1))
+    merged_flat = flat[:, :width]
+    merged_ids = ids.reshape(-1)[merged_flat]
+    merged_distances = distances.reshape(-1)[merged_flat]
+    is_padding = keys.reshape(-1)[merged_flat[:, -1]] == _PADDING_KEY  # padding sorts last
+    if is_padding.any():
+        is_padding = keys.reshape(-1)[merged_flat] == _PADDING_KEY
+    else:
+        is_padding = None
+
+    # Repeats are looked for among 32-bit hashes of the ids (a 32-bit sort is several times
+    # cheaper than a 64-bit one); a hash collision only sends a row to the exact path.
+    hashes = ((merged_ids.view(np.uint64) * _ID_HASH_MULTIPLIER) >> np.uint64(32)).astype(np.uint32)
+    if is_padding is not None:  # several -1 must not look like a repeat: give them distinct hashes
+        hashes[is_padding] = np.nonzero(is_padding)[1].astype(np.uint32)
+    hashes.sort(axis=1)
+    inexact |= (hashes[:, 1:] == hashes[:, :-1]).any(axis=1)
+    inexact = np.flatnonzero(inexact)
     if inexact.size:
+        if is_padding is None:
+            is_padding = np.zeros(merged_ids.shape, dtype=bool)
         merged_ids[inexact], merged_distances[inexact], is_padding[inexact] = _merge_contenders_exactly(
             ids[inexact], keys[inexact], distances[inexact], width
         )
-
-    merged_ids[is_padding] = PADDING_ID
-    merged_distances[is_padding] = padding_distance(descending)
+    if is_padding is not None and is_padding.any():
+        merged_ids[is_padding] = PADDING_ID
+        merged_distances[is_padding] = padding_distance(descending)
     return merged_ids, merged_distances
+
+
+def _by_key_then_id(head_ids: np.ndarray, flat: np.ndarray, flat_keys: np.ndarray) -> np.ndarray:
+    """The heads' flat indices re-sorted by (full key, id): a uint64 sort of (key, position),
+    then a lexsort for the rows where equal full keys are left in descending id order (a sort
+    by key alone does not order ids; cheap when ties are rare, as for float distances)."""
+    rows, width = head_ids.shape
+    packed = flat_keys[flat].astype(np.uint64) << np.uint64(32)
+    packed |= np.arange(width, dtype=np.uint64)
+    packed.sort(axis=1)
+    order = (packed & np.uint64(0xFFFF_FFFF)).astype(np.intp)
+    order += np.arange(0, rows * width, width, dtype=np.intp)[:, None]
+    head_ids, flat = head_ids.reshape(-1)[order], flat.reshape(-1)[order]
+    sorted_keys = packed >> np.uint64(32)
+    misordered = (sorted_keys[:, 1:] == sorted_keys[:, :-1]) & (head_ids[:, 1:] < head_ids[:, :-1])
+    tied = np.flatnonzero(misordered.any(axis=1))
+    if tied.size:
+        order = np.lexsort((head_ids[tied], sorted_keys[tied]), axis=1)
+        flat[tied] = np.take_along_axis(flat[tied], order, axis=1)
+    return flat
+
+
+def _narrow_head(keys: np.ndarray, column_bits: int, head_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `head_width` of each row by (coarse key, column) through one uint32 sort.
+
+    A key's low `column_bits` bits make way for the column; numpy's 32-bit sort is several times
+    faster than its 64-bit one, and the lost bits only turn near-equal keys into runs the caller
+    re-sorts. Returns the sorted coarse keys and columns.
+    """
+    low_bits = np.uint32((1 << column_bits) - 1)
+    packed = keys & ~low_bits
+    packed |= np.arange(keys.shape[1], dtype=np.uint32)
+    if head_width * 2 < keys.shape[1]:
+        packed.partition(head_width - 1, axis=1)
+        head = np.sort(packed[:, :head_width], axis=1)
+    else:
+        head = np.sort(packed, axis=1)[:, :head_width]
+    return head >> np.uint32(column_bits), (head & low_bits).astype(np.intp)
 
 
 def _merge_contenders_exactly(
@@ -270,8 +533,9 @@ def _demote_repeated_ids(ids_by_id: np.ndarray, packed: np.ndarray) -> np.ndarra
     return had_repeats
 
 
-def _rank_keys(ids: np.ndarray, distances: np.ndarray, descending: bool) -> np.ndarray:
-    """uint32 keys whose unsigned order is the rank order: best first, then NaN, then padding."""
+def _rank_keys(ids: np.ndarray, distances: np.ndarray, descending: bool) -> tuple[np.ndarray, bool]:
+    """uint32 keys whose unsigned order is the rank order: best first, then NaN, then padding;
+    and whether there was a NaN."""
     oriented = np.negative(distances) if descending else distances.copy()
     oriented += np.float32(0.0)  # -0.0 + 0.0 is 0.0: equal distances get equal keys
     bits = oriented.view(np.int32)
@@ -279,9 +543,12 @@ def _rank_keys(ids: np.ndarray, distances: np.ndarray, descending: bool) -> np.n
     flips |= np.int32(-(2**31))  # and always the sign bit
     bits ^= flips  # IEEE float order -> unsigned integer order
     keys = bits.view(np.uint32)
-    keys[np.isnan(distances)] = _NAN_KEY
+    nan = np.isnan(distances)
+    has_nan = bool(nan.any())
+    if has_nan:
+        keys[nan] = _NAN_KEY
     keys[ids == PADDING_ID] = _PADDING_KEY
-    return keys
+    return keys, has_nan
 
 
 def _pack(keys: np.ndarray) -> np.ndarray:

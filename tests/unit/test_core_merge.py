@@ -86,10 +86,11 @@ def merge_inputs(draw, max_rows=4, max_width=12):
     return node_results, nq, draw(st.integers(1, 16)), draw(st.booleans())
 
 
-PATHS = {
-    "dispatch": merge.SMALL_MERGE_CANDIDATES,
-    "small": 10**9,  # every input takes the pure-Python path
-    "vectorised": -1,  # every input takes the numpy path (fast head + exact rows)
+PATHS = {  # (SMALL_MERGE_CANDIDATES, PREFIX_MIN_CANDIDATES)
+    "dispatch": (merge.SMALL_MERGE_CANDIDATES, merge.PREFIX_MIN_CANDIDATES),
+    "small": (10**9, 10**9),  # every input takes the pure-Python path
+    "vectorised": (-1, 10**9),  # every input takes the numpy path (fast head + exact rows)
+    "prefixes": (-1, 0),  # every input first merges node prefixes, then redoes the rows it must
 }
 
 
@@ -98,9 +99,84 @@ PATHS = {
 @given(case=merge_inputs())
 def test_merge_equals_the_oracle(path, case):
     node_results, nq, topk, descending = case
-    with mock.patch.object(merge, "SMALL_MERGE_CANDIDATES", PATHS[path]):
+    small, prefix = PATHS[path]
+    with (
+        mock.patch.object(merge, "SMALL_MERGE_CANDIDATES", small),
+        mock.patch.object(merge, "PREFIX_MIN_CANDIDATES", prefix),
+    ):
         actual = merge_topk(node_results, nq, topk, descending)
     assert_same(actual, oracle(node_results, nq, topk, descending))
+
+
+def as_lists(node_results):
+    """Node results as decode_topk_hits gives small replies: flat row-major Python lists."""
+    return [(np.asarray(ids).ravel().tolist(), np.asarray(dists).ravel().tolist()) for ids, dists in node_results]
+
+
+@pytest.mark.parametrize("small_lists", [True, False], ids=["python", "converted to numpy"])
+@settings(max_examples=150, deadline=None)
+@given(case=merge_inputs())
+def test_list_replies_merge_like_the_oracle(small_lists, case):
+    """Lists in, flat lists out (nq x K values), equal to the oracle; or arrays past the limit."""
+    node_results, nq, topk, descending = case
+    limit = 10**9 if small_lists else -1
+    with (
+        mock.patch.object(merge, "SMALL_LIST_CANDIDATES", limit),
+        mock.patch.object(merge, "ONE_QUERY_LIST_CANDIDATES", limit),
+    ):
+        ids, dists = merge_topk(as_lists(node_results), nq, topk, descending)
+    expected_ids, expected_dists = oracle(node_results, nq, topk, descending)
+    if not node_results or not small_lists:
+        assert_same((ids, dists), (expected_ids, expected_dists))
+        return
+    assert type(ids) is list and type(dists) is list
+    assert ids == expected_ids.ravel().tolist()
+    np.testing.assert_array_equal(np.array(dists, np.float32), expected_dists.ravel())
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=merge_inputs(max_rows=1), data=st.data())
+def test_one_query_of_list_replies_is_exact(case, data):
+    """The one-row fast path (and its hand-off to the general path) with ties, -0.0, NaN, repeats."""
+    node_results, _, topk, descending = case
+    lists = as_lists(node_results)
+    if data.draw(st.booleans()):  # mixed: some nodes as arrays
+        lists = [pair if index % 2 else node_results[index] for index, pair in enumerate(lists)]
+    ids, dists = merge_topk(lists, 1, topk, descending)
+    expected_ids, expected_dists = oracle(node_results, 1, topk, descending)
+    assert np.array_equal(np.asarray(ids, np.int64).ravel(), expected_ids.ravel())
+    np.testing.assert_array_equal(np.asarray(dists, np.float32).ravel(), expected_dists.ravel())
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=merge_inputs(max_rows=3))
+def test_match_filter_lists_equal_the_numpy_merge(case):
+    node_results, nq, topk, _ = case
+    expected_ids, expected_dists = merge_topk(node_results, nq, topk, False, match_filter=True)
+    with mock.patch.object(merge, "SMALL_LIST_CANDIDATES", 10**9):
+        ids, dists = merge_topk(as_lists(node_results), nq, topk, False, match_filter=True)
+    assert list(np.asarray(ids).ravel()) == expected_ids.ravel().tolist()
+    np.testing.assert_array_equal(np.asarray(dists, np.float32).ravel(), expected_dists.ravel())
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_prefix_merge_redoes_the_rows_a_left_out_candidate_changes(descending):
+    """One node holds all of a row's best hits, past its prefix: that row must be merged whole."""
+    rng = np.random.default_rng(11)
+    nq, topk, nodes = 20, 100, 4
+    sign = -1.0 if descending else 1.0
+    node_results = []
+    for node in range(nodes):
+        ids = rng.permutation(nq * topk).reshape(nq, topk) * nodes + node
+        dists = np.sort(rng.random((nq, topk)).astype(np.float32), axis=1) * np.float32(sign)
+        if node == 0:
+            dists[3] = np.linspace(-1.0, -0.5, topk, dtype=np.float32) * np.float32(sign)  # row 3: all best
+        node_results.append((ids, dists))
+
+    ids, dists = merge_topk(node_results, nq, topk, descending)
+
+    assert_same((ids, dists), oracle(node_results, nq, topk, descending))
+    assert (ids[3] % nodes == 0).all()
 
 
 @settings(max_examples=40, deadline=None)

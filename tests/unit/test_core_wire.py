@@ -173,3 +173,123 @@ def test_encoding_refuses_arrays_that_are_not_one_nq_by_k_block():
         wire.encode_topk_result(np.zeros((2, 3), np.int64), np.zeros((2, 2), np.float32))
     with pytest.raises(ValueError):
         wire.encode_topk_result(np.zeros(6, np.int64), np.zeros(6, np.float32))
+
+
+def _protobuf_view(data: bytes):
+    """What the generated code reads from `data`: (code, reason, row_num, ids, distances)."""
+    reply = milvus_pb2.TopKQueryResult.FromString(data)
+    return reply.status.error_code, reply.status.reason, reply.row_num, list(reply.ids), list(reply.distances)
+
+
+def _unpacked(tag_number: int, wire_type: int, payloads: list[bytes]) -> bytes:
+    return b"".join(wire.varint(tag_number << 3 | wire_type) + payload for payload in payloads)
+
+
+@st.composite
+def topk_messages(draw):
+    """TopKQueryResult bytes as any protobuf writer may emit them: fields in any order, packed or
+    not, split packed runs, unknown fields, a repeated row_num, error statuses."""
+    ids, distances = draw(result_arrays(finite=False))
+    nq = ids.shape[0]
+    flat_ids = ids.ravel().tolist()
+    fields = []
+    if draw(st.booleans()):
+        code = draw(st.sampled_from([0, 0, 1, 4, 20]))
+        fields.append(
+            b"\x0a"
+            + wire.varint(
+                len(s := status_pb2.Status(error_code=code, reason=draw(st.text(max_size=8))).SerializeToString())
+            )
+            + s
+        )
+    if nq:
+        if draw(st.booleans()):  # an earlier row_num the later one overrides
+            fields.append(b"\x10" + wire.varint(draw(st.integers(0, 300))))
+        fields.append(b"\x10" + wire.varint(nq))
+    packing = draw(st.sampled_from(["packed", "unpacked", "split"]))
+    if flat_ids:
+        if packing == "packed":
+            fields.append(b"\x1a" + wire.varint(len(v := wire.varints(np.array(flat_ids)))) + v)
+            fields.append(b"\x22" + wire.varint(len(f := distances.astype("<f4").tobytes())) + f)
+        elif packing == "unpacked":
+            fields.append(_unpacked(3, 0, [wire.varint(i % 2**64) for i in flat_ids]))
+            fields.append(_unpacked(4, 5, [np.float32(d).astype("<f4").tobytes() for d in distances.ravel()]))
+        else:
+            half = len(flat_ids) // 2
+            for part in (slice(0, half), slice(half, None)):
+                v = wire.varints(np.array(flat_ids[part], np.int64))
+                f = distances.ravel()[part].astype("<f4").tobytes()
+                fields.append(b"\x1a" + wire.varint(len(v)) + v + b"\x22" + wire.varint(len(f)) + f)
+    if draw(st.booleans()):  # unknown fields: a varint and a length-delimited one
+        fields.append(b"\x28\x07" + b"\x3a\x02ab")
+    order = draw(st.permutations(range(len(fields))))
+    return b"".join(fields[i] for i in order)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=topk_messages())
+def test_decoding_reads_what_protobuf_reads(data):
+    """The in-place reader and its protobuf fallback give what the generated code parses."""
+    code, reason, row_num, ids, distances = _protobuf_view(data)
+    for decode in (wire.decode_topk_result, wire.decode_topk_hits):
+        try:
+            reply = decode(data)
+        except UnexpectedError:
+            assert code == 0 and (
+                len(ids) != len(distances) or (row_num and len(ids) % row_num) or row_num < 0 or (row_num == 0 and ids)
+            )
+            continue
+        assert (reply.status_code, reply.reason, reply.row_num) == (code, reason, row_num)
+        if code:
+            assert len(reply.ids) == len(reply.distances) == 0
+            continue
+        assert np.asarray(reply.ids).ravel().tolist() == ids
+        assert np.asarray(reply.distances, np.float32).tobytes() == np.array(distances, np.float32).tobytes()
+        if isinstance(reply.ids, np.ndarray):
+            assert reply.ids.shape == reply.distances.shape == ((row_num, len(ids) // row_num) if row_num else (0, 0))
+
+
+def test_canonical_replies_are_read_in_place_and_small_ones_as_lists():
+    ids = np.arange(600, dtype=np.int64).reshape(6, 100)
+    distances = np.linspace(0, 1, 600, dtype=np.float32).reshape(6, 100)
+    data = milvus_pb2.TopKQueryResult(
+        status=status_pb2.Status(), row_num=6, ids=ids.ravel().tolist(), distances=distances.ravel().tolist()
+    ).SerializeToString()
+
+    reply = wire.decode_topk_hits(data)
+
+    assert not reply.distances.flags.owndata  # a view of the message's bytes, not a copy
+    np.testing.assert_array_equal(reply.ids, ids)
+    np.testing.assert_array_equal(reply.distances, distances)
+    small = wire.decode_topk_hits(
+        milvus_pb2.TopKQueryResult(row_num=1, ids=[3, 4], distances=[0.5, 1.5]).SerializeToString()
+    )
+    assert small.ids == [3, 4] and small.distances == [0.5, 1.5] and small.row_num == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x1a\x05\x01\x02", b"\x22\x03abc", b"\x0a\x02\x08", b"\x10\x80", b"\x1a\x02\x80\x80"],
+    ids=["truncated ids", "floats not a multiple of 4", "truncated status", "truncated row_num", "unfinished varint"],
+)
+def test_malformed_bytes_are_a_clear_error(data):
+    """What protobuf refuses is an UnexpectedError naming the search result, never a crash."""
+    for decode in (wire.decode_topk_result, wire.decode_topk_hits):
+        with pytest.raises(UnexpectedError, match="malformed search result"):
+            decode(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays=result_arrays(), with_status=st.booleans())
+def test_flat_lists_encode_like_the_arrays(arrays, with_status):
+    ids, distances = arrays
+    status = status_pb2.Status(error_code=0, reason="") if with_status else None
+
+    from_lists = wire.encode_topk_result(ids.ravel().tolist(), distances.ravel().tolist(), status, max(ids.shape[0], 1))
+
+    expected = wire.encode_topk_result(
+        ids if ids.size else np.empty((0, 0), np.int64), distances if ids.size else np.empty((0, 0), np.float32), status
+    )
+    assert from_lists == expected
+    with pytest.raises(ValueError):
+        wire.encode_topk_result([1, 2, 3], [0.1, 0.2, 0.3], None, 2)
