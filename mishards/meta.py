@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +112,7 @@ class MetaReader:
         if engine.dialect.name == "mysql" and engine.dialect.driver == "pymysql":
             args, params = engine.dialect.create_connect_args(engine.url)
             if not any(key.startswith("ssl") for key in params):
-                self._session = _HeldSession(engine.dialect.loaded_dbapi.connect, tuple(args), params)
+                self._session = _HeldSession(engine.dialect.loaded_dbapi.connect, tuple(args), dict(params))
 
     async def _rows(self, sql: str, params: Sequence, timeout: float) -> list[tuple]:
         """One statement's rows; MetaFailed (with the reason) when the DB cannot answer in `timeout` s."""
@@ -217,7 +217,7 @@ class _HeldSession:
     statement starts on a fresh one instead of queueing behind a dead peer.
     """
 
-    def __init__(self, connect, args: tuple, params: Mapping[str, Any]) -> None:
+    def __init__(self, connect, args: tuple, params: dict[str, Any]) -> None:
         self._connect = connect
         self._args = args
         self._params = params

@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -85,7 +86,7 @@ def decode_reply(node: str, payload: bytes, nq: int) -> NodeResult:
         return [], []
     if row_num != nq:
         raise UnexpectedError(f"read-only node {node} returned {row_num} rows for {nq} queries")
-    return ids, distances
+    return cast(NodeResult, (ids, distances))  # both lists or both arrays (decode_topk_hits)
 
 
 def merge_replies(

@@ -325,9 +325,10 @@ class MishardsService:
             context,
             None,
         )
-        code, reason, row_num, ids, distances = wire.decode_topk_result(reply)
+        code, reason, row_num, raw_ids, raw_distances = wire.decode_topk_result(reply)
         if code != 0:
             raise MilvusError(reason, code)
+        ids, distances = np.asarray(raw_ids), np.asarray(raw_distances)  # arrays already: no copy
         if row_num == 0 or ids.size == 0:  # no live row searched
             return empty
         # one row per requested id, as wide as the search (never re-padded to topk); ids that are

@@ -52,6 +52,7 @@ import sys
 from collections.abc import Sequence
 from itertools import chain
 from operator import itemgetter, neg
+from typing import Any
 
 import numpy as np
 
@@ -129,12 +130,12 @@ def merge_topk(
         ids, distances = _merge_lists(as_lists, nq, topk, descending, False)
         return np.array(ids, np.int64).reshape(nq, width), np.array(distances, np.float32).reshape(nq, width)
     if nq * candidates_per_row >= PREFIX_MIN_CANDIDATES:
-        merged = _merge_prefixes(blocks, width, descending)
-        if merged is not None:
-            return merged
-    ids = np.concatenate([ids for ids, _ in blocks], axis=1)
-    distances = np.concatenate([distances for _, distances in blocks], axis=1)
-    return _merge_vectorised(ids, distances, width, descending)
+        from_prefixes = _merge_prefixes(blocks, width, descending)
+        if from_prefixes is not None:
+            return from_prefixes
+    all_ids = np.concatenate([ids for ids, _ in blocks], axis=1)
+    all_distances = np.concatenate([distances for _, distances in blocks], axis=1)
+    return _merge_vectorised(all_ids, all_distances, width, descending)
 
 
 Block = tuple[np.ndarray, np.ndarray]
@@ -172,7 +173,7 @@ def _merge_one_row_of_lists(
     return list(best_ids[:topk]), list(best_distances[:topk])
 
 
-def _checked_lists(ids: list[int], distances: list[float], nq: int) -> tuple[list[int], list[float], int]:
+def _checked_lists(ids: Any, distances: Any, nq: int) -> tuple[list[int], list[float], int]:
     """(ids, distances, width) of a node result given as flat lists; malformed ones raise."""
     if type(distances) is not list or len(ids) != len(distances) or (len(ids) and (nq < 1 or len(ids) % nq)):
         raise UnexpectedError(
