@@ -23,9 +23,9 @@ from collections.abc import Callable
 from utils.errors import NodeCallError
 
 from .core.hedging import TailTolerance
+from .core.planner import WRITABLE
 from .nodes import Membership, NodeClient, NodeStats
 from .observability.metrics import Metrics
-from .planner import WRITABLE
 
 _DISCARDED_STATS = NodeStats()  # counted into when a node left meanwhile
 

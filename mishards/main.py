@@ -26,17 +26,17 @@ try:
     from discovery import discovery_factory
     from discovery.plugins.static import DiscoveryConfigError
     from mishards.core.hedging import TailPolicy, TailTolerance
-    from mishards.core.http2 import DEFAULT_LIMITS, Limits
     from mishards.meta import MetaReader, SchemaCache, create_engine
     from mishards.nodes import HandshakeError, HealthPolicy, Membership, NodeClient
     from mishards.observability.health import MetaMonitor
     from mishards.observability.http import ObservabilityServer, bind_socket
     from mishards.observability.metrics import Metrics, NoMetrics
     from mishards.observability.status import StatusSource
+    from mishards.protocol.http2 import DEFAULT_LIMITS, Limits
+    from mishards.protocol.server import H2Server
     from mishards.router import router_factory
     from mishards.service import MishardsService
     from mishards.settings import Settings, SettingsError, load_settings
-    from mishards.transport import H2Server
     from tracer import Tracer, create_tracer
     from utils import logger
     from utils.milvus_schema import SERVICE

@@ -54,8 +54,8 @@ from utils.errors import (
 )
 from utils.milvus_schema import method_path
 
-from .node_client import H2Channel
 from .node_grpcio import GrpcioChannel
+from .protocol.client import H2Channel
 from .settings import SUPPORTED_SERVER_VERSIONS
 
 log = logging.getLogger(__name__)

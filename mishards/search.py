@@ -57,10 +57,10 @@ from .accounting import Accounting
 from .core import wire
 from .core.hedging import TailTolerance
 from .core.merge import NodeResult, merge_topk
+from .core.planner import WRITABLE, Planner
 from .meta import FileSet
 from .nodes import Membership, NodeClient
 from .observability.metrics import Metrics, NoMetrics
-from .planner import WRITABLE, Planner
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mishards.access")  # one INFO line per search; silence it alone if wanted

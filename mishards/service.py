@@ -48,11 +48,11 @@ from .accounting import Accounting
 from .core import wire
 from .core.hedging import TailTolerance
 from .core.merge import padding_distance
+from .core.planner import WRITABLE, Planner
 from .meta import FileSet, MetaReader, SchemaCache
 from .nodes import Membership, NodeClient
 from .observability.metrics import Metrics, NoMetrics
 from .observability.rpc import instrument
-from .planner import WRITABLE, Planner
 from .search import ReloadTracker, Scatter
 
 log = logging.getLogger(__name__)

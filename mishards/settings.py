@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 
-from mishards.core.http2 import DEFAULT_LIMITS, Limits
+from mishards.protocol.http2 import DEFAULT_LIMITS, Limits
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent

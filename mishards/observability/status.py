@@ -23,8 +23,8 @@ from .health import MetaMonitor
 from .metrics import Metrics, NoMetrics
 
 if TYPE_CHECKING:
+    from ..core.planner import Planner
     from ..meta import MetaReader
-    from ..planner import Planner
 
 
 class StatusSource:

@@ -1,6 +1,6 @@
 """What the conformance cases share: the server under test on its own loop thread, and a raw peer.
 
-The server is the real `mishards.transport.H2Server` on 127.0.0.1:0 with three small handlers
+The server is the real `mishards.protocol.server.H2Server` on 127.0.0.1:0 with three small handlers
 (Echo; Slow, which sleeps until cancelled; Big, which answers N bytes), run by an asyncio loop on
 a background thread so the cases can drive a plain blocking socket. The peer speaks HTTP/2
 through the `h2` library (its HPACK encoder, its connection preface, its request headers with
@@ -40,7 +40,7 @@ from hyperframe.frame import (
 )
 
 from mishards import settings
-from mishards.transport import H2Server
+from mishards.protocol.server import H2Server
 
 WAIT_S = 2.0  # the longest any single wait for an answer may take
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"

@@ -10,7 +10,7 @@ import struct
 import grpc
 import pytest
 
-from mishards.node_client import H2Channel
+from mishards.protocol.client import H2Channel
 from utils.errors import NodeCallError
 
 from .harness import (

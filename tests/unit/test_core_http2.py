@@ -14,8 +14,8 @@ from hpack.hpack import decode_integer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mishards.core import grpc_h2 as g
-from mishards.core import http2 as h
+from mishards.protocol import grpc_h2 as g
+from mishards.protocol import http2 as h
 
 
 def pump(client: g.ClientConnection, server: g.ServerConnection, rounds: int = 200) -> tuple[list, list]:

@@ -10,8 +10,8 @@ import struct
 
 from hpack import Decoder, Encoder
 
-from mishards.core import grpc_h2 as g
-from mishards.core import http2 as h
+from mishards.protocol import grpc_h2 as g
+from mishards.protocol import http2 as h
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/s/M"), ("content-type", "application/grpc")]
 

@@ -17,10 +17,10 @@ import pytest
 
 from milvus_grpc import milvus_pb2 as pb
 from mishards.core.hedging import TailPolicy, TailTolerance
+from mishards.core.planner import WRITABLE, Planner
 from mishards.meta import FileSet
 from mishards.nodes import HealthPolicy, Membership, NodeClient, NodeUnavailable, NodeUnimplemented
 from mishards.observability.metrics import Metrics
-from mishards.planner import WRITABLE, Planner
 from mishards.router import FileBasedHashRingRouter
 from mishards.search import ReloadTracker, Scatter
 from tests.support.fake_node import FakeNode

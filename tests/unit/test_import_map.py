@@ -9,14 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "mishards"
 
-TRANSPORTS = {
-    "grpc",
-    "mishards.transport",
-    "mishards.node_client",
-    "mishards.node_grpcio",
-    "mishards.core.http2",
-    "mishards.core.grpc_h2",
-}
+TRANSPORTS = {"grpc", "mishards.protocol", "mishards.node_grpcio"}
 NODE_COUNTERS = {"failovers", "hedges", "hedges_won", "ejections", "files_routed", "retries"}
 
 
@@ -64,22 +57,24 @@ def violations(modules: list[str], forbidden: set[str]) -> list[str]:
 
 def test_the_map_sees_the_package():
     code = sources()
-    assert {"mishards.service", "mishards.search", "mishards.planner", "mishards.nodes"} <= set(code)
-    assert ("mishards.node_client", 0) not in imports("mishards.service", code["mishards.service"][1])
-    assert any(is_under(n, {"mishards.node_client"}) for n, _ in imports("mishards.nodes", code["mishards.nodes"][1]))
+    assert {"mishards.service", "mishards.search", "mishards.core.planner", "mishards.nodes"} <= set(code)
+    assert ("mishards.protocol.client", 0) not in imports("mishards.service", code["mishards.service"][1])
+    assert any(
+        is_under(n, {"mishards.protocol.client"}) for n, _ in imports("mishards.nodes", code["mishards.nodes"][1])
+    )
 
 
 def test_the_service_and_the_search_path_import_no_transport():
-    layers = ["mishards.service", "mishards.search", "mishards.planner", "mishards.accounting"]
+    layers = ["mishards.service", "mishards.search", "mishards.core.planner", "mishards.accounting"]
     assert violations(layers, TRANSPORTS) == []
 
 
 def test_only_nodes_knows_the_node_clients_and_only_main_the_servers():
     code = sources()
-    clients = {"mishards.node_client", "mishards.node_grpcio"}
+    clients = {"mishards.protocol.client", "mishards.node_grpcio"}
     others = [m for m in code if m not in clients | {"mishards.nodes"}]
     assert violations(others, clients) == []
-    servers = {"mishards.transport"}
+    servers = {"mishards.protocol.server"}
     assert violations([m for m in code if m != "mishards.main"], servers) == []
     grpc_users = [m for m in code if m not in {"mishards.main", "mishards.node_grpcio"}]
     assert violations(grpc_users, {"grpc"}) == []
@@ -92,10 +87,20 @@ def test_observability_imports_no_nodes_and_no_search_path():
     assert violations(observability, forbidden) == []
 
 
+def test_the_core_does_no_io_and_knows_no_protocol():
+    """The domain core imports neither the protocol package, nor the service, nor anything that
+    talks to a node, a database or a socket."""
+    code = sources()
+    core = [m for m in code if m.startswith("mishards.core")]
+    outside = {"mishards.protocol", "mishards.service", "mishards.search", "mishards.nodes", "mishards.meta"}
+    io = {"asyncio", "socket", "grpc", "sqlalchemy", "threading", "subprocess"}
+    assert violations(core, outside | io) == []
+
+
 def test_the_planner_is_pure():
     """No I/O, no clock, no nodes: the standard library's abstract types and the error taxonomy only."""
     code = sources()
-    names = {name for name, _ in imports("mishards.planner", code["mishards.planner"][1])}
+    names = {name for name, _ in imports("mishards.core.planner", code["mishards.core.planner"][1])}
     assert names and all(is_under(n, {"__future__", "collections.abc", "utils.errors"}) for n in names), names
 
 
@@ -113,7 +118,7 @@ def test_one_place_decides_to_search_on_the_writable_node():
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} spells the sentinel")
             if isinstance(node, ast.ExceptHandler) and "NoAvailableNode" in ast.unparse(node.type or ast.Name("")):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} catches NoAvailableNode")
-    planner = "mishards/planner.py"
+    planner = "mishards/core/planner.py"
     assert [f for f in found if not f.startswith(planner)] == []
     assert sum(f.startswith(planner) and "defines WRITABLE" in f for f in found) == 1
 

@@ -1,10 +1,10 @@
-"""The planner (mishards/planner.py) with plain inputs: no node, no DB, no clock."""
+"""The planner (mishards/core/planner.py) with plain inputs: no node, no DB, no clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from mishards.planner import WRITABLE, Planner
+from mishards.core.planner import WRITABLE, Planner
 from mishards.router import FileBasedHashRingRouter
 
 FILES = [str(i) for i in range(1, 61)]

@@ -1,4 +1,4 @@
-"""Interoperability of `mishards.transport` (H2Server, H2Channel) with the real grpcio library.
+"""Interoperability of `mishards.protocol.server` (H2Server, H2Channel) with the real grpcio library.
 
 Everything runs over loopback on free ports. grpcio is used with raw-bytes generic handlers and
 multi-callables without (de)serializers, so both sides move exactly the bytes the test chose.
@@ -27,9 +27,9 @@ from concurrent import futures
 import grpc
 import pytest
 
-from mishards.core.http2 import Limits
-from mishards.node_client import H2Channel
-from mishards.transport import H2Server
+from mishards.protocol.client import H2Channel
+from mishards.protocol.http2 import Limits
+from mishards.protocol.server import H2Server
 from utils.errors import NodeCallError
 
 pytestmark = pytest.mark.timeout(60)
@@ -439,8 +439,8 @@ def test_server_stop_delivers_large_reply_within_grace():
 def _raw_call_reading_after_stop_began(port: int, request_sent: threading.Event) -> str:
     """One BIG_REPLY call from a plain socket (framed by the project's sans-IO ClientConnection)
     that sends a PING once the server has begun closing, then reads the reply; what happened."""
-    from mishards.core import http2
-    from mishards.core.grpc_h2 import CallDone, CallFailed, ClientConnection
+    from mishards.protocol import http2
+    from mishards.protocol.grpc_h2 import CallDone, CallFailed, ClientConnection
 
     connection = ClientConnection(f"127.0.0.1:{port}")
     with socket.socket() as sock:
@@ -1023,8 +1023,8 @@ def test_client_acks_settings_before_using_the_window_they_grant():
     window."""
     import struct
 
-    from mishards.core import http2
-    from mishards.core.grpc_h2 import ClientConnection
+    from mishards.protocol import http2
+    from mishards.protocol.grpc_h2 import ClientConnection
 
     connection = ClientConnection("127.0.0.1:1")
     server_settings = http2.frame(http2.SETTINGS, 0, 0, struct.pack(">HI", http2.INITIAL_WINDOW_SIZE, 16_384))

@@ -1,4 +1,4 @@
-"""Unary gRPC over `core.http2`: the proxy's server connection and its client connection to nodes.
+"""Unary gRPC over `http2`: the proxy's server connection and its client connection to nodes.
 
 gRPC's HTTP/2 mapping, as used here: a request is HEADERS (POST, `:path` /package.Service/Method,
 `content-type: application/grpc`, `te: trailers`, optional `grpc-timeout` and metadata) then DATA

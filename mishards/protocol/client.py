@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from utils.errors import NodeCallError, NodeDeadline, NodeUnavailable, node_call_error
 
-from .core.grpc_h2 import CallDone, CallFailed, ClientConnection, PingAcked
+from .grpc_h2 import CallDone, CallFailed, ClientConnection, PingAcked
 
 log = logging.getLogger(__name__)
 

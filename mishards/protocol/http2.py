@@ -22,7 +22,7 @@ Because the server side faces every client, this module is hostile-input code (d
 
 A connection is fed received bytes with the current time (`receive(data, now)`) and returns
 events; what it wants to send accumulates and is taken by `data_to_send`. The adapter
-(`mishards/transport.py`) owns sockets and time, and calls `expire(now)` about once a second.
+(`mishards/protocol/server.py`) owns sockets and time, and calls `expire(now)` about once a second.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The asyncio side of `core.grpc_h2`: the proxy's gRPC server (its HTTP/2 client for the nodes
-is `node_client.H2Channel`).
+"""The asyncio side of `grpc_h2`: the proxy's gRPC server (its HTTP/2 client for the nodes
+is `client.H2Channel`).
 
 `H2Server` serves raw-bytes handlers (`await handler(request_bytes, context) -> reply_bytes`,
 the same handlers the grpc.aio server takes) with one task per request; a request past its
@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from .core.grpc_h2 import (
+from .grpc_h2 import (
     CODE_OF,
     DEADLINE_EXCEEDED,
     INTERNAL,
@@ -28,7 +28,7 @@ from .core.grpc_h2 import (
     ServerConnection,
     inflate,
 )
-from .core.http2 import DEFAULT_LIMITS, ENHANCE_YOUR_CALM, BufferPool, Limits, Pacer
+from .http2 import DEFAULT_LIMITS, ENHANCE_YOUR_CALM, BufferPool, Limits, Pacer
 
 log = logging.getLogger(__name__)
 
