@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 try:
@@ -36,6 +37,7 @@ try:
     from mishards.service import MishardsService, start_server
     from mishards.settings import Settings, SettingsError, load_settings
     from mishards.transport import H2Server
+    from mishards.workers import WorkerRole, supervise
     from tracer import Tracer, create_tracer
     from utils import logger
     from utils.plugins import PluginError
@@ -119,6 +121,7 @@ class Mishards:
         self.serving = False
         self.http: ObservabilityServer | None = None
         self._metrics_socket: socket.socket | None = None
+        self.on_serving: Callable[[], None] | None = None  # called once the API and side port serve
 
     def bind(self) -> None:
         """Take the ports now, before anything else starts, so a taken one is a configuration error
@@ -173,7 +176,12 @@ class Mishards:
         port = self.settings.server_port if port is None else port
         try:
             self.server, bound = await start_server(
-                self.service, self.host, port, self.settings.rpc_transport, self.settings.front_door
+                self.service,
+                self.host,
+                port,
+                self.settings.rpc_transport,
+                self.settings.front_door,
+                reuse_port=self.settings.server_workers > 1,  # sibling workers share the port
             )
         except OSError as exc:
             raise SettingsError(f"SERVER_PORT={port}: cannot listen on {self.host}:{port}: {exc}") from None
@@ -187,6 +195,8 @@ class Mishards:
         )
         if self.metrics is not None:
             await self.start_http()
+        if self.on_serving is not None:
+            self.on_serving()
         await stopping.wait()
         log.info("stopping")
         self.serving = False
@@ -224,7 +234,8 @@ class Mishards:
         )
         sock, self._metrics_socket = self._metrics_socket, None
         await self.http.start(sock)
-        log.info("metrics, status page and probes on http://%s:%d/", self.settings.metrics_host, self.http.port)
+        if sock.family != socket.AF_UNIX:  # a worker's (SERVER_WORKERS): the supervisor serves the port
+            log.info("metrics, status page and probes on http://%s:%d/", self.settings.metrics_host, self.http.port)
 
 
 def tail_policy(settings: Settings) -> TailPolicy:
@@ -259,6 +270,13 @@ def _try_listen(host: str, port: int) -> None:
         probe.listen(1)
 
 
+def _configure_logging(settings: Settings, process: str = "") -> None:
+    """`process`: with SERVER_WORKERS, `supervisor` or `worker I` (each logs to a file of its own)."""
+    logger.configure(
+        settings.log_level, settings.log_path, settings.log_name, settings.log_third_party_level, process=process
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start-up: every configuration error is one line on stderr naming the variable, exit code 2."""
     parser = argparse.ArgumentParser(
@@ -267,15 +285,21 @@ def main(argv: list[str] | None = None) -> int:
         "a .env file (mishards/.env, .env, or the file MISHARDS_ENV_FILE names) and, with FROM_EXAMPLE=true, "
         ".env.example; README.md lists them. Required: WOSERVER, SQLALCHEMY_DATABASE_URI.",
     )
-    parser.parse_args(sys.argv[1:] if argv is None else argv)
+    WorkerRole.add_arguments(parser)
+    worker = WorkerRole.from_args(parser.parse_args(sys.argv[1:] if argv is None else argv))
     try:
         settings = load_settings()
+        if worker is None and settings.server_workers > 1:  # a supervisor of worker processes
+            return supervise(settings, functools.partial(_configure_logging, settings))
         app = Mishards(settings)
-        app.bind()
+        if worker is None:
+            app.bind()
+        else:
+            worker.bind(app)
     except SettingsError as exc:
         print(f"mishards: configuration error: {exc}", file=sys.stderr)
         return 2
-    logger.configure(settings.log_level, settings.log_path, settings.log_name, settings.log_third_party_level)
+    _configure_logging(settings, worker.tag if worker else "")
     log.info("configuration read from %s", ", ".join(settings.sources))
     try:
         app.connect()
@@ -288,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopping.set)
+        if worker is not None:
+            worker.attach(app, stopping)
         await app.serve(stopping)
 
     try:

@@ -404,16 +404,22 @@ class MishardsService:
 
 
 async def start_server(
-    service: MishardsService, host: str, port: int, transport: str = "http2", limits: Limits = DEFAULT_LIMITS
+    service: MishardsService,
+    host: str,
+    port: int,
+    transport: str = "http2",
+    limits: Limits = DEFAULT_LIMITS,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server | H2Server, int]:
     """Serve the API on host:port (port 0: any free one); the server and its port. Call inside the loop.
+    `reuse_port`: sibling worker processes listen on the same port (SO_REUSEPORT, SERVER_WORKERS).
 
     `http2` is the proxy's own HTTP/2 server (transport.py, about a third of grpc.aio's CPU per
     call, within `limits`: docs/front-door.md); `grpcio` is grpc.aio, kept as the fallback
     (RPC_TRANSPORT)."""
     if transport == "http2":
         server = H2Server(service.handlers(), limits)
-        return server, await server.start(host, port)
+        return server, await server.start(host, port, reuse_port)
     methods = {
         path.rpartition("/")[2]: grpc.unary_unary_rpc_method_handler(handler)
         for path, handler in service.handlers().items()
@@ -423,7 +429,7 @@ async def start_server(
         options=[
             ("grpc.max_send_message_length", -1),
             ("grpc.max_receive_message_length", -1),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     bound = aio.add_insecure_port(f"{host}:{port}")
