@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.processes import LOCALHOST, ManagedProcess, NodeProcess, cmd_version_probe, free_port
+from tests.support.processes import (
+    LOCALHOST,
+    ManagedProcess,
+    NodeProcess,
+    cmd_version_probe,
+    free_port,
+    proxy_workers_env,
+)
 from tests.support.pymilvus_client import PymilvusClient
 
 
@@ -41,6 +48,7 @@ class MishardsProcess(ManagedProcess):
                 "LOG_PATH": str(log_dir / "mishards-logs"),
                 "LOG_LEVEL": "INFO",
                 "TIMEOUT": "20",
+                **proxy_workers_env(),
             }
         )
         env.update(extra_env or {})

@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LOCALHOST = "127.0.0.1"
 
 Probe = Callable[[], bool]
+# How many worker processes (SERVER_WORKERS) the proxies that tests start run: unset, the proxy's
+# default (one process); `MISHARDS_TEST_WORKERS=2 make test` runs every proxy test with two.
+TEST_WORKERS_VARIABLE = "MISHARDS_TEST_WORKERS"
 
 # Processes started by this interpreter and not yet stopped; killed at exit so an aborted
 # test run does not leave servers behind.
@@ -57,6 +60,41 @@ def port_is_free(port: int, host: str = LOCALHOST) -> bool:
         except OSError:
             return False
         return True
+
+
+def proxy_workers_env() -> dict[str, str]:
+    """SERVER_WORKERS for a proxy under test, from MISHARDS_TEST_WORKERS (empty when unset)."""
+    workers = os.environ.get(TEST_WORKERS_VARIABLE, "").strip()
+    return {"SERVER_WORKERS": workers} if workers else {}
+
+
+def descendants(pid: int) -> list[int]:
+    """The PIDs of a process's children, grandchildren, ... (from /proc; [] once it is gone)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            pending += children
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
 
 
 def cmd_version_probe(address: str, timeout_s: float = 1.0) -> Probe:
