@@ -40,6 +40,7 @@ coverage: venv
 bench: venv
 	$(PY) bench/merge_bench.py
 	$(PY) bench/search_bench.py $(BENCH_ARGS)
+	$(PY) bench/workers_bench.py
 	$(PY) bench/node_bench.py
 
 # Searches checked against an oracle while nodes are paused, killed, slowed and restarted (~3 min).
