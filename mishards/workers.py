@@ -398,10 +398,8 @@ class AggregateServer(ObservabilityServer):
         replies = await self.supervisor.fetch_all("/readyz")
         if not replies:
             return False, "no worker is serving"
-        reasons = [
-            f"worker {w.index}: {body.decode(errors='replace').strip()}" for w, code, body in replies if code != 200
-        ]
-        return (False, "; ".join(reasons)) if reasons else (True, "ok")
+        not_ready = {w.index: body.decode(errors="replace").strip() for w, code, body in replies if code != 200}
+        return (False, not_ready_reason(not_ready, len(replies))) if not_ready else (True, "ok")
 
     async def metrics_text(self) -> bytes:
         replies = await self.supervisor.fetch_all("/metrics")
@@ -463,11 +461,11 @@ def merge_snapshots(supervisor: Supervisor, pages: dict[int, dict]) -> dict:
             "collections": [],
         }
     first = pages[min(pages)]
-    not_ready = [f"worker {i}: {p['ready_reason']}" for i, p in sorted(pages.items()) if not p["ready"]]
+    not_ready = {i: p["ready_reason"] for i, p in sorted(pages.items()) if not p["ready"]}
     return {
         **base,
         "ready": not not_ready,
-        "ready_reason": "; ".join(not_ready) or "ok",
+        "ready_reason": not_ready_reason(not_ready, len(pages)) if not_ready else "ok",
         "meta_db": first["meta_db"],
         "meta_error": first["meta_error"],
         "settings": first["settings"],
@@ -475,6 +473,20 @@ def merge_snapshots(supervisor: Supervisor, pages: dict[int, dict]) -> dict:
         "nodes": _merge_nodes(first["nodes"], [p["nodes"] for p in pages.values()]),
         "collections": first["collections"],
     }
+
+
+def not_ready_reason(reasons: dict[int, str], serving: int) -> str:
+    """Each distinct reason once, naming its workers unless every serving worker gives it (they
+    usually agree: the meta DB and the nodes are the same for all)."""
+    by_reason: dict[str, list[int]] = {}
+    for index, reason in sorted(reasons.items()):
+        by_reason.setdefault(reason, []).append(index)
+    if len(by_reason) == 1 and len(reasons) == serving:
+        return next(iter(by_reason))
+    return "; ".join(
+        f"{reason} (worker{'s' if len(indexes) > 1 else ''} {', '.join(map(str, indexes))})"
+        for reason, indexes in by_reason.items()
+    )
 
 
 def _merge_requests(per_worker: list[list[dict]]) -> list[dict]:

@@ -65,6 +65,7 @@ class ProxyProcess(ManagedProcess):
             probe=lambda: _get(self.http + "/healthz")[0] == 200,
             log_path=base / f"mishards-{self.port}.log",
             env=env,
+            start_timeout_s=20.0 if int(env.get("SERVER_WORKERS") or 1) == 1 else 45.0,  # 3 interpreters
         )
 
     def log(self) -> str:

@@ -6,6 +6,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pytest
@@ -52,13 +53,32 @@ class MishardsProcess(ManagedProcess):
             }
         )
         env.update(extra_env or {})
+        self.workers = int(env.get("SERVER_WORKERS") or 1)
         super().__init__(
             name=f"mishards@{self.port}",
             argv=[sys.executable, "-m", "mishards"],
-            probe=cmd_version_probe(self.address),
+            probe=self._ready,
             log_path=log_dir / f"mishards-{self.port}.log",
             env=env,
+            # with workers, three interpreters start one after the other on a machine shared with others
+            start_timeout_s=20.0 if self.workers == 1 else 45.0,
         )
+        self._log_start = 0
+        self._answers = cmd_version_probe(self.address)
+
+    def start(self) -> Self:
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        return super().start()
+
+    def _ready(self) -> bool:
+        """`Cmd version` answers; with SERVER_WORKERS > 1 also every worker serves (the supervisor
+        logs it), so a test that signals a worker finds them all started."""
+        if self.workers > 1:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_start)
+                if f"with {self.workers} worker processes".encode() not in log.read():
+                    return False
+        return self._answers()
 
     @property
     def address(self) -> str:

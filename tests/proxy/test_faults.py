@@ -76,7 +76,11 @@ def faulty_cluster(tmp_path, request):
     cluster = start_faulty_cluster(
         tmp_path, {"RPC_TRANSPORT": transport, **({"SERVER_WORKERS": workers} if workers else {})}
     )
-    yield cluster
+    # One connection held for the whole test: grpcio lets every channel this process opens to the
+    # proxy share it, so with SERVER_WORKERS > 1 the searches and the `conn_stats` that check what
+    # they did meet the same worker (each worker counts its own calls).
+    with milvus_stub(cluster["proxy"].address):
+        yield cluster
     for proc in reversed(cluster["procs"]):
         proc.stop()
 

@@ -190,9 +190,10 @@ def _wait_until(condition, timeout_s: float, what: str) -> None:
 def test_a_killed_worker_is_restarted_and_sigterm_stops_all(two_workers, tmp_path) -> None:
     cluster, _ = two_workers
     proxy, url = _proxy(cluster, tmp_path, 2)
-    with proxy:
+    with proxy:  # started: every worker serves
         first = descendants(proxy.pid)
         assert len(first) == 2
+        assert [row["state"] for row in _status(url)["workers"]] == ["serving"] * 2
         os.kill(first[0], signal.SIGKILL)
 
         def replaced() -> bool:

@@ -115,5 +115,12 @@ def test_status_pages_merge_counts_and_keep_the_first_workers_node_states(tmp_pa
     assert merged["nodes"] == [
         {"name": "ro-1", "role": "readonly", "state": "healthy", "health": "healthy", "calls": 10}
     ]
-    assert not merged["ready"] and merged["ready_reason"] == "worker 1: meta DB unreadable: gone"
+    assert not merged["ready"] and merged["ready_reason"] == "meta DB unreadable: gone (worker 1)"
     assert [row["requests"] for row in merged["workers"]] == [10, 30]
+
+
+def test_a_reason_every_worker_gives_is_said_once_as_it_is() -> None:
+    from mishards.workers import not_ready_reason
+
+    assert not_ready_reason({0: "meta DB unreadable: x", 1: "meta DB unreadable: x"}, 2) == "meta DB unreadable: x"
+    assert not_ready_reason({0: "a", 1: "b", 2: "a"}, 3) == "a (workers 0, 2); b (worker 1)"
