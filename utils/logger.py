@@ -47,7 +47,9 @@ def configure(
 ) -> None:
     """`process` names one of several processes (SERVER_WORKERS: `supervisor`, `worker 1`): its lines
     say so, and it writes a file of its own (`logfile-worker-1.log`: a rotating file takes one writer)."""
-    formatter = _RedactingFormatter(FORMAT.replace("%(name)s", f"[{process}] %(name)s") if process else FORMAT)
+    formatter = _RedactingFormatter(
+        FORMAT.replace("%(levelname)s", f"[{process}] %(levelname)s") if process else FORMAT
+    )
     if process.startswith("worker"):
         log_name = f"{log_name}-{process.replace(' ', '-')}"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]

@@ -23,7 +23,7 @@ def test_one_info_line_per_search(observed: ObservedCluster):
     with milvus_stub(observed.proxy.address) as stub:
         assert stub.Search(search_param(COLLECTION, queries, 7), timeout=20).status.error_code == 0
     pattern = re.compile(
-        rf"INFO (?:\[worker \d+\] )?mishards\.access: search collection={COLLECTION} nq=3 topk=7 files={SEGMENTS} "
+        rf"INFO mishards\.access: search collection={COLLECTION} nq=3 topk=7 files={SEGMENTS} "
         r"nodes=(\S+) time=(\d+\.\d)ms$",
         re.M,
     )

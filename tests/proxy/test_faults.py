@@ -79,7 +79,8 @@ def faulty_cluster(tmp_path, request):
     # One connection held for the whole test: grpcio lets every channel this process opens to the
     # proxy share it, so with SERVER_WORKERS > 1 the searches and the `conn_stats` that check what
     # they did meet the same worker (each worker counts its own calls).
-    with milvus_stub(cluster["proxy"].address):
+    with milvus_stub(cluster["proxy"].address) as keeper:
+        assert keeper.Cmd(pb.Command(cmd="version"), timeout=10).status.error_code == 0  # connects
         yield cluster
     for proc in reversed(cluster["procs"]):
         proc.stop()
