@@ -270,6 +270,9 @@ class Supervisor:
         while True:
             code = await worker.process.wait()
             worker.ready = False
+            await asyncio.sleep(0)  # a Ctrl-C reaches the workers and the supervisor at once
+            if self.stopping.is_set():
+                return
             if worker.channel is not None:
                 worker.channel.close()
                 worker.channel = None

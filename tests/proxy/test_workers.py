@@ -270,3 +270,17 @@ def test_a_taken_port_is_a_configuration_error_before_any_worker(tmp_path) -> No
         )
     assert done.returncode == 2
     assert f"SERVER_PORT={port}: cannot listen" in done.stderr, done.stderr
+
+
+def test_ctrl_c_reaches_every_process_and_nothing_restarts(two_workers, tmp_path) -> None:
+    """A terminal's Ctrl-C sends SIGINT to the whole process group: workers and supervisor at once."""
+    cluster, _ = two_workers
+    proxy = _proxy(cluster, tmp_path, 2)[0].start()
+    workers = descendants(proxy.pid)
+    os.killpg(os.getpgid(proxy.pid), signal.SIGINT)  # the harness starts the proxy in its own session
+    deadline = time.monotonic() + 30
+    while proxy.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proxy.stop() == 0
+    assert not any(pid_alive(pid) for pid in workers)
+    assert "restarting" not in proxy.log_path.read_text()
