@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -71,13 +72,23 @@ class MishardsProcess(ManagedProcess):
         return super().start()
 
     def _ready(self) -> bool:
-        """`Cmd version` answers; with SERVER_WORKERS > 1 also every worker serves (the supervisor
-        logs it), so a test that signals a worker finds them all started."""
+        """`Cmd version` answers; with SERVER_WORKERS > 1 also every worker serves, so a test that
+        signals a worker finds them all started: the supervisor opens the side port (METRICS_PORT)
+        only then, and logs it at INFO."""
         if self.workers > 1:
-            with open(self.log_path, "rb") as log:
-                log.seek(self._log_start)
-                if f"with {self.workers} worker processes".encode() not in log.read():
+            side_port = int(self.env.get("METRICS_PORT") or 0)
+            if side_port:
+                try:
+                    with urllib.request.urlopen(f"http://{LOCALHOST}:{side_port}/healthz", timeout=2) as reply:
+                        if reply.status != 200:
+                            return False
+                except OSError:
                     return False
+            else:
+                with open(self.log_path, "rb") as log:
+                    log.seek(self._log_start)
+                    if f"with {self.workers} worker processes".encode() not in log.read():
+                        return False
         return self._answers()
 
     @property
