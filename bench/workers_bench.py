@@ -12,7 +12,7 @@ h2load completed, none with a non-zero Milvus status.
 CPU seconds are read from /proc: the proxy's (supervisor and workers), the fake nodes' and
 h2load's own, so the table says how the machine's cores were shared.
 
-    python bench/workers_bench.py [--rounds 3] [--seconds 6] [--connections 16] [--streams 8]
+    python bench/workers_bench.py [--rounds 5] [--seconds 6] [--connections 16] [--streams 8]
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def check_one_reply(address: str, request: bytes) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=6.0, help="per proxy and round (sizes the request count)")
     parser.add_argument("--connections", type=int, default=16, help="h2load connections (spread over the workers)")
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams per connection")
@@ -236,14 +236,13 @@ def main() -> int:
 def report(args, proxies: list[Proxy], nodes_pid: int, body: Path, request: bytes) -> int:
     for proxy in proxies:
         check_one_reply(proxy.process.address, request)
-    # size the runs: a short one per proxy first (also the warm-up: connections, caches, reloads)
-    sizes = {}
-    for proxy in proxies:
-        warm = measure(args, proxy, nodes_pid, body, 400)
-        sizes[proxy.workers] = max(500, int(warm.qps * args.seconds))
+    # size the runs: a short one per proxy first (also the warm-up: connections, caches, reloads);
+    # every run sends the same number of searches, so both proxies meet the machine's load alike
+    fastest = max(measure(args, proxy, nodes_pid, body, 400).qps for proxy in proxies)
+    size = max(1000, int(fastest * args.seconds))
     print(
         f"\nworker processes: nq={NQ} topk={TOPK} dim={DIM}, {NODES} fake nodes answering cached replies, "
-        f"h2load {args.connections} connections x {args.streams} streams; "
+        f"h2load {args.connections} connections x {args.streams} streams, {size} searches per run; "
         f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), load average before: "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (the machine is shared with other jobs)",
         flush=True,
@@ -251,7 +250,7 @@ def report(args, proxies: list[Proxy], nodes_pid: int, body: Path, request: byte
     results: dict[int, list[Run]] = {proxy.workers: [] for proxy in proxies}
     for _ in range(args.rounds):  # interleaved, so drifts in machine load hit both alike
         for proxy in proxies:
-            results[proxy.workers].append(measure(args, proxy, nodes_pid, body, sizes[proxy.workers]))
+            results[proxy.workers].append(measure(args, proxy, nodes_pid, body, size))
     print(
         f"{'workers':>7} {'QPS':>7} {'range':>11} {'proxy CPU ms/search':>20} {'proxy':>7} {'fake nodes':>10} "
         f"{'h2load':>7} {'wall':>6}   (CPU seconds per run, medians of {args.rounds} runs)"
