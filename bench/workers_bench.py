@@ -18,6 +18,7 @@ h2load's own, so the table says how the machine's cores were shared.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -266,6 +267,10 @@ def report(args, proxies: list[Proxy], nodes_pid: int, body: Path, request: byte
             f"{workers:>7} {statistics.median(qps):>7.0f} {min(qps):>5.0f}-{max(qps):<5.0f} {cpu_ms:>20.3f} "
             f"{proxy_s:>7.2f} {nodes_s:>10.2f} {client_s:>7.2f} {wall:>6.2f}"
         )
+    two = next(proxy for proxy in proxies if proxy.workers == 2)
+    with urllib.request.urlopen(two.metrics_url.replace("/metrics", "/status.json"), timeout=10) as response:
+        split = [row["requests"] for row in json.loads(response.read())["workers"]]
+    print(f"searches answered by each of the 2 workers (whole run): {' / '.join(map(str, split))}")
     (qps1, cpu1), (qps2, cpu2) = medians[1], medians[2]
     print(
         f"2 workers / 1 worker: QPS x{qps2 / qps1:.2f}, proxy CPU per search x{cpu2 / cpu1:.2f}; "
