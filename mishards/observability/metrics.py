@@ -5,6 +5,9 @@ thread (no locks: an update is a few attribute increments), and rendered by a pr
 collector when `/metrics` is scraped; a `list(...)` snapshot of each dict keeps the scrape thread
 safe against series added meanwhile. Membership size and health are read from the membership at
 scrape time, so they cost nothing per request.
+
+With SERVER_WORKERS > 1 each worker keeps its own series; the supervisor sums the workers' texts
+at scrape time (`merge_exposition`), so the search path stays free of shared memory and locks.
 """
 
 from __future__ import annotations
