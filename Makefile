@@ -40,6 +40,7 @@ coverage: venv
 bench: venv
 	$(PY) -m bench.merge_bench
 	$(PY) -m bench.search_bench $(BENCH_ARGS)
+	$(PY) -m bench.workers_bench
 	$(PY) -m bench.node_bench
 
 # Searches checked against an oracle while nodes are paused, killed, slowed and restarted (~3 min).

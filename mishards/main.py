@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 try:
@@ -37,6 +38,7 @@ try:
     from mishards.router import router_factory
     from mishards.service import MishardsService
     from mishards.settings import Settings, SettingsError, load_settings
+    from mishards.workers import WorkerRole, supervise
     from tracer import Tracer, create_tracer
     from utils import logger
     from utils.milvus_schema import SERVICE
@@ -121,6 +123,7 @@ class Mishards:
         self.serving = False
         self.http: ObservabilityServer | None = None
         self._metrics_socket: socket.socket | None = None
+        self.on_serving: Callable[[], None] | None = None  # called once the API and side port serve
 
     def bind(self) -> None:
         """Take the ports now, before anything else starts, so a taken one is a configuration error
@@ -176,7 +179,12 @@ class Mishards:
         self.membership.attach(loop)  # health checks from now on over each node's own connection
         try:
             self.server, bound = await start_server(
-                self.service, self.host, port, self.settings.rpc_transport, self.settings.front_door
+                self.service,
+                self.host,
+                port,
+                self.settings.rpc_transport,
+                self.settings.front_door,
+                reuse_port=self.settings.server_workers > 1,  # sibling workers share the port
             )
         except OSError as exc:
             raise SettingsError(f"SERVER_PORT={port}: cannot listen on {self.host}:{port}: {exc}") from exc
@@ -190,6 +198,8 @@ class Mishards:
         )
         if self.metrics.enabled:
             await self.start_http()
+        if self.on_serving is not None:
+            self.on_serving()
         await stopping.wait()
         log.info("stopping")
         self.serving = False
@@ -227,20 +237,27 @@ class Mishards:
         )
         sock, self._metrics_socket = self._metrics_socket, None
         await self.http.start(sock)
-        log.info("metrics, status page and probes on http://%s:%d/", self.settings.metrics_host, self.http.port)
+        if sock.family != socket.AF_UNIX:  # a worker's (SERVER_WORKERS): the supervisor serves the port
+            log.info("metrics, status page and probes on http://%s:%d/", self.settings.metrics_host, self.http.port)
 
 
 async def start_server(
-    service: MishardsService, host: str, port: int, transport: str = "http2", limits: Limits = DEFAULT_LIMITS
+    service: MishardsService,
+    host: str,
+    port: int,
+    transport: str = "http2",
+    limits: Limits = DEFAULT_LIMITS,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server | H2Server, int]:
     """Serve the API on host:port (port 0: any free one); the server and its port. Call inside the loop.
+    `reuse_port`: sibling worker processes listen on the same port (SO_REUSEPORT, SERVER_WORKERS).
 
-    `http2` (RPC_TRANSPORT, the default) is the proxy's own HTTP/2 server (transport.py, about a
-    third of grpc.aio's CPU per call, within `limits`: docs/front-door.md); `grpcio` is grpc.aio,
+    `http2` (RPC_TRANSPORT, the default) is the proxy's own HTTP/2 server (protocol/server.py, about
+    a third of grpc.aio's CPU per call, within `limits`: docs/front-door.md); `grpcio` is grpc.aio,
     kept as the reference the own server is tested against (README: RPC_TRANSPORT)."""
     if transport == "http2":
         server = H2Server(service.handlers(), limits)
-        return server, await server.start(host, port)
+        return server, await server.start(host, port, reuse_port)
     methods = {
         path.rpartition("/")[2]: grpc.unary_unary_rpc_method_handler(handler)
         for path, handler in service.handlers().items()
@@ -250,7 +267,7 @@ async def start_server(
         options=[
             ("grpc.max_send_message_length", -1),
             ("grpc.max_receive_message_length", -1),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     bound = aio.add_insecure_port(f"{host}:{port}")
@@ -292,6 +309,13 @@ def _try_listen(host: str, port: int) -> None:
         probe.listen(1)
 
 
+def _configure_logging(settings: Settings, process: str = "") -> None:
+    """`process`: with SERVER_WORKERS, `supervisor` or `worker I` (each logs to a file of its own)."""
+    logger.configure(
+        settings.log_level, settings.log_path, settings.log_name, settings.log_third_party_level, process=process
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start-up: every configuration error is one line on stderr naming the variable, exit code 2."""
     parser = argparse.ArgumentParser(
@@ -300,15 +324,21 @@ def main(argv: list[str] | None = None) -> int:
         "a .env file (mishards/.env, .env, or the file MISHARDS_ENV_FILE names) and, with FROM_EXAMPLE=true, "
         ".env.example; README.md lists them. Required: WOSERVER, SQLALCHEMY_DATABASE_URI.",
     )
-    parser.parse_args(sys.argv[1:] if argv is None else argv)
+    WorkerRole.add_arguments(parser)
+    worker = WorkerRole.from_args(parser.parse_args(sys.argv[1:] if argv is None else argv))
     try:
         settings = load_settings()
+        if worker is None and settings.server_workers > 1:  # a supervisor of worker processes
+            return supervise(settings, functools.partial(_configure_logging, settings))
         app = Mishards(settings)
-        app.bind()
+        if worker is None:
+            app.bind()
+        else:
+            worker.bind(app)
     except SettingsError as exc:
         print(f"mishards: configuration error: {exc}", file=sys.stderr)
         return 2
-    logger.configure(settings.log_level, settings.log_path, settings.log_name, settings.log_third_party_level)
+    _configure_logging(settings, worker.tag if worker else "")
     log.info("configuration read from %s", ", ".join(settings.sources))
     try:
         app.connect()
@@ -321,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopping.set)
+        if worker is not None:
+            worker.attach(app, stopping)
         await app.serve(stopping)
 
     try:

@@ -6,7 +6,7 @@ one error family, `NodeCallError` (NodeUnavailable, NodeDeadline, NodeCancelled,
 NodeUnimplemented, NodeProtocolError, NodeRejectedRequest), whatever carried it; nothing above
 this module sees a transport's own exceptions. It is implemented twice:
 
-- `node_client.H2Channel`, the proxy's own HTTP/2 client: every call to a read-only node and the
+- `protocol.client.H2Channel`, the proxy's own HTTP/2 client: every call to a read-only node and the
   search path's calls and health checks of the writable node;
 - `node_grpcio.GrpcioChannel`, over grpc.aio: the writable node's forwarded calls (inserts of
   hundreds of MB, index builds: everything but SEARCH_PATH_METHODS), and every call when
@@ -25,7 +25,7 @@ unhealthy and left out of routing until it passes HEALTH_CHECK_SUCCESSES_TO_REST
 row. Nothing here ever leaves an empty entry behind.
 
 Addresses keep host names: each new connection resolves them again, and a connection that stops
-answering is dropped (node_client: a missed PING after a deadline), so a host name that moves to
+answering is dropped (protocol.client: a missed PING after a deadline), so a host name that moves to
 another IP is followed.
 """
 
@@ -158,7 +158,7 @@ class NodeClient:
         give fake ports; embedders another transport); else as the module docstring says."""
         self.name = name
         self.address = address
-        self.fast_transport = fast_transport  # SEARCH_PATH_METHODS over node_client.H2Channel
+        self.fast_transport = fast_transport  # SEARCH_PATH_METHODS over protocol.client.H2Channel
         self._port_factory = port_factory
         self._search_port: NodePort | None = None
         self._bulk_port: NodePort | None = None

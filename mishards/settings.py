@@ -50,6 +50,7 @@ class Settings:
     max_retry: int
     timeout: float
     max_workers: int
+    server_workers: int  # proxy processes sharing SERVER_PORT (SO_REUSEPORT); 1: this process alone
     rpc_transport: str  # http2: the proxy's own HTTP/2 (server and search calls); grpcio
     debug: bool
     timezone: str  # TIMEZONE: in the user's guide, so accepted and checked, but ignored (see README)
@@ -109,6 +110,7 @@ class Settings:
         return {
             "server": f"{self.server_host}:{self.server_port}",
             "rpc_transport": self.rpc_transport,
+            "server_workers": self.server_workers,
             "woserver": self.woserver,
             "meta_db": describe_database(self.sqlalchemy_database_uri),
             "discovery": self.discovery_class_name,
@@ -344,6 +346,7 @@ def _read(source: Source, testing: bool) -> Settings:
         max_retry=s.int("MAX_RETRY", 3, minimum=1),
         timeout=s.float("TIMEOUT", 60.0, minimum=0.1),
         max_workers=s.int("MAX_WORKERS", 50, minimum=1),
+        server_workers=s.int("SERVER_WORKERS", 1, minimum=1, maximum=64),
         rpc_transport=s.choice("RPC_TRANSPORT", "http2", ("http2", "grpcio")),
         debug=debug,
         timezone=s.str("TIMEZONE", "UTC"),

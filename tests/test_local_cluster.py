@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.support import oracle
-from tests.support.processes import ROOT, cmd_version_probe, free_port, port_is_free
+from tests.support.processes import ROOT, cmd_version_probe, descendants, free_port, port_is_free, proxy_workers_env
 from tests.support.pymilvus_client import PymilvusClient
 from utils.milvus_schema import MetricType
 
@@ -97,13 +97,15 @@ def test_serves_every_node_stops_on_sigterm_and_starts_again_at_once(cluster: Cl
 
     with urllib.request.urlopen(f"http://127.0.0.1:{ports[4]}/healthz", timeout=10) as response:
         assert response.status == 200, "the proxy's status port is on"
+    workers = descendants(pids["mishards"])  # SERVER_WORKERS > 1: the proxy's worker processes
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
-    for pid in pids.values():
+    for pid in [*pids.values(), *workers]:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     proxy_log = (tmp_path / "cluster" / "logs" / "mishards.log").read_text()
-    assert proxy_log.count("Mishards serving on") == 1, "each proxy log line is written once"
+    # each proxy log line is written once: one process, or a supervisor and each of its workers
+    assert proxy_log.count("Mishards serving on") == (1 + len(workers) if workers else 1), proxy_log
 
     # at once on the same ports and data: connections the first run left in TIME_WAIT do not count as busy
     env = dict(os.environ, **cluster_env(ports, tmp_path))
@@ -126,6 +128,7 @@ def cluster_env(ports: list[int], tmp_path: Path) -> dict[str, str]:
         # no background merge: a loaded machine took over 10 s to insert the segments, and the
         # merge folded them into one file that only one read-only node could serve
         "MILVUS_NODE_MERGE_AFTER": "-1",
+        **proxy_workers_env(),  # the proxy `make run` starts reads SERVER_WORKERS from the environment
     }
 
 

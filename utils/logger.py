@@ -43,8 +43,15 @@ def configure(
     third_party_level: str = "WARNING",
     max_bytes: int = 100 * 1024 * 1024,
     backups: int = 5,
+    process: str = "",
 ) -> None:
-    formatter = _RedactingFormatter(FORMAT)
+    """`process` names one of several processes (SERVER_WORKERS: `supervisor`, `worker 1`): its lines
+    say so, and it writes a file of its own (`logfile-worker-1.log`: a rotating file takes one writer)."""
+    formatter = _RedactingFormatter(
+        FORMAT.replace("%(levelname)s", f"[{process}] %(levelname)s") if process else FORMAT
+    )
+    if process.startswith("worker"):
+        log_name = f"{log_name}-{process.replace(' ', '-')}"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     problem = ""
     if log_path:

@@ -5,6 +5,9 @@ thread (no locks: an update is a few attribute increments), and rendered by a pr
 collector when `/metrics` is scraped; a `list(...)` snapshot of each dict keeps the scrape thread
 safe against series added meanwhile. Membership size and health are read from the membership at
 scrape time, so they cost nothing per request.
+
+With SERVER_WORKERS > 1 each worker keeps its own series; the supervisor sums the workers' texts
+at scrape time (`merge_exposition`), so the search path stays free of shared memory and locks.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -276,3 +279,63 @@ class NoMetrics(Metrics):
 
     def watch(self, membership, writable) -> None:
         pass
+
+
+# ---------------------------------------------------------------------------------------------- workers
+# Gauges that every worker reports alike (each checks the same nodes): the first worker's value.
+_GAUGES_FIRST = frozenset({"mishards_readonly_nodes", "mishards_node_healthy", "python_info", "process_max_fds"})
+_GAUGES_MIN = frozenset({"process_start_time_seconds"})
+
+
+def merge_exposition(texts: list[str], extra: Iterable[Metric] = ()) -> bytes:
+    """The Prometheus text of several processes (SERVER_WORKERS) as one: counters and histograms
+    summed by series, `*_created` the earliest, gauges summed (memory, open fds: the proxy's total)
+    except those every worker reports alike (node health, `python_info`: the first worker's) and
+    start times (the earliest). `extra` families are added as they are."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            into = values[family.name]
+            if family.type == "gauge":
+                rule = "first" if family.name in _GAUGES_FIRST else ("min" if family.name in _GAUGES_MIN else "sum")
+            else:
+                rule = "sum"
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                old = into.get(key)
+                if old is None:
+                    into[key] = sample.value
+                elif sample.name.endswith("_created") or rule == "min":
+                    into[key] = min(old, sample.value)
+                elif rule == "sum":
+                    into[key] = old + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families([*families.values(), *extra]))
+    return generate_latest(registry)
+
+
+def supervisor_families(configured: int, serving: int, restarts: int) -> list[Metric]:
+    """The supervisor's own series: workers configured and serving, restarts so far."""
+    workers = GaugeMetricFamily("mishards_workers", "Worker processes (SERVER_WORKERS), by state", labels=["state"])
+    workers.add_metric(["configured"], configured)
+    workers.add_metric(["serving"], serving)
+    restarted = CounterMetricFamily("mishards_worker_restarts", "Worker processes restarted after they died")
+    restarted.add_metric([], restarts)
+    return [workers, restarted]
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)

@@ -259,6 +259,28 @@ def render_html(snapshot: dict) -> str:
             "p50 and p99 are upper bounds of the histogram bucket that holds that quantile (buckets of "
             "0.5 ms to 60 s, as in /metrics <code>mishards_request_duration_seconds</code>).</div>"
         )
+    if snapshot.get("workers"):  # SERVER_WORKERS > 1: the supervisor merged the workers' pages
+        parts.append(
+            "<h2>Workers</h2><table><tr><th>worker</th><th>pid</th><th>state</th><th>ready</th><th>restarts</th>"
+            "<th>up</th><th>requests</th></tr>"
+        )
+        for row in snapshot["workers"]:
+            parts.append(
+                "<tr>"
+                + _cell(row["worker"], True)
+                + _cell(row["pid"] or "", True)
+                + _cell(row["state"])
+                + _cell("yes" if row["ready"] else "no")
+                + _cell(row["restarts"], True)
+                + _cell(_duration(row["uptime_s"]))
+                + _cell(row["requests"], True)
+                + "</tr>"
+            )
+        parts.append(
+            '</table><div class="legend">Requests, errors and node calls above and below are summed over the '
+            "workers; p50 and p99 are the highest of the workers' (the whole's are not higher); node states and "
+            "collections are as the first serving worker sees them (every worker checks the same nodes).</div>"
+        )
     parts += [
         "<h2>Nodes</h2><table><tr><th>node</th><th>role</th><th>address</th><th>state</th><th>version</th>"
         "<th>calls</th><th>failures</th><th>failovers</th><th>hedges</th><th>hedges won</th><th>ejections</th>"

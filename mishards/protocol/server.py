@@ -323,22 +323,24 @@ class _ServerProtocol(asyncio.Protocol):
                 self.transport.close()
 
 
-def _listening_socket(host: str, port: int) -> socket.socket | None:
+def _listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket | None:
     """A dual-stack socket for '::' / '[::]' (as gRPC binds it), IPv4 alone where IPv6 is off."""
     if host.strip("[]") not in ("::", ""):
         return None
     try:
-        return _bound(socket.AF_INET6, ("::", port))
+        return _bound(socket.AF_INET6, ("::", port), reuse_port)
     except OSError:  # no IPv6 in this kernel or container
-        return _bound(socket.AF_INET, ("0.0.0.0", port))
+        return _bound(socket.AF_INET, ("0.0.0.0", port), reuse_port)
 
 
-def _bound(family: socket.AddressFamily, address: tuple) -> socket.socket:
+def _bound(family: socket.AddressFamily, address: tuple, reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # worker processes share the port; the kernel spreads connections over them
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError:
         sock.close()
@@ -396,15 +398,21 @@ class H2Server:
         # one thread: compressed requests are inflated one at a time, so bombs cannot add up
         self._inflater = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mishards-inflate")
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen; the bound port. OSError when the address cannot be bound."""
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
+        """Listen; the bound port. OSError when the address cannot be bound. `reuse_port`: other
+        processes may listen on the same port (SERVER_WORKERS)."""
         loop = asyncio.get_running_loop()
-        sock = _listening_socket(host, port)
+        sock = _listening_socket(host, port, reuse_port)
         if sock is not None:
             self._server = await loop.create_server(lambda: _ServerProtocol(self), sock=sock, backlog=1024)
         else:
             self._server = await loop.create_server(
-                lambda: _ServerProtocol(self), host.strip("[]"), port, reuse_address=True, backlog=1024
+                lambda: _ServerProtocol(self),
+                host.strip("[]"),
+                port,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+                backlog=1024,
             )
         self._ticker = loop.create_task(self._tick())
         return self._server.sockets[0].getsockname()[1]

@@ -20,7 +20,7 @@ import pytest
 
 from mishards import settings as settings_module
 from tests.conftest import fresh_mysql_database
-from tests.support.processes import LOCALHOST, ManagedProcess, NodeProcess, free_port
+from tests.support.processes import LOCALHOST, ManagedProcess, NodeProcess, free_port, proxy_workers_env
 from tests.support.stubs import milvus_stub
 
 from .conftest import http_get
@@ -56,6 +56,7 @@ class ProxyProcess(ManagedProcess):
             LOG_LEVEL="INFO",
             LOG_PATH=str(base / "proxy-logs"),
             TIMEOUT="10",
+            **proxy_workers_env(),
         )
         env = _clean_env(**{**settings, **extra})
         super().__init__(
@@ -64,6 +65,7 @@ class ProxyProcess(ManagedProcess):
             probe=lambda: _get(self.http + "/healthz")[0] == 200,
             log_path=base / f"mishards-{self.port}.log",
             env=env,
+            start_timeout_s=20.0 if int(env.get("SERVER_WORKERS") or 1) == 1 else 45.0,  # 3 interpreters
         )
 
     def log(self) -> str:

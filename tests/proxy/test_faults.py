@@ -69,9 +69,18 @@ def start_faulty_cluster(tmp_path, proxy_env: dict[str, str]):
 
 @pytest.fixture
 def faulty_cluster(tmp_path, request):
-    """The cluster above; the proxy's RPC_TRANSPORT is the test's parameter (default http2)."""
-    cluster = start_faulty_cluster(tmp_path, {"RPC_TRANSPORT": getattr(request, "param", "http2")})
-    yield cluster
+    """The cluster above; the proxy's RPC_TRANSPORT is the test's parameter (default http2), with
+    `:N` after it its SERVER_WORKERS (`http2:2`)."""
+    transport, _, workers = getattr(request, "param", "http2").partition(":")
+    cluster = start_faulty_cluster(
+        tmp_path, {"RPC_TRANSPORT": transport, **({"SERVER_WORKERS": workers} if workers else {})}
+    )
+    # One connection held for the whole test: grpcio lets every channel this process opens to the
+    # proxy share it, so with SERVER_WORKERS > 1 the searches and the `conn_stats` that check what
+    # they did meet the same worker (each worker counts its own calls).
+    with milvus_stub(cluster["proxy"].address) as keeper:
+        assert keeper.Cmd(pb.Command(cmd="version"), timeout=10).status.error_code == 0  # connects
+        yield cluster
     for proc in reversed(cluster["procs"]):
         proc.stop()
 
@@ -133,13 +142,14 @@ def conn_stats(address: str) -> dict:
 def busiest_node(cluster):
     """The read-only node that serves the most files: the ring may leave a node without any."""
     queries = np.random.default_rng(9).random((1, DIM)).astype(np.float32)
-    with milvus_stub(cluster["proxy"].address) as stub:
+    with milvus_stub(cluster["proxy"].address) as stub:  # one connection: one worker searches and counts
         assert stub.Search(search_param("faults", queries, 3)).status.error_code == 0
-    routed = {name: node["files_routed"] for name, node in conn_stats(cluster["proxy"].address)["readonly"].items()}
+        stats = json.loads(stub.Cmd(pb.Command(cmd="conn_stats")).string_reply)
+    routed = {name: node["files_routed"] for name, node in stats["readonly"].items()}
     return next(node for node in cluster["ro"] if node.address == max(routed, key=routed.get))
 
 
-@pytest.mark.parametrize("faulty_cluster", ["http2", "grpcio"], indirect=True)
+@pytest.mark.parametrize("faulty_cluster", ["http2", "grpcio", "http2:2"], indirect=True)
 def test_kill_9_of_a_readonly_node_during_searches(faulty_cluster):
     victim = busiest_node(faulty_cluster)
     run_with_fault(faulty_cluster, victim.kill)
@@ -170,12 +180,17 @@ def test_sigstop_of_a_readonly_node_during_searches(faulty_cluster):
         time.sleep(0.2)
     else:
         pytest.fail("the resumed node did not come back")
-    routed = conn_stats(faulty_cluster["proxy"].address)["readonly"][victim.address]["files_routed"]
     queries = np.random.default_rng(2).random((2, DIM)).astype(np.float32)
-    with milvus_stub(faulty_cluster["proxy"].address) as stub:
+    with milvus_stub(faulty_cluster["proxy"].address) as stub:  # one channel: counts and searches of one worker
+
+        def routed_to_victim() -> int:
+            stats = json.loads(stub.Cmd(pb.Command(cmd="conn_stats")).string_reply)
+            return stats["readonly"][victim.address]["files_routed"]
+
+        routed = routed_to_victim()
         for _ in range(3):
             assert stub.Search(search_param("faults", queries, 5)).status.error_code == 0
-    assert conn_stats(faulty_cluster["proxy"].address)["readonly"][victim.address]["files_routed"] > routed
+        assert routed_to_victim() > routed
 
 
 def test_all_readonly_nodes_down_searches_fall_back_to_the_writable_node(faulty_cluster):

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LOCALHOST = "127.0.0.1"
 
 Probe = Callable[[], bool]
+# How many worker processes (SERVER_WORKERS) the proxies that tests start run: unset, the proxy's
+# default (one process); `MISHARDS_TEST_WORKERS=2 make test` runs every proxy test with two.
+TEST_WORKERS_VARIABLE = "MISHARDS_TEST_WORKERS"
 
 # Processes started by this interpreter and not yet stopped; killed at exit so an aborted
 # test run does not leave servers behind.
@@ -57,6 +61,41 @@ def port_is_free(port: int, host: str = LOCALHOST) -> bool:
         except OSError:
             return False
         return True
+
+
+def proxy_workers_env() -> dict[str, str]:
+    """SERVER_WORKERS for a proxy under test, from MISHARDS_TEST_WORKERS (empty when unset)."""
+    workers = os.environ.get(TEST_WORKERS_VARIABLE, "").strip()
+    return {"SERVER_WORKERS": workers} if workers else {}
+
+
+def descendants(pid: int) -> list[int]:
+    """The PIDs of a process's children, grandchildren, ... (from /proc; [] once it is gone)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            pending += children
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
 
 
 def cmd_version_probe(address: str, timeout_s: float = 1.0) -> Probe:
@@ -283,16 +322,46 @@ class MishardsProcess(ManagedProcess):
                 "LOG_PATH": str(log_dir / "mishards-logs"),
                 "LOG_LEVEL": "INFO",
                 "TIMEOUT": "20",
+                **proxy_workers_env(),
             }
         )
         env.update(extra_env or {})
+        self.workers = int(env.get("SERVER_WORKERS") or 1)
         super().__init__(
             name=f"mishards@{self.port}",
             argv=[sys.executable, "-m", "mishards"],
-            probe=cmd_version_probe(self.address),
+            probe=self._ready,
             log_path=log_dir / f"mishards-{self.port}.log",
             env=env,
+            # with workers, three interpreters start one after the other on a machine shared with others
+            start_timeout_s=20.0 if self.workers == 1 else 45.0,
         )
+        self._log_start = 0
+        self._answers = cmd_version_probe(self.address)
+
+    def start(self) -> Self:
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        return super().start()
+
+    def _ready(self) -> bool:
+        """`Cmd version` answers; with SERVER_WORKERS > 1 also every worker serves, so a test that
+        signals a worker finds them all started: the supervisor opens the side port (METRICS_PORT)
+        only then, and logs it at INFO."""
+        if self.workers > 1:
+            side_port = int(self.env.get("METRICS_PORT") or 0)
+            if side_port:
+                try:
+                    with urllib.request.urlopen(f"http://{LOCALHOST}:{side_port}/healthz", timeout=2) as reply:
+                        if reply.status != 200:
+                            return False
+                except OSError:
+                    return False
+            else:
+                with open(self.log_path, "rb") as log:
+                    log.seek(self._log_start)
+                    if f"with {self.workers} worker processes".encode() not in log.read():
+                        return False
+        return self._answers()
 
     @property
     def address(self) -> str:

@@ -82,6 +82,7 @@ def test_defaults_follow_the_guide(env):
     assert (s.pool_size, s.pool_recycle, s.pool_timeout, s.pool_pre_ping, s.max_overflow) == (100, 3600, 30, True, 0)
     assert s.max_workers == 50 and s.timeout == 60
     assert s.rpc_transport == "http2"
+    assert s.server_workers == 1, "one process unless SERVER_WORKERS says more"
 
 
 @pytest.mark.parametrize("name", ["WOSERVER", "SQLALCHEMY_DATABASE_URI"])
@@ -104,6 +105,9 @@ def test_required_variables(env, name):
         ("WOSERVER", "http://h:1"),
         ("pool_size", "many"),
         ("RPC_TRANSPORT", "carrier-pigeon"),
+        ("SERVER_WORKERS", "0"),
+        ("SERVER_WORKERS", "two"),
+        ("SERVER_WORKERS", "65"),
         ("SQLALCHEMY_DATABASE_URI", "nonsense"),
         ("SQLALCHEMY_DATABASE_URI", "postgresql://u:p@h/db"),
         ("SQLALCHEMY_DATABASE_URI", "nosuchdialect://h/db"),
@@ -277,6 +281,7 @@ def test_the_repository_example_is_complete_and_valid(env):
         "DISCOVERY_KUBERNETES_NAMESPACE",
         "TRACING_SAMPLER_TYPE",
         "FROM_EXAMPLE",
+        "SERVER_WORKERS",
     ):
         assert name in example, name
 
