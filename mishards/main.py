@@ -236,6 +236,8 @@ class Mishards:
             max_connections=self.settings.metrics_max_connections,
         )
         sock, self._metrics_socket = self._metrics_socket, None
+        if sock is None:
+            raise RuntimeError("the side port's socket was not bound before serving")
         await self.http.start(sock)
         if sock.family != socket.AF_UNIX:  # a worker's (SERVER_WORKERS): the supervisor serves the port
             log.info("metrics, status page and probes on http://%s:%d/", self.settings.metrics_host, self.http.port)

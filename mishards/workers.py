@@ -180,12 +180,12 @@ class Supervisor:
     deaths: deque[float] = field(default_factory=deque)
     exit_code: int = 0
     started_at: float = field(default_factory=time.time)
-    stopping: asyncio.Event | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
     http: ObservabilityServer | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self.stopping = stopping = asyncio.Event()
+        stopping = self.stopping
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopping.set)
         self.workers = [Worker(i) for i in range(self.settings.server_workers)]
@@ -268,7 +268,9 @@ class Supervisor:
     async def _watch(self, worker: Worker) -> None:
         """Wait for the worker to exit; restart it, or stop the proxy when workers keep dying."""
         while True:
-            code = await worker.process.wait()
+            process = worker.process
+            assert process is not None  # started before it is watched
+            code = await process.wait()
             worker.ready = False
             await asyncio.sleep(0)  # a Ctrl-C reaches the workers and the supervisor at once
             if self.stopping.is_set():
@@ -305,18 +307,18 @@ class Supervisor:
 
     async def _stop_all(self) -> None:
         """SIGTERM to every worker by PID, a bounded wait, then SIGKILL to the ones left."""
-        alive = [w for w in self.workers if w.running()]
-        for worker in alive:
-            _signal(worker.process, signal.SIGTERM)
+        alive = [(w, w.process) for w in self.workers if w.process is not None and w.process.returncode is None]
+        for _, process in alive:
+            _signal(process, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for worker in alive:
-            code = await _wait(worker.process, max(deadline - time.monotonic(), 0.1))
+        for worker, process in alive:
+            code = await _wait(process, max(deadline - time.monotonic(), 0.1))
             if code is None:
                 log.error(
                     "worker %d (pid %d) did not stop within %g s: killed", worker.index, worker.pid, STOP_TIMEOUT_S
                 )
-                _signal(worker.process, signal.SIGKILL)
-                await _wait(worker.process, 10.0)
+                _signal(process, signal.SIGKILL)
+                await _wait(process, 10.0)
                 self.exit_code = self.exit_code or 1
             elif code != 0:
                 log.warning("worker %d (pid %d) stopped with code %d", worker.index, worker.pid, code)
@@ -372,7 +374,12 @@ class AggregateServer(ObservabilityServer):
 
     def __init__(self, supervisor: Supervisor) -> None:
         s = supervisor.settings
-        super().__init__(None, None, idle_timeout=s.metrics_idle_timeout, max_connections=s.metrics_max_connections)
+        super().__init__(
+            None,  # type: ignore[arg-type]  # no metrics or status of its own: `_route` serves every page
+            None,  # type: ignore[arg-type]
+            idle_timeout=s.metrics_idle_timeout,
+            max_connections=s.metrics_max_connections,
+        )
         self.supervisor = supervisor
         self.own = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.own)  # the supervisor's own CPU and memory join the sums

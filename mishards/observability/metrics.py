@@ -180,15 +180,15 @@ class Metrics:
         node_ejections = CounterMetricFamily(
             "mishards_node_ejections", "Times a node left routing after slow calls in a row", labels=["node"]
         )
-        for name, series in nodes:
-            buckets, total = series.latency.cumulative()
+        for name, node in nodes:
+            buckets, total = node.latency.cumulative()
             node_latency.add_metric([name], buckets, total)
-            node_errors.add_metric([name], series.errors)
-            node_retries.add_metric([name], series.retries)
-            node_failovers.add_metric([name], series.failovers)
-            node_hedges.add_metric([name], series.hedges)
-            node_hedges_won.add_metric([name], series.hedges_won)
-            node_ejections.add_metric([name], series.ejections)
+            node_errors.add_metric([name], node.errors)
+            node_retries.add_metric([name], node.retries)
+            node_failovers.add_metric([name], node.failovers)
+            node_hedges.add_metric([name], node.hedges)
+            node_hedges_won.add_metric([name], node.hedges_won)
+            node_ejections.add_metric([name], node.ejections)
         yield from (node_latency, node_errors, node_retries, node_failovers, node_hedges, node_hedges_won)
         yield node_ejections
         partial = CounterMetricFamily(
@@ -208,8 +208,8 @@ class Metrics:
             "Meta DB reads on the search path (cache hits included), by query",
             labels=["query"],
         )
-        for query, series in meta:
-            buckets, total = series.cumulative()
+        for query, histogram in meta:
+            buckets, total = histogram.cumulative()
             meta_latency.add_metric([query], buckets, total)
         yield from (fanout, merge, meta_latency)
         yield from self._membership()

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from .grpc_h2 import (
@@ -386,7 +386,7 @@ class Probation:
 class H2Server:
     """Serves `handlers` ({'/package.Service/Method': handler}) on one port, within `limits`."""
 
-    def __init__(self, handlers: dict[str, Handler], limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, handlers: Mapping[str, Handler], limits: Limits = DEFAULT_LIMITS) -> None:
         self.handlers = handlers
         self.limits = limits
         self.pool = BufferPool(limits.max_buffered)
