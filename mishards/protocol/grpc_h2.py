@@ -535,6 +535,9 @@ class ServerConnection(Connection[_Request]):
         for name, value in headers:
             size += len(name) + len(value)
         if size > self.limits.max_header_list_size:
+            # refused like a stream over the limit: a client that keeps sending them is ended
+            # (too_many_resets) instead of costing a header decode per request without end
+            self._spend(self._resets, "too_many_resets", now)
             limit = self.limits.max_header_list_size
             details = f"request headers of {size} bytes exceed the limit of {limit} bytes (H2_MAX_HEADER_LIST_SIZE)"
             self._reject(stream_id, request, RESOURCE_EXHAUSTED, details)

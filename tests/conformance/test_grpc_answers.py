@@ -8,6 +8,7 @@ import pytest
 
 from .harness import (
     ECHO,
+    ENHANCE_YOUR_CALM,
     GRPC_DEADLINE_EXCEEDED,
     GRPC_INTERNAL,
     GRPC_RESOURCE_EXHAUSTED,
@@ -51,6 +52,20 @@ def test_headers_over_the_limit_are_resource_exhausted_without_echoing_them(peer
     assert "TOPSECRET" not in everything and "x-filler" not in everything
     peer.send(peer.request(3, body=b"after"))
     assert peer.response(3).message == b"after"
+
+
+def test_a_client_that_keeps_sending_oversized_headers_runs_out_of_its_reset_budget(server_with) -> None:
+    """Each refusal costs the server a header decode: past H2_MAX_RESETS (200 per window) of them the
+    connection is told ENHANCE_YOUR_CALM instead of being answered for ever. (A server of its own:
+    the offence puts this address on probation.)"""
+    server = server_with(H2_MAX_HEADER_LIST_SIZE=HEADER_LIMIT, H2_MAX_MESSAGE_SIZE=MESSAGE_LIMIT)
+    peer = Peer(server.port)
+    try:
+        headers = padded_headers(HEADER_LIMIT + 1)
+        peer.try_send(*[peer.request(1 + 2 * i, headers=headers) for i in range(300)])
+        peer.expect_goaway(ENHANCE_YOUR_CALM, b"too_many_resets")
+    finally:
+        peer.close()
 
 
 def test_headers_of_exactly_the_limit_are_served(peer) -> None:
