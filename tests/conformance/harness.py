@@ -91,6 +91,7 @@ class Handlers:
     def __init__(self) -> None:
         self.slow_started = 0
         self.slow_cancelled = 0
+        self.started = threading.Event()
         self.cancelled = threading.Event()
 
     async def echo(self, request: bytes, context) -> bytes:
@@ -98,6 +99,7 @@ class Handlers:
 
     async def slow(self, request: bytes, context) -> bytes:
         self.slow_started += 1
+        self.started.set()
         try:
             await asyncio.sleep(float(request or b"30"))
         except asyncio.CancelledError:
