@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -102,37 +101,37 @@ def encode_reply(ids, distances, status: status_pb2.Status | None, nq: int) -> b
 
 
 class ReloadTracker:
-    """Per node, the `updated_time` of each file as last successfully reloaded there (vectorised)."""
+    """Per node, the `updated_time` of each file as last successfully reloaded there.
+
+    Dicts, not arrays: a search's group is a handful of files, where numpy's fixed cost per call
+    (three arrays and a search per node call) outweighed the lookups (measured at saturation).
+    """
 
     MAX_FILES_PER_NODE = 200_000
 
     def __init__(self) -> None:
-        self._state: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._lock = threading.Lock()
+        self._state: dict[str, dict[str, int]] = {}
 
-    def stale(self, node: str, ids: np.ndarray, updated: np.ndarray) -> np.ndarray:
-        """Mask of files the node must reload before searching them."""
-        with self._lock:
-            known_ids, known_times = self._state.get(node, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
-        if known_ids.size == 0:
-            return np.ones(ids.size, dtype=bool)
-        pos = np.minimum(np.searchsorted(known_ids, ids), known_ids.size - 1)
-        return (known_ids[pos] != ids) | (known_times[pos] < updated)
+    def stale(self, node: str, file_ids: Sequence[str], updated: Mapping[str, int]) -> list[str]:
+        """The files the node must reload before searching them: never reloaded there, or changed since."""
+        known = self._state.get(node)
+        if not known:
+            return list(file_ids)
+        missing = -1  # below every updated_time
+        return [file_id for file_id in file_ids if known.get(file_id, missing) < updated[file_id]]
 
-    def record(self, node: str, ids: np.ndarray, updated: np.ndarray) -> None:
-        with self._lock:
-            known_ids, known_times = self._state.get(node, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
-            all_ids = np.concatenate([ids, known_ids])  # new entries first, so unique keeps them
-            all_times = np.concatenate([updated, known_times])
-            merged_ids, first = np.unique(all_ids, return_index=True)
-            if merged_ids.size > self.MAX_FILES_PER_NODE:  # forget everything: the cost is one reload
-                merged_ids, first = np.unique(ids, return_index=True)
-                all_times = updated
-            self._state[node] = (merged_ids, all_times[first])
+    def record(self, node: str, file_ids: Sequence[str], updated: Mapping[str, int]) -> None:
+        """The node reloaded these files as of their `updated` times (the newest time is kept)."""
+        known = self._state.setdefault(node, {})
+        if len(known) + len(file_ids) > self.MAX_FILES_PER_NODE:  # forget the rest: the cost is one reload
+            known.clear()
+        for file_id in file_ids:
+            time_now = updated[file_id]
+            if known.get(file_id, -1) < time_now:
+                known[file_id] = time_now
 
     def forget(self, node: str) -> None:
-        with self._lock:
-            self._state.pop(node, None)
+        self._state.pop(node, None)
 
 
 class ReloadRefused(NodeCallError):
@@ -560,22 +559,16 @@ class Scatter:
             left.set_exception(NodeUnavailable(f"read-only node {job.node} left during the search"))
             return _Call(job, group, None, 0.0, left)
         self.accounting.started(job.node, client, len(job.file_ids), retry=job.attempt > 0)
-        stale = None
+        stale: list[str] = []
         if client.supports_reload and job.node != WRITABLE:
-            ids = np.array(job.file_ids, dtype=np.int64)
-            times = np.array([request.updated[f] for f in job.file_ids], dtype=np.int64)
-            mask = self.reloads.stale(job.node, ids, times)
-            if mask.any():
-                stale = (ids[mask], times[mask])
+            stale = self.reloads.stale(job.node, job.file_ids, request.updated)
         started = self.clock()
-        if stale is None and not self.tracer.enabled:
+        if not stale and not self.tracer.enabled:
             message = search_in_files_request(job.file_ids, request.search_param)
             return _Call(job, group, client, started, client.call("SearchInFiles", message, job.timeout))
         return _Call(job, group, client, started, asyncio.ensure_future(self._in_task(job, client, request, stale)))
 
-    async def _in_task(
-        self, job: _Job, client: NodeClient, request: _Request, stale: tuple[np.ndarray, np.ndarray] | None
-    ) -> bytes:
+    async def _in_task(self, job: _Job, client: NodeClient, request: _Request, stale: list[str]) -> bytes:
         """A call that needs a reload first, or a span around it: run as a task."""
         if not self.tracer.enabled:
             return await self._reload_then_search(job, client, request, stale, None)
@@ -593,12 +586,12 @@ class Scatter:
         job: _Job,
         client: NodeClient,
         request: _Request,
-        stale: tuple[np.ndarray, np.ndarray] | None,
+        stale: list[str],
         metadata: Metadata | None,
     ) -> bytes:
         started = self.clock()
-        if stale is not None:
-            await self._reload(job, client, request.collection, stale, metadata)
+        if stale:
+            await self._reload(job, client, request, stale, metadata)
         message = search_in_files_request(job.file_ids, request.search_param)
         remaining = max(job.timeout - (self.clock() - started), 0.001)
         return await client.call("SearchInFiles", message, remaining, metadata)
@@ -607,13 +600,12 @@ class Scatter:
         self,
         job: _Job,
         client: NodeClient,
-        collection: str,
-        stale: tuple[np.ndarray, np.ndarray],
+        search: _Request,
+        stale: list[str],
         metadata: Metadata | None,
     ) -> None:
         """Reload files changed since this node last reloaded them; NodeCallError when it failed."""
-        ids, times = stale
-        request = pb.ReLoadSegmentsParam(collection_name=collection, segment_id_array=[str(i) for i in ids.tolist()])
+        request = pb.ReLoadSegmentsParam(collection_name=search.collection, segment_id_array=stale)
         try:
             raw = await client.call("ReloadSegments", request.SerializeToString(), job.timeout, metadata)
         except NodeUnimplemented:  # a 0.9 backend: nothing to reload
@@ -622,4 +614,4 @@ class Scatter:
         status = status_pb2.Status.FromString(raw)
         if status.error_code != 0:
             raise ReloadRefused(status.error_code, status.reason)
-        self.reloads.record(job.node, ids, times)
+        self.reloads.record(job.node, stale, search.updated)

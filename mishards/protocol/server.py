@@ -73,6 +73,7 @@ class _ServerProtocol(asyncio.Protocol):
         self.timers: dict[int, asyncio.TimerHandle] = {}
         self.closing = False
         self.eof_sent = False
+        self.flush_due = False  # a flush is scheduled for the next turn of the loop (`flush_soon`)
         self.writing_paused_at: float | None = None
         self.paused_until = 0.0  # reading paused until then: the peer's frames cost it time (`_pace`)
         self.pacer: Pacer | None = None  # shared by the connections of an address on probation
@@ -101,6 +102,19 @@ class _ServerProtocol(asyncio.Protocol):
         data = self.connection.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing() and not self.eof_sent:
             self.transport.write(data)
+
+    def flush_soon(self) -> None:
+        """Write what is ready at the next turn of the loop: the replies of every handler that
+        finishes in this turn then leave in one send, not a system call each (at saturation, the
+        sends were a third of the proxy's CPU)."""
+        if not self.flush_due:
+            self.flush_due = True
+            self.loop.call_soon(self._flush_due)
+
+    def _flush_due(self) -> None:
+        self.flush_due = False
+        self.flush()
+        self._finish_if_done()
 
     def pause_writing(self) -> None:
         """The peer does not read what we send: stop reading what it sends, so that it cannot make
@@ -238,8 +252,7 @@ class _ServerProtocol(asyncio.Protocol):
             self.connection.send_reply(stream_id, reply)
         finally:
             self.connection.handler_done(stream_id)
-        self.flush()
-        self._finish_if_done()
+        self.flush_soon()
 
     async def _probation_wait(self, turns: int) -> None:
         """On probation a request starts PROBATION_START_S late, and then only once its connection
@@ -316,6 +329,7 @@ class _ServerProtocol(asyncio.Protocol):
         until the client closes. Closing the socket instead would make the kernel answer frames
         still arriving (PING, WINDOW_UPDATE) with a reset that can destroy a reply's unsent tail."""
         if self.closing and self.idle and self.transport is not None and not self.eof_sent:
+            self.flush()
             self.eof_sent = True
             try:
                 self.transport.write_eof()

@@ -2,36 +2,37 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from mishards.search import ReloadTracker
 
 
 def test_first_sight_and_changes_need_a_reload_per_node():
     tracker = ReloadTracker()
-    ids, times = np.array([7, 3, 11]), np.array([100, 200, 300])
-    assert tracker.stale("a", ids, times).all(), "a node may hold stale cached copies from before"
-    tracker.record("a", ids, times)
-    assert not tracker.stale("a", ids, times).any()
-    assert tracker.stale("b", ids, times).all(), "per node"
-    assert tracker.stale("a", ids, np.array([100, 201, 300])).tolist() == [False, True, False]
-    assert tracker.stale("a", np.array([5]), np.array([1])).tolist() == [True], "an unknown file"
+    times = {"7": 100, "3": 200, "11": 300}
+    assert tracker.stale("a", ["7", "3", "11"], times) == ["7", "3", "11"], "a node may hold stale cached copies"
+    tracker.record("a", ["7", "3", "11"], times)
+    assert tracker.stale("a", ["7", "3", "11"], times) == []
+    assert tracker.stale("b", ["7", "3", "11"], times) == ["7", "3", "11"], "per node"
+    assert tracker.stale("a", ["7", "3", "11"], {"7": 100, "3": 201, "11": 300}) == ["3"]
+    assert tracker.stale("a", ["5"], {"5": 1}) == ["5"], "an unknown file"
 
 
 def test_recording_keeps_the_newest_time_and_forget_drops_a_node():
     tracker = ReloadTracker()
-    tracker.record("a", np.array([1, 2]), np.array([10, 10]))
-    tracker.record("a", np.array([2, 3]), np.array([20, 5]))
-    assert tracker.stale("a", np.array([1, 2, 3]), np.array([10, 20, 5])).tolist() == [False, False, False]
-    assert tracker.stale("a", np.array([2]), np.array([21])).tolist() == [True]
+    tracker.record("a", ["1", "2"], {"1": 10, "2": 10})
+    tracker.record("a", ["2", "3"], {"2": 20, "3": 5})
+    tracker.record("a", ["2"], {"2": 15})  # an older answer arriving late does not roll the time back
+    assert tracker.stale("a", ["1", "2", "3"], {"1": 10, "2": 20, "3": 5}) == []
+    assert tracker.stale("a", ["2"], {"2": 21}) == ["2"]
     tracker.forget("a")
-    assert tracker.stale("a", np.array([1]), np.array([10])).tolist() == [True]
+    assert tracker.stale("a", ["1"], {"1": 10}) == ["1"]
 
 
 def test_state_is_bounded(monkeypatch):
     monkeypatch.setattr(ReloadTracker, "MAX_FILES_PER_NODE", 4)
     tracker = ReloadTracker()
-    tracker.record("a", np.arange(3), np.ones(3, np.int64))
-    tracker.record("a", np.arange(3, 6), np.ones(3, np.int64))
-    assert not tracker.stale("a", np.arange(3, 6), np.ones(3, np.int64)).any()
-    assert tracker.stale("a", np.arange(3), np.ones(3, np.int64)).all(), "old entries were dropped: cost is a reload"
+    old, new = ["0", "1", "2"], ["3", "4", "5"]
+    times = dict.fromkeys(old + new, 1)
+    tracker.record("a", old, times)
+    tracker.record("a", new, times)
+    assert tracker.stale("a", new, times) == []
+    assert tracker.stale("a", old, times) == old, "old entries were dropped: the cost is a reload"
