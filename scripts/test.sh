@@ -29,6 +29,20 @@ else
 fi
 
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words on purpose
-"$PY" -m pytest -q tests ${PYTEST_ARGS:-} "$@"
-rc=$?
+# Arguments name what to run (e.g. scripts/test.sh tests/proxy/test_faults.py); none: every test,
+# then the fault and cluster tests again with two worker processes per proxy (SERVER_WORKERS=2).
+if [ "$#" -gt 0 ]; then
+  "$PY" -m pytest -q ${PYTEST_ARGS:-} "$@"
+  rc=$?
+else
+  "$PY" -m pytest -q ${PYTEST_ARGS:-} tests
+  rc=$?
+  if [ "$rc" -eq 0 ] && [ -z "${MISHARDS_TEST_WORKERS:-}" ]; then
+    echo "== the fault and cluster tests with SERVER_WORKERS=2"
+    MISHARDS_TEST_WORKERS=2 "$PY" -m pytest -q ${PYTEST_ARGS:-} tests/proxy/test_faults.py \
+      tests/proxy/test_cluster_features.py tests/proxy/test_meta_visibility.py tests/test_local_cluster.py \
+      tests/discovery
+    rc=$?
+  fi
+fi
 exit "$rc"
