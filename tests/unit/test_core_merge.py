@@ -382,3 +382,61 @@ def test_merged_width_equals_one_node_over_all_files(case):
     else:
         np.testing.assert_array_equal(ids, single_ids)
         np.testing.assert_allclose(dists, single_dists, rtol=1e-6)
+
+
+def _best_first(node_results, descending: bool):
+    """The node results with each row ordered best first (as faiss answers), ids moved along."""
+    ordered = []
+    for ids, dists in node_results:
+        ids, dists = np.asarray(ids), np.asarray(dists)
+        order = np.argsort(-dists if descending else dists, axis=1, kind="stable")
+        ordered.append((np.take_along_axis(ids, order, axis=1), np.take_along_axis(dists, order, axis=1)))
+    return ordered
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=merge_inputs(max_rows=5, max_width=40), best_first=st.booleans())
+def test_mapped_head_is_exact_for_the_rows_it_calls_exact(case, best_first):
+    """The integer-mapped fast head: each row it calls exact equals the oracle's row, on sorted and
+    unsorted rows with ties, -0.0, NaN, +-inf, padding and repeated ids; None only for a NaN or an
+    infinite best distance."""
+    node_results, nq, topk, descending = case
+    if best_first:
+        node_results = _best_first(node_results, descending)
+    blocks = merge._answering_nodes(node_results, nq)
+    if not blocks:
+        return
+    ids = np.concatenate([ids for ids, _ in blocks], axis=1)
+    dists = np.concatenate([dists for _, dists in blocks], axis=1)
+    width = min(topk, ids.shape[1])
+    mapped = merge._merge_mapped(ids, dists, width, descending, [block.shape[1] for block, _ in blocks])
+    if mapped is None:
+        best = dists.max(axis=1) if descending else dists.min(axis=1)
+        assert not np.isfinite(best).all()
+        return
+    merged_ids, merged_dists, exact = mapped
+    expected_ids, expected_dists = oracle(blocks, nq, topk, descending)
+    np.testing.assert_array_equal(merged_ids[exact], expected_ids[exact])
+    np.testing.assert_array_equal(merged_dists[exact], expected_dists[exact])
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_mapped_head_serves_sorted_distinct_rows_without_the_exact_path(descending):
+    """Node rows best first with distinct float distances and ids (the usual search): every row
+    is answered by the fast head, and the merge equals the oracle."""
+    rng = np.random.default_rng(5)
+    nq, topk, nodes = 50, 100, 4
+    node_results = []
+    for node in range(nodes):
+        ids = rng.permutation(nq * topk).reshape(nq, topk) * nodes + node
+        dists = rng.standard_normal((nq, topk)).astype(np.float32) * np.float32(100)
+        node_results.append((ids, dists))
+    node_results = _best_first(node_results, descending)
+    ids = np.concatenate([ids for ids, _ in node_results], axis=1)
+    dists = np.concatenate([dists for _, dists in node_results], axis=1)
+
+    merged_ids, merged_dists, exact = merge._merge_mapped(ids, dists, topk, descending, [topk] * nodes)
+
+    assert exact.all()
+    assert_same((merged_ids, merged_dists), oracle(node_results, nq, topk, descending))
+    assert_same(merge_topk(node_results, nq, topk, descending), oracle(node_results, nq, topk, descending))
