@@ -345,7 +345,7 @@ def decode_topk_hits(data: bytes) -> TopKReply:
     code = status.error_code
     if code:
         return TopKReply(code, status.reason, reply.row_num, [], [])
-    ids, distances, row_num = list(reply.ids), list(reply.distances), reply.row_num
+    ids, distances, row_num = reply.ids[:], reply.distances[:], reply.row_num  # slices: lists, ~2x cheaper than list()
     if len(ids) != len(distances) or (row_num > 0 and len(ids) % row_num) or (row_num <= 0 and (ids or row_num)):
         _row_width(row_num, len(ids), len(distances))  # raises, saying what is wrong
     return _new_tuple(TopKReply, (0, status.reason, row_num, ids, distances))  # TopKReply(...) costs ~0.6 us more
