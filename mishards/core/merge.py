@@ -318,9 +318,12 @@ def _merge_prefixes(blocks: list[Block], width: int, descending: bool) -> Block 
     mapped = _merge_mapped(ids, distances, width, descending, kept)
     if mapped is None:
         merged_ids, merged_distances = _merge_vectorised(ids, distances, width, descending)
-        exact = merged_ids[:, width - 1] != PADDING_ID
-    else:
-        merged_ids, merged_distances, exact = mapped
+    else:  # the rows with a tie, a repeat or padding in their head: merged exactly, from the prefixes still
+        merged_ids, merged_distances, head_exact = mapped
+        fix = np.flatnonzero(~head_exact)
+        if fix.size:
+            merged_ids[fix], merged_distances[fix] = _merge_vectorised(ids[fix], distances[fix], width, descending)
+    exact = merged_ids[:, width - 1] != PADDING_ID
     tails = [d[:, count:] for (_, d), count in zip(blocks, kept, strict=True) if d.shape[1] > count]
     cut = merged_distances[:, width - 1]
     # a NaN anywhere makes the comparison false: the row is redone
