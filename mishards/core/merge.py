@@ -37,7 +37,11 @@ share of the width (nodes hold random shares of the files, so each contributes a
 width / nodes hits). The prefix merge is the answer for every row whose width-th hit is real and
 strictly better than the best candidate left out (nodes send their rows best first, so that is
 the rule, not the exception); the other rows are merged again from all their candidates. So the
-sort works on about 1.3 x width candidates per row instead of nodes x width.
+sort works on about 1.75 x width candidates per row instead of nodes x width. The prefixes are
+ordered through distances mapped linearly per row onto 24-bit integers (_merge_mapped), which
+keeps nearly all of a float's resolution where the row's head lies, so a 32-bit sort leaves
+almost no row to fix up; rows with a tie, a repeated id or padding in the head are merged
+exactly, from their prefixes still.
 
 Small merges run in pure Python, numpy's fixed per-call costs exceed the whole merge there; node
 replies decoded to Python lists (wire.decode_topk_hits) are merged as lists and come back as
