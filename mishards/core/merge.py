@@ -327,23 +327,25 @@ def _merge_prefixes(blocks: list[Block], width: int, descending: bool) -> Block 
         merged_ids, merged_distances = _merge_vectorised(ids, distances, width, descending)
     else:  # the rows with a tie, a repeat or padding in their head: merged exactly, from the prefixes still
         merged_ids, merged_distances, merge_exactly, reorder = mapped
-        tied = np.flatnonzero(reorder)
-        if tied.size:
+        # (each flatnonzero only behind an any(): at these sizes a numpy call costs microseconds)
+        if reorder is not None and reorder.any():
+            tied = np.flatnonzero(reorder)
             merged_ids[tied], merged_distances[tied] = _by_distance_then_id(
                 merged_ids[tied], merged_distances[tied], descending
             )
-        fix = np.flatnonzero(merge_exactly)
-        if 0 < fix.size <= FEW_ROWS:  # a row or two: the pure-Python merge's fixed cost is lower
-            _merge_rows_in_python(ids, distances, fix, width, descending, merged_ids, merged_distances)
-        elif fix.size:
-            merged_ids[fix], merged_distances[fix] = _merge_vectorised(ids[fix], distances[fix], width, descending)
-    exact = merged_ids[:, width - 1] != PADDING_ID
+        if merge_exactly.any():
+            fix = np.flatnonzero(merge_exactly)
+            if fix.size <= FEW_ROWS:  # a row or two: the pure-Python merge's fixed cost is lower
+                _merge_rows_in_python(ids, distances, fix, width, descending, merged_ids, merged_distances)
+            else:
+                merged_ids[fix], merged_distances[fix] = _merge_vectorised(ids[fix], distances[fix], width, descending)
     tails = [d[:, count:] for (_, d), count in zip(blocks, kept, strict=True) if d.shape[1] > count]
     cut = merged_distances[:, width - 1]
     # a NaN anywhere makes the comparison false: the row is redone
-    exact &= (_best_of_tails(tails, descending) < cut) if descending else (_best_of_tails(tails, descending) > cut)
-    redo = np.flatnonzero(~exact)
-    if redo.size:
+    exact = (_best_of_tails(tails, descending) < cut) if descending else (_best_of_tails(tails, descending) > cut)
+    exact &= merged_ids[:, width - 1] != PADDING_ID
+    if not exact.all():
+        redo = np.flatnonzero(~exact)
         all_ids = np.concatenate([ids[redo] for ids, _ in blocks], axis=1)
         all_distances = np.concatenate([d[redo] for _, d in blocks], axis=1)
         merged_ids[redo], merged_distances[redo] = _merge_vectorised(all_ids, all_distances, width, descending)
@@ -398,10 +400,11 @@ def _starts(widths: Sequence[int]) -> list[int]:
 
 def _merge_mapped(
     ids: np.ndarray, distances: np.ndarray, width: int, descending: bool, node_widths: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None:
     """The fast head of each row for float distances, and two row masks: the rows to merge
     exactly instead, and the rows that hold the right hits but must be put in (distance, id)
-    order; or None when the input has a NaN or an infinite best distance (the general path).
+    order (None: no such row); or None when the input has a NaN or an infinite best distance
+    (the general path takes it).
 
     Each row's distances are mapped linearly onto integers below 2**24 (float32 holds those
     exactly), ``(d - best) * scale``, and packed with the candidate's column into a uint32, so one
@@ -427,13 +430,17 @@ def _merge_mapped(
         best, bound = distances.max(axis=1), distances[:, bound_columns].min(axis=1)
     else:
         best, bound = distances.min(axis=1), distances[:, bound_columns].max(axis=1)
-    if not np.isfinite(best).all():  # NaN (min and max carry it) or an infinite best distance
+    worst_best = float(best.min()), float(best.max())  # NaN if any is (min and max carry it)
+    if not (math.isfinite(worst_best[0]) and math.isfinite(worst_best[1])):  # NaN or an infinite best
         return None
     key_bits = min(_MAPPED_KEY_BITS, 32 - column_bits)
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         scale = np.float32((1 << key_bits) - (1 << (key_bits - 3))) / (bound - best)
-        # a zero or infinite span maps the row to few values: its runs send it to the exact path
-        scale[~np.isfinite(scale) | (scale == 0)] = -1.0 if descending else 1.0
+        low, high = float(scale.min()), float(scale.max())
+        usable = (-math.inf < low and high < 0) if descending else (0 < low and high < math.inf)
+        if not usable:
+            # a zero or infinite span maps the row to few values: its runs send it to the exact path
+            scale[~np.isfinite(scale) | (scale == 0)] = -1.0 if descending else 1.0
         mapped = distances - best[:, None]
         mapped *= scale[:, None]
     np.minimum(mapped, np.float32((1 << key_bits) - 1), out=mapped)
@@ -447,13 +454,12 @@ def _merge_mapped(
     else:
         packed.sort(axis=1)
         head = packed[:, :head_width]
-    merge_exactly = np.zeros(rows, dtype=bool)
-    reorder = merge_exactly
+    reorder = None
     equal_keys = (head[:, 1:] ^ head[:, :-1]) < np.uint32(1 << column_bits)  # same integer, any column
     if equal_keys.any():  # (one reduction over all rows first: per-row ones cost more)
         reorder = equal_keys.any(axis=1)
-        if head_width > width:  # a run across the cut may go on past the head
-            merge_exactly |= equal_keys[:, width - 1]
+        # a run across the cut may go on past the head
+        merge_exactly = equal_keys[:, width - 1].copy() if head_width > width else np.zeros(rows, dtype=bool)
     # flat indices as uint32 and `take`: cheaper than intp fancy indexing (measured)
     flat = head[:, :width] & np.uint32((1 << column_bits) - 1)
     flat += np.arange(0, rows * columns, columns, dtype=np.uint32)[:, None]
@@ -464,10 +470,16 @@ def _merge_mapped(
     low_bits = merged_ids.astype(np.uint32)
     low_bits.sort(axis=1)
     repeats = low_bits[:, 1:] == low_bits[:, :-1]
+    padded = low_bits[:, -1] == np.uint32(0xFFFF_FFFF)
+    if reorder is None:
+        merge_exactly = padded
+    else:
+        merge_exactly |= padded
     if repeats.any():
         merge_exactly |= repeats.any(axis=1)
-    merge_exactly |= low_bits[:, -1] == np.uint32(0xFFFF_FFFF)
-    return merged_ids, merged_distances, merge_exactly, reorder & ~merge_exactly
+    if reorder is not None:
+        reorder &= ~merge_exactly
+    return merged_ids, merged_distances, merge_exactly, reorder
 
 
 def _merge_in_reply_order(blocks: list[Block], width: int, descending: bool) -> Block:

@@ -416,8 +416,8 @@ def test_mapped_head_is_exact_for_the_rows_it_calls_exact(case, best_first):
         assert not np.isfinite(best).all()
         return
     merged_ids, merged_dists, merge_exactly, reorder = mapped
-    assert not (merge_exactly & reorder).any()
-    if reorder.any():  # the right hits, to be put in (distance, id) order
+    if reorder is not None and reorder.any():  # (None: no row to reorder)
+        assert not (merge_exactly & reorder).any()  # the right hits, to be put in (distance, id) order
         merged_ids[reorder], merged_dists[reorder] = merge._by_distance_then_id(
             merged_ids[reorder], merged_dists[reorder], descending
         )
@@ -470,6 +470,6 @@ def test_mapped_head_serves_sorted_distinct_rows_without_the_exact_path(descendi
 
     merged_ids, merged_dists, merge_exactly, reorder = merge._merge_mapped(ids, dists, topk, descending, [topk] * nodes)
 
-    assert not merge_exactly.any() and not reorder.any()
+    assert not merge_exactly.any() and (reorder is None or not reorder.any())
     assert_same((merged_ids, merged_dists), oracle(node_results, nq, topk, descending))
     assert_same(merge_topk(node_results, nq, topk, descending), oracle(node_results, nq, topk, descending))
