@@ -9,7 +9,7 @@ Touching vectors from Python is what costs (building a 100 x 768 request field b
   buffer as is -- and ``ids`` packed varints, encoded here by a vectorised varint encoder, so a
   merged reply is assembled from numpy buffers instead of Python values (~130 ns each);
 * a node's reply is read in place: the packed distances are viewed as float32 where they lie in
-  the message, and only the ids field goes through upb (which decodes varints faster than numpy
+  the message, and only the ids are taken from upb (which decodes varints faster than numpy
   can); small replies become Python lists for the merge's pure-Python path. Anything not encoded
   the canonical way (unpacked or split repeated fields, unknown fields) is parsed by protobuf.
 
@@ -235,7 +235,7 @@ class _TopKFields(NamedTuple):
 
     status: slice | None
     row_num: int
-    ids: slice | None  # the whole field, tag and length included
+    ids: slice | None  # the whole field, tag and length included (the decoder only asks whether there is one)
     distances: slice | None  # the packed payload only
 
 
@@ -302,8 +302,9 @@ def decode_topk_result(data: bytes) -> TopKReply:
     distances differ in length, or do not fill ``row_num`` equal rows, raises UnexpectedError.
 
     Canonical messages are read in place: the distances are the packed float32 payload itself (a
-    read-only view, no copy) and only the ids field goes through upb, which decodes varints
-    faster than numpy can. Anything else is parsed by protobuf whole.
+    read-only view, no copy) and only the ids are taken from upb, which decodes varints faster
+    than numpy can (a numpy decoder reading one word per varint measured no faster). Anything
+    else is parsed by protobuf whole.
     """
     fields = _topk_fields(data)
     if fields is None:
@@ -319,8 +320,10 @@ def decode_topk_result(data: bytes) -> TopKReply:
         if code != status_pb2.SUCCESS:
             return _error_reply(code, reason, fields.row_num)
         row_num = fields.row_num
+        # upb decodes the ids; from the whole message, not a copy of the ids field: ~20% cheaper
+        # at 10k ids (measured), though it also reads the distances it does not keep
         ids = (
-            np.array(_parse(milvus_pb2.TopKQueryResult, data[fields.ids]).ids, dtype=np.int64)
+            np.array(_parse(milvus_pb2.TopKQueryResult, data).ids, dtype=np.int64)
             if fields.ids
             else np.empty(0, np.int64)
         )
