@@ -9,7 +9,7 @@ Touching vectors from Python is what costs (building a 100 x 768 request field b
   buffer as is -- and ``ids`` packed varints, encoded here by a vectorised varint encoder, so a
   merged reply is assembled from numpy buffers instead of Python values (~130 ns each);
 * a node's reply is read in place: the packed distances are viewed as float32 where they lie in
-  the message, and only the ids field goes through upb (which decodes varints faster than numpy
+  the message, and only the ids are taken from upb (which decodes varints faster than numpy
   can); small replies become Python lists for the merge's pure-Python path. Anything not encoded
   the canonical way (unpacked or split repeated fields, unknown fields) is parsed by protobuf.
 
@@ -18,7 +18,7 @@ Everything here produces what the generated ``milvus_pb2`` code would serialize,
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -76,6 +76,10 @@ def _varint_chunk(unsigned: np.ndarray) -> bytes:
     if unsigned.size == 0:
         return b""
     largest = int(unsigned.max())
+    if largest < 1 << 28:
+        return _spread_varints(unsigned.astype(np.uint32), _SPREAD_32, int(unsigned.min()) >= 1 << 21)
+    if largest < 1 << 56:
+        return _spread_varints(unsigned.copy(), _SPREAD_64, int(unsigned.min()) >= 1 << 49)
     groups = max(1, -(-largest.bit_length() // 7))
     shifted = unsigned >> _GROUP_SHIFTS[:groups]
     written = shifted != 0
@@ -85,6 +89,74 @@ def _varint_chunk(unsigned: np.ndarray) -> bytes:
     bytes_[:-1] |= written[1:].view(np.uint8) << np.uint8(7)
     by_value = np.ascontiguousarray(bytes_.T).reshape(-1)
     return by_value[np.ascontiguousarray(written.T).reshape(-1)].tobytes()
+
+
+def _spread_varints(words: np.ndarray, steps: _SpreadSteps, every_byte: bool) -> bytes:
+    """Varints of values that fit one word's 7-bit groups (below 2**28 in a uint32, 2**56 in a
+    uint64), each value spread in place to one byte per group, as a bit-deposit instruction would.
+
+    The spread takes one shift-and-mask step per halving of the lane width. A value's bytes
+    beyond its highest non-zero group are zero, so OR-ing each word with itself shifted down by
+    1, 2, 4 bytes marks the bytes below its top one; adding 0x7F per byte turns each marked byte
+    into 0x80 (groups are at most 0x7F: no carry crosses a byte). That gives both the
+    continuation bits and which bytes to keep, and one 1-D compaction of the words' bytes is the
+    payload. Only whole-array operations on one word per value, no (values, groups) matrix: at
+    10k ids 2-3x cheaper than the matrix (measured). `every_byte`: each value fills its word (its
+    smallest needs all the groups), so there is nothing to mark or compact.
+    """
+    dtype = words.dtype.type
+    for shift, high, low in steps.spread:  # e.g. 28-bit halves to 32-bit lanes, 14 to 16, 7 to 8
+        moved = words << shift
+        moved &= high
+        words &= low
+        words |= moved
+    if every_byte:
+        words |= steps.high_bits >> dtype(8)
+        return words.tobytes()
+    marks = words >> dtype(8)
+    marks |= words
+    for shift in steps.fill:
+        marks |= marks >> shift
+    marks += steps.seven_f
+    marks &= steps.high_bits  # 0x80 in every byte up to the value's top one
+    words |= marks >> dtype(8)  # continuation bits: every kept byte but the last
+    marks >>= dtype(7)
+    marks |= dtype(1)  # 0x01 in every kept byte: a bool mask over the bytes
+    keep = marks.view(np.bool_)
+    if steps is _SPREAD_32:  # 1-4 bytes each, no pattern: np.compress is ~3x cheaper (measured)
+        return np.compress(keep, words.view(np.uint8)).tobytes()
+    return words.view(np.uint8)[keep].tobytes()  # mostly whole words: boolean indexing is ~2x cheaper
+
+
+class _SpreadSteps(NamedTuple):
+    spread: list[tuple[Any, Any, Any]]  # (shift, where the high half goes, the low half kept)
+    fill: list[Any]
+    seven_f: Any
+    high_bits: Any
+
+
+_SPREAD_32 = _SpreadSteps(
+    [
+        (np.uint32(shift), np.uint32(high), np.uint32(low))
+        for shift, high, low in ((2, 0x3FFF_0000, 0x3FFF), (1, 0x7F00_7F00, 0x007F_007F))
+    ],
+    [np.uint32(16)],
+    np.uint32(0x7F7F_7F7F),
+    np.uint32(0x8080_8080),
+)
+_SPREAD_64 = _SpreadSteps(
+    [
+        (np.uint64(shift), np.uint64(high), np.uint64(low))
+        for shift, high, low in (
+            (4, 0x0FFF_FFFF_0000_0000, 0x0FFF_FFFF),
+            (2, 0x3FFF_0000_3FFF_0000, 0x0000_3FFF_0000_3FFF),
+            (1, 0x7F00_7F00_7F00_7F00, 0x007F_007F_007F_007F),
+        )
+    ],
+    [np.uint64(16), np.uint64(32)],
+    np.uint64(0x7F7F_7F7F_7F7F_7F7F),
+    np.uint64(0x8080_8080_8080_8080),
+)
 
 
 def _length_delimited(tag: bytes, payload: bytes) -> tuple[bytes, bytes, bytes]:
@@ -163,7 +235,7 @@ class _TopKFields(NamedTuple):
 
     status: slice | None
     row_num: int
-    ids: slice | None  # the whole field, tag and length included
+    ids: slice | None  # the whole field, tag and length included (the decoder only asks whether there is one)
     distances: slice | None  # the packed payload only
 
 
@@ -230,8 +302,9 @@ def decode_topk_result(data: bytes) -> TopKReply:
     distances differ in length, or do not fill ``row_num`` equal rows, raises UnexpectedError.
 
     Canonical messages are read in place: the distances are the packed float32 payload itself (a
-    read-only view, no copy) and only the ids field goes through upb, which decodes varints
-    faster than numpy can. Anything else is parsed by protobuf whole.
+    read-only view, no copy) and only the ids are taken from upb, which decodes varints faster
+    than numpy can (a numpy decoder reading one word per varint measured no faster). Anything
+    else is parsed by protobuf whole.
     """
     fields = _topk_fields(data)
     if fields is None:
@@ -247,8 +320,10 @@ def decode_topk_result(data: bytes) -> TopKReply:
         if code != status_pb2.SUCCESS:
             return _error_reply(code, reason, fields.row_num)
         row_num = fields.row_num
+        # upb decodes the ids; from the whole message, not a copy of the ids field: ~20% cheaper
+        # at 10k ids (measured), though it also reads the distances it does not keep
         ids = (
-            np.array(_parse(milvus_pb2.TopKQueryResult, data[fields.ids]).ids, dtype=np.int64)
+            np.array(_parse(milvus_pb2.TopKQueryResult, data).ids, dtype=np.int64)
             if fields.ids
             else np.empty(0, np.int64)
         )
@@ -273,7 +348,7 @@ def decode_topk_hits(data: bytes) -> TopKReply:
     code = status.error_code
     if code:
         return TopKReply(code, status.reason, reply.row_num, [], [])
-    ids, distances, row_num = list(reply.ids), list(reply.distances), reply.row_num
+    ids, distances, row_num = reply.ids[:], reply.distances[:], reply.row_num  # slices: lists, ~2x cheaper than list()
     if len(ids) != len(distances) or (row_num > 0 and len(ids) % row_num) or (row_num <= 0 and (ids or row_num)):
         _row_width(row_num, len(ids), len(distances))  # raises, saying what is wrong
     return _new_tuple(TopKReply, (0, status.reason, row_num, ids, distances))  # TopKReply(...) costs ~0.6 us more

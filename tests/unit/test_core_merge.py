@@ -382,3 +382,94 @@ def test_merged_width_equals_one_node_over_all_files(case):
     else:
         np.testing.assert_array_equal(ids, single_ids)
         np.testing.assert_allclose(dists, single_dists, rtol=1e-6)
+
+
+def _best_first(node_results, descending: bool):
+    """The node results with each row ordered best first (as faiss answers), ids moved along."""
+    ordered = []
+    for ids, dists in node_results:
+        ids, dists = np.asarray(ids), np.asarray(dists)
+        order = np.argsort(-dists if descending else dists, axis=1, kind="stable")
+        ordered.append((np.take_along_axis(ids, order, axis=1), np.take_along_axis(dists, order, axis=1)))
+    return ordered
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=merge_inputs(max_rows=5, max_width=40), best_first=st.booleans())
+def test_mapped_head_is_exact_for_the_rows_it_calls_exact(case, best_first):
+    """The integer-mapped fast head: each row it does not send to the exact merge equals the
+    oracle's row (once the rows it flags for reordering are in (distance, id) order), on sorted
+    and unsorted rows with ties, -0.0, NaN, +-inf, padding and repeated ids; None only for a NaN
+    or an infinite best distance."""
+    node_results, nq, topk, descending = case
+    if best_first:
+        node_results = _best_first(node_results, descending)
+    blocks = merge._answering_nodes(node_results, nq)
+    if not blocks:
+        return
+    ids = np.concatenate([ids for ids, _ in blocks], axis=1)
+    dists = np.concatenate([dists for _, dists in blocks], axis=1)
+    width = min(topk, ids.shape[1])
+    mapped = merge._merge_mapped(ids, dists, width, descending, [block.shape[1] for block, _ in blocks])
+    if mapped is None:
+        best = dists.max(axis=1) if descending else dists.min(axis=1)
+        assert not np.isfinite(best).all()
+        return
+    merged_ids, merged_dists, merge_exactly, reorder = mapped
+    if reorder is not None and reorder.any():  # (None: no row to reorder)
+        assert not (merge_exactly & reorder).any()  # the right hits, to be put in (distance, id) order
+        merged_ids[reorder], merged_dists[reorder] = merge._by_distance_then_id(
+            merged_ids[reorder], merged_dists[reorder], descending
+        )
+    exact = ~merge_exactly
+    expected_ids, expected_dists = oracle(blocks, nq, topk, descending)
+    np.testing.assert_array_equal(merged_ids[exact], expected_ids[exact])
+    np.testing.assert_array_equal(merged_dists[exact], expected_dists[exact])
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("rows_to_fix", [1, merge.FEW_ROWS + 1], ids=["in python", "vectorised"])
+def test_prefix_merge_fixes_ties_and_near_ties_in_the_head(descending, rows_to_fix):
+    """Rows whose head holds exact ties (ids in reverse column order), distances one float apart
+    (closer than the map tells apart) or a repeated id: the prefix merge still equals the oracle,
+    for a few rows (pure Python) and for more (vectorised)."""
+    rng = np.random.default_rng(21)
+    nq, topk, nodes = 12, 100, 4
+    sign = np.float32(-1.0 if descending else 1.0)
+    node_results = []
+    for node in range(nodes):
+        ids = rng.permutation(nq * topk).reshape(nq, topk) * nodes + node
+        dists = np.sort(rng.random((nq, topk)).astype(np.float32), axis=1)
+        node_results.append((ids, dists))
+    (ids_a, dists_a), (ids_b, dists_b) = node_results[0], node_results[1]
+    for row in range(rows_to_fix + 3):  # the last 3 only need their order fixed
+        dists_b[row, 0] = dists_a[row, 0]  # an exact tie: the later column has the smaller id
+        ids_b[row, 0], ids_a[row, 0] = min(ids_a[row, 0], ids_b[row, 0]), max(ids_a[row, 0], ids_b[row, 0])
+        dists_b[row, 2] = np.nextafter(dists_a[row, 2], np.float32(2))  # one float apart
+        if row < rows_to_fix:
+            ids_b[row, 3] = ids_a[row, 1]  # a repeated id: its best copy must stay
+    node_results = [(ids, dists * sign) for ids, dists in node_results]
+
+    assert_same(merge_topk(node_results, nq, topk, descending), oracle(node_results, nq, topk, descending))
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_mapped_head_serves_sorted_distinct_rows_without_the_exact_path(descending):
+    """Node rows best first with distinct float distances and ids (the usual search): every row
+    is answered by the fast head, and the merge equals the oracle."""
+    rng = np.random.default_rng(5)
+    nq, topk, nodes = 50, 100, 4
+    node_results = []
+    for node in range(nodes):
+        ids = rng.permutation(nq * topk).reshape(nq, topk) * nodes + node
+        dists = rng.standard_normal((nq, topk)).astype(np.float32) * np.float32(100)
+        node_results.append((ids, dists))
+    node_results = _best_first(node_results, descending)
+    ids = np.concatenate([ids for ids, _ in node_results], axis=1)
+    dists = np.concatenate([dists for _, dists in node_results], axis=1)
+
+    merged_ids, merged_dists, merge_exactly, reorder = merge._merge_mapped(ids, dists, topk, descending, [topk] * nodes)
+
+    assert not merge_exactly.any() and (reorder is None or not reorder.any())
+    assert_same((merged_ids, merged_dists), oracle(node_results, nq, topk, descending))
+    assert_same(merge_topk(node_results, nq, topk, descending), oracle(node_results, nq, topk, descending))

@@ -122,6 +122,30 @@ def test_varints_at_every_width_boundary_match_protobuf(value):
         assert len(encoded) == 10 + 1 + 10
 
 
+VARINT_RANGES = {  # (low, high): each selects one encoder path (one word per value, or the matrix)
+    "below 2**28 (uint32 words)": (0, 2**28),
+    "2**21 up to 2**28 (uint32 words, every byte kept)": (2**21, 2**28),
+    "below 2**56 (uint64 words)": (0, 2**56),
+    "2**49 up to 2**56 (uint64 words, every byte kept)": (2**49, 2**56),
+    "small and large (the group matrix)": (0, 2**63),
+}
+
+
+@pytest.mark.parametrize("value_range", VARINT_RANGES)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_varints_on_every_encoder_path_match_protobuf(value_range, data):
+    low, high = VARINT_RANGES[value_range]
+    edges = [v for edge in (7, 14, 21, 28, 35, 42, 49, 56) for v in (2**edge - 1, 2**edge) if low <= v < high]
+    values = data.draw(st.lists(st.one_of(st.integers(low, high - 1), st.sampled_from(edges or [low])), max_size=80))
+
+    encoded = wire.varints(np.array(values, np.int64))
+
+    assert b"\x1a" + wire.varint(len(encoded)) + encoded == milvus_pb2.TopKQueryResult(
+        ids=values
+    ).SerializeToString() or (not values and encoded == b"")
+
+
 def test_results_larger_than_one_encoding_chunk():
     rng = np.random.default_rng(3)
     ids = rng.integers(-1, 2**62, (300, 300))
