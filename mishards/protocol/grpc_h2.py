@@ -430,10 +430,16 @@ class ServerConnection(Connection[_Request]):
         self.going_away = False
         self._handling: set[int] = set()  # requests whose handler runs
         self._detached: set[int] = set()  # ... of which the stream is gone (reset, timed out)
+        self._unsent: set[int] = set()  # answered streams whose answer waits for the client's window
 
     @property
     def last_stream_id(self) -> int:
         return self._highest_peer_stream
+
+    @property
+    def unsent_answers(self) -> int:
+        """Answers the client has not let us send yet (its flow-control windows are used up)."""
+        return len(self._unsent)
 
     @property
     def active_streams(self) -> int:
@@ -491,6 +497,8 @@ class ServerConnection(Connection[_Request]):
         self._handling.discard(stream_id)  # an answer means the handler is done
         self._send_headers(stream_id, _REPLY_HEADERS)
         self._send_body(stream_id, request, message_prefix(message), message, _TRAILERS_OK)
+        if stream_id in self.streams and (request.head or request.pending):  # the client's window is used up
+            self._unsent.add(stream_id)
 
     def send_status(self, stream_id: int, code: int, details: str) -> None:
         """A trailers-only answer (no message): how errors outside Milvus' own Status travel."""
@@ -513,6 +521,7 @@ class ServerConnection(Connection[_Request]):
         self._detached.discard(stream_id)
 
     def _closed_stream(self, stream_id: int) -> None:
+        self._unsent.discard(stream_id)
         if stream_id in self._handling:
             self._detached.add(stream_id)
 

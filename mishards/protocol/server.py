@@ -14,6 +14,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,6 +63,13 @@ class RequestContext:
 Handler = Callable[[bytes, RequestContext], Awaitable[bytes]]
 
 
+MAX_WORK_PER_CONNECTION = 64
+"""Requests of one connection whose handler runs or whose answer the client has not taken yet (its
+flow-control windows are used up). Requests beyond it wait, in arrival order, to start: a client
+that sends a thousand searches at once, or does not read its answers, cannot have the nodes search
+for it without bound; one that reads gets the next slot as each answer leaves."""
+
+
 class _ServerProtocol(asyncio.Protocol):
     def __init__(self, server: H2Server) -> None:
         self.server = server
@@ -74,6 +82,8 @@ class _ServerProtocol(asyncio.Protocol):
         self.closing = False
         self.eof_sent = False
         self.flush_due = False  # a flush is scheduled for the next turn of the loop (`flush_soon`)
+        self.working = 0  # handlers started (past MAX_WORK_PER_CONNECTION) and not ended
+        self.waiting_to_start: deque[asyncio.Future] = deque()  # requests held by MAX_WORK_PER_CONNECTION
         self.writing_paused_at: float | None = None
         self.paused_until = 0.0  # reading paused until then: the peer's frames cost it time (`_pace`)
         self.pacer: Pacer | None = None  # shared by the connections of an address on probation
@@ -164,6 +174,8 @@ class _ServerProtocol(asyncio.Protocol):
         if closed and self.transport is not None:
             self.transport.close()
             return
+        if self.waiting_to_start:
+            self._admit()
         if self.connection.backlog and not self.paused_until:
             self._reading(False)
             self.loop.call_soon(self._go_on)
@@ -227,12 +239,18 @@ class _ServerProtocol(asyncio.Protocol):
     async def _run(self, event: RequestReceived, handler: Handler, context: RequestContext) -> None:
         stream_id, message = event.stream_id, event.message
         turns = self.turns
+        counted = False
         try:
             # one turn of the loop first: a reset already on its way (a rapid-reset client sends it
             # in the next write) is read before the handler starts calling nodes
             await asyncio.sleep(0)
             if self.pacer is not None:
                 await self._probation_wait(turns)
+            if self.waiting_to_start or self.working + self.connection.unsent_answers >= MAX_WORK_PER_CONNECTION:
+                await self._until_slot_free()  # counted as working when admitted
+            else:
+                self.working += 1
+            counted = True
             if event.encoding != b"identity":  # inflated off the loop: a bomb must not stall the others
                 message = await self.server.inflate(message, event.encoding)
             reply = await handler(message, context)
@@ -252,7 +270,35 @@ class _ServerProtocol(asyncio.Protocol):
             self.connection.send_reply(stream_id, reply)
         finally:
             self.connection.handler_done(stream_id)
+            if counted:
+                self.working -= 1
+                if self.waiting_to_start:
+                    self._admit()
         self.flush_soon()
+
+    async def _until_slot_free(self) -> None:
+        """Wait, in arrival order, for a slot of MAX_WORK_PER_CONNECTION (`_admit` counts it)."""
+        ticket = self.loop.create_future()
+        self.waiting_to_start.append(ticket)
+        try:
+            await ticket
+        except asyncio.CancelledError:  # reset, deadline or connection lost while waiting
+            if ticket.done() and not ticket.cancelled():  # admitted, but it will not start: pass the slot on
+                self.working -= 1
+                self._admit()
+            else:
+                ticket.cancel()
+            raise
+
+    def _admit(self) -> None:
+        """Let held requests start, one per free slot (a handler ended, or the client took answers)."""
+        free = MAX_WORK_PER_CONNECTION - self.working - self.connection.unsent_answers
+        while free > 0 and self.waiting_to_start:
+            ticket = self.waiting_to_start.popleft()
+            if not ticket.done():
+                ticket.set_result(None)
+                self.working += 1
+                free -= 1
 
     async def _probation_wait(self, turns: int) -> None:
         """On probation a request starts PROBATION_START_S late, and then only once its connection

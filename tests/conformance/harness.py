@@ -91,10 +91,12 @@ class Handlers:
     def __init__(self) -> None:
         self.slow_started = 0
         self.slow_cancelled = 0
+        self.echoed = 0
         self.started = threading.Event()
         self.cancelled = threading.Event()
 
     async def echo(self, request: bytes, context) -> bytes:
+        self.echoed += 1
         return request
 
     async def slow(self, request: bytes, context) -> bytes:

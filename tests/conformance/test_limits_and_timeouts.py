@@ -9,10 +9,13 @@ import time
 import pytest
 from hyperframe.frame import RstStreamFrame
 
+from mishards.protocol.server import MAX_WORK_PER_CONNECTION
+
 from .harness import (
     CANCEL,
     ECHO,
     HEADERS,
+    INITIAL_WINDOW_SIZE,
     MAX_CONCURRENT_STREAMS,
     MAX_HEADER_LIST_SIZE,
     NO_ERROR,
@@ -26,6 +29,7 @@ from .harness import (
     raw_frame,
     request_headers,
     rst_stream,
+    settings_frame,
 )
 
 SHORT = 0.5  # seconds: the timeouts these servers get
@@ -208,5 +212,60 @@ def test_a_stream_the_client_reset_frees_its_slot_once_its_handler_ended(server_
             stream_id += 2
         assert served, "the reset stream's slot never came back"
         assert server.handlers.slow_started - server.handlers.slow_cancelled <= 2
+    finally:
+        peer.close()
+
+
+# ---------------------------------------------------------------------- work per connection
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_requests_beyond_the_work_limit_wait_their_turn(server) -> None:
+    """A thousand searches in one write must not all reach the nodes at once: at most
+    MAX_WORK_PER_CONNECTION handlers of a connection run; the others start as slots free."""
+    handlers = server.handlers
+    started, cancelled = handlers.slow_started, handlers.slow_cancelled
+    peer = Peer(server.port)
+    try:
+        streams = [1 + 2 * i for i in range(MAX_WORK_PER_CONNECTION + 10)]
+        peer.send(*(peer.request(stream_id, SLOW, b"30") for stream_id in streams))
+        _until(lambda: handlers.slow_started - started == MAX_WORK_PER_CONNECTION, "the first handlers start")
+        peer.expect_alive()
+        assert handlers.slow_started - started == MAX_WORK_PER_CONNECTION, "no more than the limit run"
+        peer.send(*(rst_stream(stream_id) for stream_id in streams[:4]))  # four running ones end ...
+        _until(lambda: handlers.slow_started - started == MAX_WORK_PER_CONNECTION + 4, "waiting ones start")
+        peer.expect_alive()
+        assert handlers.slow_started - started == MAX_WORK_PER_CONNECTION + 4  # ... so four waiting ones start
+        peer.send(*(rst_stream(stream_id) for stream_id in streams[-3:]))  # waiting ones reset never start
+        peer.send(*(rst_stream(stream_id) for stream_id in streams[4:20]))
+        _until(lambda: handlers.slow_cancelled - cancelled == 20, "the running ones reset end")
+        _until(lambda: handlers.slow_started - started == MAX_WORK_PER_CONNECTION + 7, "the rest start")
+        peer.expect_alive()
+        assert handlers.slow_started - started == MAX_WORK_PER_CONNECTION + 7, "reset while waiting: never started"
+    finally:
+        peer.close()
+
+
+def test_answers_the_client_does_not_take_hold_its_further_requests(server) -> None:
+    """With its windows at zero a client takes no answer; once MAX_WORK_PER_CONNECTION answers wait
+    for it, its further requests wait too, and all are served once it opens its windows."""
+    handlers = server.handlers
+    echoed = handlers.echoed
+    peer = Peer(server.port, settings={INITIAL_WINDOW_SIZE: 0})
+    try:
+        streams = [1 + 2 * i for i in range(MAX_WORK_PER_CONNECTION + 6)]
+        peer.send(*(peer.request(stream_id, ECHO, b"answer") for stream_id in streams))
+        _until(lambda: handlers.echoed - echoed == MAX_WORK_PER_CONNECTION, "the first requests are answered")
+        peer.expect_alive()
+        peer.expect_alive()
+        assert handlers.echoed - echoed == MAX_WORK_PER_CONNECTION, "the rest wait for answers to be taken"
+        peer.send(settings_frame({INITIAL_WINDOW_SIZE: 65_535}))
+        for stream_id in streams:
+            assert peer.response(stream_id).message == b"answer"
+        assert handlers.echoed - echoed == len(streams)
     finally:
         peer.close()

@@ -14,6 +14,7 @@ from .harness import (
     SLOW,
     STREAM_CLOSED,
     WAIT_S,
+    Peer,
     data,
     grpc_message,
     request_headers,
@@ -129,19 +130,25 @@ def test_a_stream_beyond_max_concurrent_streams_is_refused(peer) -> None:
     peer.expect_rst(over, REFUSED_STREAM)
 
 
-def test_a_refused_stream_does_not_reach_the_handler(server, peer) -> None:
-    limit = peer.server_settings[3]
-    before = server.handlers.slow_started
-    peer.send(*[peer.request(2 * index + 1, SLOW, b"30") for index in range(limit)])
-    deadline = time.monotonic() + WAIT_S
-    while server.handlers.slow_started - before < limit and time.monotonic() < deadline:
-        peer.expect_alive()  # each round trip lets the server's loop run the handlers it created
-    assert server.handlers.slow_started - before == limit
-    over = 2 * limit + 1
-    peer.send(peer.request(over, SLOW, b"30"))
-    peer.expect_rst(over, REFUSED_STREAM)
-    peer.expect_alive()  # a handler created with the refusal would have started by now
-    assert server.handlers.slow_started - before == limit
+def test_a_refused_stream_does_not_reach_the_handler(server_with) -> None:
+    server = server_with(H2_MAX_CONCURRENT_STREAMS=16)  # under the handlers a connection may run
+    peer = Peer(server.port)
+    try:
+        limit = peer.server_settings[3]
+        assert limit == 16
+        before = server.handlers.slow_started
+        peer.send(*[peer.request(2 * index + 1, SLOW, b"30") for index in range(limit)])
+        deadline = time.monotonic() + WAIT_S
+        while server.handlers.slow_started - before < limit and time.monotonic() < deadline:
+            peer.expect_alive()  # each round trip lets the server's loop run the handlers it created
+        assert server.handlers.slow_started - before == limit
+        over = 2 * limit + 1
+        peer.send(peer.request(over, SLOW, b"30"))
+        peer.expect_rst(over, REFUSED_STREAM)
+        peer.expect_alive()  # a handler created with the refusal would have started by now
+        assert server.handlers.slow_started - before == limit
+    finally:
+        peer.close()
 
 
 def test_window_update_overflowing_a_stream_is_a_stream_error(peer) -> None:
