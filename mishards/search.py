@@ -108,6 +108,7 @@ class ReloadTracker:
     """
 
     MAX_FILES_PER_NODE = 200_000
+    _NEVER = -1  # the reload time of a file never reloaded: below every updated_time
 
     def __init__(self) -> None:
         self._state: dict[str, dict[str, int]] = {}
@@ -117,8 +118,8 @@ class ReloadTracker:
         known = self._state.get(node)
         if not known:
             return list(file_ids)
-        missing = -1  # below every updated_time
-        return [file_id for file_id in file_ids if known.get(file_id, missing) < updated[file_id]]
+        never = self._NEVER
+        return [file_id for file_id in file_ids if known.get(file_id, never) < updated[file_id]]
 
     def record(self, node: str, file_ids: Sequence[str], updated: Mapping[str, int]) -> None:
         """The node reloaded these files as of their `updated` times (the newest time is kept)."""
@@ -127,7 +128,7 @@ class ReloadTracker:
             known.clear()
         for file_id in file_ids:
             time_now = updated[file_id]
-            if known.get(file_id, -1) < time_now:
+            if known.get(file_id, self._NEVER) < time_now:
                 known[file_id] = time_now
 
     def forget(self, node: str) -> None:

@@ -46,7 +46,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.calls: dict[int, tuple[asyncio.Future, asyncio.TimerHandle | None]] = {}
         self.ping_timer: asyncio.TimerHandle | None = None
         self.lost = False
-        self.flush_due = False  # a flush is scheduled for the next turn of the loop (`start`)
+        self.flush_due = False  # a flush is scheduled for the next turn of the loop (`flush_soon`)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -56,6 +56,13 @@ class _ClientProtocol(asyncio.Protocol):
         data = self.connection.data_to_send()
         if data and self.transport is not None and not self.lost:
             self.transport.write(data)
+
+    def flush_soon(self) -> None:
+        """Write at the next turn of the loop: the calls every search of this turn makes to this
+        node leave in one send, not a system call each."""
+        if not self.flush_due:
+            self.flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush_due)
 
     def _flush_due(self) -> None:
         self.flush_due = False
@@ -116,11 +123,7 @@ class _ClientProtocol(asyncio.Protocol):
             timer = asyncio.get_running_loop().call_later(timeout, self._expired, stream_id)
         self.calls[stream_id] = (future, timer)
         future.on_cancel = (self, stream_id)
-        # sent at the next turn of the loop: the calls every search of this turn makes to this node
-        # leave in one send, not a system call each
-        if not self.flush_due:
-            self.flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush_due)
+        self.flush_soon()
 
     def caller_gone(self, stream_id: int) -> None:
         """The caller cancelled its future: reset the stream, so the node stops working on it."""
