@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -91,6 +92,22 @@ def nodes(tmp_path_factory) -> Iterator[NodeCluster]:
 def conn_stats(address: str) -> dict:
     with milvus_stub(address) as stub:
         return json.loads(stub.Cmd(pb.Command(cmd="conn_stats"), timeout=10).string_reply)
+
+
+T = TypeVar("T")
+
+
+def wait_for_reading(what: str, read: Callable[[], T], holds: Callable[[T], bool], timeout_s: float = 15.0) -> T:
+    """Poll `read()` (bounded) until `holds` is true of a reading, and return that reading: with
+    SERVER_WORKERS > 1 each `conn_stats` may come from another worker (each checks the nodes on
+    its own clock), so what is asserted next must be the reading that met the condition."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reading = read()
+        if holds(reading):
+            return reading
+        time.sleep(0.1)
+    pytest.fail(f"not within {timeout_s:g} s: {what}")
 
 
 def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float = 15.0) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tests.support.processes import LOCALHOST
 
 from ..proxy.conftest import MishardsProcess
-from .conftest import NodeCluster, SearchStream, conn_stats, wait_for
+from .conftest import NodeCluster, SearchStream, conn_stats, wait_for, wait_for_reading
 
 
 def test_a_stopped_node_leaves_and_rejoins_after_consecutive_successes(nodes: NodeCluster):
@@ -31,13 +31,11 @@ def test_a_stopped_node_leaves_and_rejoins_after_consecutive_successes(nodes: No
         return conn_stats(proxy.address)["readonly"][name]
 
     try:
-        wait_for(
+        stats = wait_for_reading(
             "every node passed a health check",
-            lambda: all(
-                (node["last_health_check"] or {}).get("ok") for node in conn_stats(proxy.address)["readonly"].values()
-            ),
+            lambda: conn_stats(proxy.address),
+            lambda stats: all((node["last_health_check"] or {}).get("ok") for node in stats["readonly"].values()),
         )
-        stats = conn_stats(proxy.address)
         assert set(stats["readonly"]) == set(names)
         assert {node["state"] for node in stats["readonly"].values()} == {"healthy"}
         assert stats["writable"]["address"] == f"localhost:{nodes.writable.port}"
@@ -47,15 +45,15 @@ def test_a_stopped_node_leaves_and_rejoins_after_consecutive_successes(nodes: No
             wait_for("searches flow", lambda: len(searches.results) >= 5)
             victim.stop()
             wait_for("the stopped node is out of routing", lambda: node_stats()["state"] == "unhealthy", 5)
-            wait_for("the checks keep failing", lambda: node_stats()["checks_failed_in_a_row"] >= 2, 5)
-            gone = node_stats()
+            gone = wait_for_reading(
+                "the checks keep failing", node_stats, lambda stats: stats["checks_failed_in_a_row"] >= 2, 5
+            )
             assert gone["last_health_check"]["ok"] is False and gone["last_health_check"]["error"]
             count = len(searches.results)
             wait_for("searches go on without it", lambda: len(searches.results) >= count + 20)
 
             nodes.restart_readonly(0)  # same port
-            wait_for("the restarted node is back", lambda: node_stats()["state"] == "healthy", 10)
-            back = node_stats()
+            back = wait_for_reading("the restarted node is back", node_stats, lambda s: s["state"] == "healthy", 10)
             assert back["checks_passed_in_a_row"] >= 3 and back["last_health_check"]["ok"] is True
             routed = back["files_routed"]
             wait_for("it receives files again", lambda: node_stats()["files_routed"] > routed, 10)
@@ -91,8 +89,7 @@ def test_health_checks_alone_take_a_silent_node_out_and_back(nodes: NodeCluster)
         wait_for("a first check", lambda: victim_stats()["last_health_check"] is not None)
         victim.pause()
         try:
-            wait_for("the frozen node is out", lambda: victim_stats()["state"] == "unhealthy", 10)
-            frozen = victim_stats()
+            frozen = wait_for_reading("the frozen node is out", victim_stats, lambda s: s["state"] == "unhealthy", 10)
             assert frozen["calls"] == 0, "no search was involved"
             assert frozen["checks_failed_in_a_row"] >= 3
             assert "DEADLINE_EXCEEDED" in frozen["last_health_check"]["error"]
