@@ -9,10 +9,10 @@ PYTEST_ARGS ?=
 
 venv: .venv/.stamp $(WHEELS)
 
-# Rebuilt when a requirements file or pyproject.toml is newer than the stamp. The package itself is
-# installed editable (console scripts `mishards`, `milvus-node`; no sys.path edits anywhere).
+# Rebuilt when a requirements file, a build file or the merge kernel's C source is newer than the
+# stamp. The package itself is installed editable (console scripts `mishards`, `milvus-node`; no sys.path edits anywhere).
 REQUIREMENTS := requirements.txt requirements-base.txt requirements-proxy.txt requirements-node.txt requirements-dev.txt
-.venv/.stamp: $(REQUIREMENTS) pyproject.toml
+.venv/.stamp: $(REQUIREMENTS) pyproject.toml setup.py mishards/core/_topk.c
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "Mishards needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) --version 2>&1). Try: make venv PYTHON=python3.11" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv .venv

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 
 from milvus_grpc import milvus_pb2, status_pb2
-from mishards.core.merge import merge_topk
+from mishards.core.merge import COMPILED_KERNEL, merge_topk
 from mishards.core.wire import decode_topk_hits, decode_topk_result, encode_topk_result
 from utils.errors import UnexpectedError
 
@@ -185,6 +185,8 @@ def bench_case(rng: np.random.Generator, nq: int, topk: int, nodes: int, ties: b
 
 
 def print_tables(rng: np.random.Generator) -> dict:
+    kernel = "the compiled k-way merge (_topk.c)" if COMPILED_KERNEL else "the numpy path (_topk.c not built)"
+    print(f"merge_topk runs {kernel} for array inputs")
     print("Merge alone, and node reply bytes to client reply bytes (median CPU time per call, microseconds)")
     print(
         f"{'nq':>4} {'topk':>5} {'nodes':>5} | {'pairwise':>9} {'merge_topk':>10} {'speed-up':>8} | "

@@ -25,7 +25,16 @@ Rules (each fixes a defect of the original merge, docs/semantics.md, "Merging"):
   reply order instead (an entry's column in its node's row, then ascending id), so ties are kept
   deterministically and never sorted by a made-up distance.
 
-How it is fast: distances become uint32 keys whose unsigned order is the rank order (padding and
+How it is fast: nodes send each row best first, so the merge is a k-way merge that walks every
+node's row from the front: nq x width x nodes small steps, no sort. It is compiled (_topk.c, built
+by `pip install` where a C compiler is found; COMPILED_KERNEL says whether it was): the same loop in
+numpy calls or Python costs far more per step than the step itself. The kernel first checks
+that each row is in (key, id) order, with padding only at its end, and sorts any row that is not
+(ties sent in another id order, a node that does not sort), so the answer never depends on the
+nodes' order; a hash set of the row's kept ids drops repeats.
+
+Without the kernel, the numpy path below merges arrays; the two are held to one oracle by the
+same property tests. Distances become uint32 keys whose unsigned order is the rank order (padding and
 NaN get the top codes), packed with the candidate's column into one uint64, so a plain SIMD value
 sort (not an argsort) orders a row. That order breaks ties by column, not by id, and does not
 remove duplicates; both only matter when the selected head of a row contains an equal key or a
@@ -56,11 +65,20 @@ import sys
 from collections.abc import Sequence
 from itertools import accumulate, chain
 from operator import itemgetter, neg
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from utils.errors import IllegalTopK, UnexpectedError
+
+try:
+    from mishards.core import _topk
+except ImportError:  # built without a C compiler: the numpy path merges
+    _topk = None  # type: ignore[assignment]
+
+COMPILED_KERNEL = _topk is not None
+_KERNEL_LAYOUT: list[Literal["C", "A"]] = ["C", "A"]  # C-contiguous and aligned, as _topk.c reads its buffers
+"""Whether the compiled k-way merge (_topk.c) is installed; the numpy path merges otherwise."""
 
 PADDING_ID = -1
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -134,6 +152,8 @@ def merge_topk(
         return np.empty((0, 0), np.int64), np.empty((0, 0), np.float32)
     if match_filter:
         return _merge_in_reply_order(blocks, width, descending)
+    if _topk is not None:
+        return _merge_compiled(blocks, nq, width, descending)
     if nq * candidates_per_row <= SMALL_MERGE_CANDIDATES:
         as_lists = [(ids.ravel().tolist(), distances.ravel().tolist(), ids.shape[1]) for ids, distances in blocks]
         ids, distances = _merge_lists(as_lists, nq, topk, descending, False)
@@ -149,6 +169,24 @@ def merge_topk(
 
 Block = tuple[np.ndarray, np.ndarray]
 """A node result as (nq, k) int64 ids and float32 distances."""
+
+
+def _merge_compiled(blocks: list[Block], nq: int, width: int, descending: bool) -> Block:
+    """The compiled k-way merge: walks each node's row from the front (rows out of (distance,
+    id) order are sorted first), so its cost is about nq x width x nodes steps, not a sort."""
+    merged_ids = np.empty((nq, width), np.int64)
+    merged_distances = np.empty((nq, width), np.float32)
+    # (distances decoded from a reply are viewed in place there, at any byte offset: copied if unaligned)
+    _topk.merge_rows(
+        tuple(np.require(ids, np.int64, _KERNEL_LAYOUT) for ids, _ in blocks),
+        tuple(np.require(distances, np.float32, _KERNEL_LAYOUT) for _, distances in blocks),
+        nq,
+        width,
+        descending,
+        merged_ids,
+        merged_distances,
+    )
+    return merged_ids, merged_distances
 
 
 def _merge_one_row_of_lists(

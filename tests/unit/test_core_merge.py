@@ -1,7 +1,9 @@
 """The top-k merge against a concatenate-sort-dedupe oracle, on every internal path.
 
 The oracle is pure Python and written the other way round from the small path (sort everything,
-then keep each id's first appearance), so a shared mistake is unlikely.
+then keep each id's first appearance), so a shared mistake is unlikely. Every test runs twice:
+with the compiled k-way merge (skipped where it was not built) and with the numpy path that
+replaces it then.
 """
 
 from __future__ import annotations
@@ -18,6 +20,18 @@ from mishards.core import merge
 from mishards.core.merge import FLT_MAX, merge_topk
 from utils.errors import IllegalTopK, UnexpectedError
 from utils.milvus_schema import is_descending, is_match_filter
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def kernel(request):
+    """The merge kernel under test: the compiled one, or the numpy path (the compiled one hidden)."""
+    if request.param == "compiled":
+        if not merge.COMPILED_KERNEL:
+            pytest.skip("the compiled merge kernel (mishards/core/_topk.c) was not built")
+        yield request.param
+        return
+    with mock.patch.object(merge, "_topk", None):
+        yield request.param
 
 
 def oracle(node_results, nq: int, topk: int, descending: bool):
@@ -96,9 +110,14 @@ PATHS = {  # (SMALL_MERGE_CANDIDATES, PREFIX_MIN_CANDIDATES)
 
 @pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=150, deadline=None)
-@given(case=merge_inputs())
-def test_merge_equals_the_oracle(path, case):
+@given(case=merge_inputs(), best_first=st.booleans())
+def test_merge_equals_the_oracle(path, case, best_first):
+    """Node rows as drawn, or best first as nodes send them (ties, padding and NaN included)."""
     node_results, nq, topk, descending = case
+    if merge._topk is not None and path != "dispatch":
+        pytest.skip("the compiled kernel merges every array input: the paths are the numpy ones")
+    if best_first:
+        node_results = _best_first(node_results, descending)
     small, prefix = PATHS[path]
     with (
         mock.patch.object(merge, "SMALL_MERGE_CANDIDATES", small),
@@ -473,3 +492,72 @@ def test_mapped_head_serves_sorted_distinct_rows_without_the_exact_path(descendi
     assert not merge_exactly.any() and (reorder is None or not reorder.any())
     assert_same((merged_ids, merged_dists), oracle(node_results, nq, topk, descending))
     assert_same(merge_topk(node_results, nq, topk, descending), oracle(node_results, nq, topk, descending))
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_rows_out_of_order_merge_like_rows_in_order(descending):
+    """Rows the compiled kernel cannot walk as sent (ties in descending id order, padding before
+    hits, a node that does not sort, a repeated id in one row) give the oracle's answer."""
+    sign = np.float32(-1.0 if descending else 1.0)
+    tied = (np.array([[9, 7, 5, 3]]), np.array([[1.0, 1.0, 1.0, 2.0]], np.float32) * sign)
+    padded_first = (np.array([[-1, 4, 6, -1]]), np.array([[0.0, 1.0, 1.5, 0.5]], np.float32) * sign)
+    unsorted = (np.array([[11, 12, 13, 14]]), np.array([[3.0, 0.5, 2.0, 1.0]], np.float32) * sign)
+    repeated = (np.array([[8, 8, 2, 8]]), np.array([[0.25, 0.75, 1.0, 3.0]], np.float32) * sign)
+    node_results = [tied, padded_first, unsorted, repeated]
+
+    ids, dists = merge_topk(node_results, 1, 10, descending)
+
+    assert_same((ids, dists), oracle(node_results, 1, 10, descending))
+    assert ids.tolist() == [[8, 12, 2, 4, 5, 7, 9, 14, 6, 3]]  # 8 at its best copy; ties by id
+
+
+def test_widest_rows_with_many_repeats_equal_the_oracle():
+    """topk 2048 over three nodes drawing from a few thousand ids: long rows, many repeats."""
+    rng = np.random.default_rng(5)
+    nq, topk = 3, 2048
+    node_results = []
+    for _ in range(3):
+        ids = rng.integers(0, 3000, (nq, topk))
+        dists = np.sort(rng.integers(0, 500, (nq, topk)).astype(np.float32), axis=1)
+        node_results.append((ids, dists))
+    assert_same(merge_topk(node_results, nq, topk, False), oracle(node_results, nq, topk, False))
+
+
+@pytest.mark.skipif(not merge.COMPILED_KERNEL, reason="the compiled merge kernel was not built")
+def test_the_compiled_kernel_refuses_buffers_that_do_not_fit(kernel):
+    """Wrong sizes, types or read-only outputs raise, never read or write past a buffer."""
+    from mishards.core import _topk
+
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)
+    dists = np.zeros((2, 3), np.float32)
+    out_ids, out_dists = np.empty((2, 3), np.int64), np.empty((2, 3), np.float32)
+    _topk.merge_rows((ids,), (dists,), 2, 3, False, out_ids, out_dists)  # fits
+    assert out_ids.tolist() == ids.tolist()
+    refused = [
+        ((ids,), (dists[:1],), 2, 3, False, out_ids, out_dists),  # distances for one row only
+        ((ids,), (dists,), 4, 3, False, out_ids, out_dists),  # 6 values are not 4 rows
+        ((ids,), (dists,), 2, 4, False, out_ids, out_dists),  # outputs too small for the width
+        ((ids,), (dists,), 2, 3, False, out_ids, np.empty(6, np.float64)),  # 8-byte distances out
+        ((ids,), (dists,), 2, 3, False, out_ids.view(np.uint8)[1:9], out_dists),  # misaligned
+        ((ids,), (dists,), 2, 0, False, out_ids, out_dists),  # width 0
+        ((), (), 2, 3, False, out_ids, out_dists),  # no node
+        ((ids,), (dists, dists), 2, 3, False, out_ids, out_dists),  # unequal tuples
+        ((ids[:, ::2],), (dists,), 2, 3, False, out_ids, out_dists),  # not contiguous
+        ((ids,), (dists,), 2, 3, False, np.frombuffer(bytes(48), np.int64), out_dists),  # read-only
+    ]
+    for arguments in refused:
+        with pytest.raises((ValueError, TypeError, BufferError)):
+            _topk.merge_rows(*arguments)
+
+
+def test_distances_viewed_at_an_odd_offset_merge_like_aligned_ones():
+    """The reply decoder views float32 distances in place, at any byte offset of the reply."""
+    rng = np.random.default_rng(3)
+    node_results = []
+    for node in range(3):
+        ids = rng.permutation(40).reshape(4, 10) * 3 + node
+        dists = np.sort(rng.random((4, 10)).astype(np.float32), axis=1)
+        unaligned = np.frombuffer(b"\0" + dists.tobytes(), np.float32, offset=1).reshape(4, 10)
+        assert not unaligned.flags.aligned
+        node_results.append((ids, unaligned))
+    assert_same(merge_topk(node_results, 4, 10, False), oracle(node_results, 4, 10, False))

@@ -1,0 +1,441 @@
+/* The top-k merge's compiled kernel: a k-way merge of the nodes' rows, one output row at a time.
+ *
+ * Python entry point (mishards/core/merge.py calls it, after checking shapes and dtypes):
+ *
+ *     merge_rows(ids, distances, nq, width, descending, out_ids, out_distances) -> None
+ *
+ * ids, distances: tuples with one C-contiguous buffer per node, int64 and float32, nq x k_i values
+ * (k_i >= 1), row-major. out_ids, out_distances: writable buffers of nq x width int64 and float32.
+ *
+ * The rules are the ones merge.py documents: rank by (key, id) where the key orders distances
+ * best first (ascending, or descending for inner product; -0.0 ties 0.0; NaN after every number),
+ * id -1 is padding and never competes, an id is kept once at its best rank, short rows are padded
+ * with id -1 and the worst distance.
+ *
+ * Why it is fast: nodes send their rows best first, so the merge walks each node's row from the
+ * front and never sorts. A row that is not in (key, id) order (ties in another id order, or a node
+ * that does not sort) is copied and sorted first, so the answer never depends on the nodes' order.
+ * The work per output row is O(sum k_i) to check the order plus O(width x nodes) to merge;
+ * sorting, only for rows out of order, is O(k_i log k_i). No allocation depends on anything but
+ * the sizes the caller checked, and the GIL is released while it runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PADDING_ID (-1)
+#define NAN_KEY 0xFFFFFFFEu
+#define END_KEY 0xFFFFFFFFu /* padding and the end of a row: above every real key (NaN's is the largest) */
+#define FLT_MAX_VALUE 3.40282346638528859812e+38F
+
+/* Unsigned order of the key = rank order of the distance: the float's bits, the sign flipped for
+ * descending order (sign_flip 0x80000000), -0.0 made 0.0, negative floats' bits inverted, NaN
+ * after every number. Integer operations only and no branch, so the loops over a row vectorise. */
+static inline uint32_t rank_key(float distance, uint32_t sign_flip) {
+    uint32_t bits;
+    memcpy(&bits, &distance, sizeof bits);
+    bits ^= sign_flip;
+    uint32_t magnitude = bits & 0x7FFFFFFFu;
+    uint32_t key = bits ^ ((uint32_t)((int32_t)bits >> 31) | 0x80000000u);
+    key = magnitude == 0 ? 0x80000000u : key;
+    return magnitude > 0x7F800000u ? NAN_KEY : key;
+}
+
+typedef struct {
+    uint32_t key;
+    float distance;
+    int64_t id;
+} Candidate;
+
+static int compare_candidates(const void *left, const void *right) {
+    const Candidate *a = left, *b = right;
+    if (a->key != b->key) {
+        return a->key < b->key ? -1 : 1;
+    }
+    return (a->id > b->id) - (a->id < b->id);
+}
+
+/* One node's row as the merge reads it: keys (END_KEY after the last real entry), ids, distances. */
+typedef struct {
+    const uint32_t *keys;
+    const int64_t *ids;
+    const float *distances;
+    Py_ssize_t position;
+} Cursor;
+
+typedef enum { IN_ORDER, TIES_OUT_OF_ORDER, OUT_OF_ORDER } RowOrder;
+
+/* Fills keys[0..count] (keys[count] = END_KEY) for the row and tells whether the merge may walk it
+ * as it is: real entries in (key, id) order, any padding only at the end. TIES_OUT_OF_ORDER: in
+ * key order, but some run of equal keys is not in ascending id order. */
+static RowOrder keys_in_rank_order(const int64_t *restrict ids, const float *restrict distances, Py_ssize_t count,
+                                   uint32_t sign_flip, uint32_t *restrict keys) {
+    uint64_t sign_bits = 0; /* any negative id, padding (-1) or not: then the slower loop below */
+    for (Py_ssize_t j = 0; j < count; j++) {
+        sign_bits |= (uint64_t)ids[j];
+    }
+    for (Py_ssize_t j = 0; j < count; j++) {
+        keys[j] = rank_key(distances[j], sign_flip);
+    }
+    if (sign_bits >> 63) {
+        for (Py_ssize_t j = 0; j < count; j++) {
+            keys[j] = ids[j] == PADDING_ID ? END_KEY : keys[j];
+        }
+    }
+    keys[count] = END_KEY;
+    uint32_t descents = 0, ties = 0;
+    for (Py_ssize_t j = 1; j < count; j++) {
+        descents |= keys[j] < keys[j - 1];
+        ties |= keys[j] == keys[j - 1];
+    }
+    if (descents) {
+        return OUT_OF_ORDER;
+    }
+    for (Py_ssize_t j = 1; ties && j < count; j++) { /* equal keys (rare for float distances): ids ascending? */
+        if (keys[j] == keys[j - 1] && keys[j] != END_KEY && ids[j] < ids[j - 1]) {
+            return TIES_OUT_OF_ORDER;
+        }
+    }
+    return IN_ORDER;
+}
+
+/* Open addressing set of the ids kept in the current row; a slot is live when its stamp is the
+ * row's, so nothing is cleared between rows. Capacity: a power of two, at least 4 x width. */
+typedef struct {
+    int64_t *ids;
+    uint32_t *stamps;
+    uint64_t mask;
+    int shift;
+} SeenIds;
+
+/* 1 if the id was new (and is now in the set), 0 if the row already kept it. */
+static inline int keep_once(SeenIds *seen, int64_t id, uint32_t stamp) {
+    uint64_t slot = ((uint64_t)id * 0x9E3779B97F4A7C15ull) >> seen->shift;
+    while (seen->stamps[slot] == stamp) {
+        if (seen->ids[slot] == id) {
+            return 0;
+        }
+        slot = (slot + 1) & seen->mask;
+    }
+    seen->stamps[slot] = stamp;
+    seen->ids[slot] = id;
+    return 1;
+}
+
+typedef struct {
+    Py_ssize_t nodes, nq, width;
+    int descending;
+    const int64_t **ids;
+    const float **distances;
+    const Py_ssize_t *node_widths;
+    int64_t *out_ids;
+    float *out_distances;
+} MergeJob;
+
+static int compare_by_id(const void *left, const void *right) {
+    const Candidate *a = left, *b = right;
+    return (a->id > b->id) - (a->id < b->id);
+}
+
+/* A row in key order whose ties are not in id order: copied, each run of equal keys put in id
+ * order (insertion sort for short runs, qsort for long ones); keys stay as they are. */
+static void order_ties(const int64_t *ids, const float *distances, Py_ssize_t count, const uint32_t *keys,
+                       Candidate *run, int64_t *sorted_ids, float *sorted_distances) {
+    memcpy(sorted_ids, ids, (size_t)count * sizeof *ids);
+    memcpy(sorted_distances, distances, (size_t)count * sizeof *distances);
+    for (Py_ssize_t start = 0, end; start < count && keys[start] != END_KEY; start = end) {
+        for (end = start + 1; end < count && keys[end] == keys[start]; end++) {
+        }
+        Py_ssize_t length = end - start;
+        if (length < 2) {
+            continue;
+        }
+        for (Py_ssize_t j = 0; j < length; j++) {
+            run[j].id = sorted_ids[start + j];
+            run[j].distance = sorted_distances[start + j];
+        }
+        if (length <= 16) {
+            for (Py_ssize_t j = 1; j < length; j++) {
+                Candidate moving = run[j];
+                Py_ssize_t slot = j;
+                for (; slot > 0 && moving.id < run[slot - 1].id; slot--) {
+                    run[slot] = run[slot - 1];
+                }
+                run[slot] = moving;
+            }
+        } else {
+            qsort(run, (size_t)length, sizeof *run, compare_by_id);
+        }
+        for (Py_ssize_t j = 0; j < length; j++) {
+            sorted_ids[start + j] = run[j].id;
+            sorted_distances[start + j] = run[j].distance;
+        }
+    }
+}
+
+static inline int candidate_before(const Candidate *a, const Candidate *b) {
+    return a->key < b->key || (a->key == b->key && a->id < b->id);
+}
+
+/* A row out of order: its real entries sorted by (key, id) into the node's scratch. Insertion sort
+ * first: rows sorted by distance whose ties come in another id order (binary metrics' integer
+ * distances) need only a few short moves. Past a budget of moves (a row not sorted at all, or
+ * long runs of one distance) qsort finishes the job, so a row costs O(count log count) at worst. */
+static void sort_row(const int64_t *ids, const float *distances, Py_ssize_t count, uint32_t sign_flip,
+                     Candidate *candidates, uint32_t *keys, int64_t *sorted_ids, float *sorted_distances) {
+    Py_ssize_t real = 0;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        if (ids[j] != PADDING_ID) {
+            candidates[real].key = rank_key(distances[j], sign_flip);
+            candidates[real].distance = distances[j];
+            candidates[real].id = ids[j];
+            real++;
+        }
+    }
+    Py_ssize_t budget = 8 * real + 64;
+    for (Py_ssize_t j = 1; j < real && budget >= 0; j++) {
+        Candidate moving = candidates[j];
+        Py_ssize_t slot = j;
+        while (slot > 0 && candidate_before(&moving, &candidates[slot - 1]) && budget-- >= 0) {
+            candidates[slot] = candidates[slot - 1];
+            slot--;
+        }
+        candidates[slot] = moving; /* (still a permutation when the budget ran out mid-way) */
+    }
+    if (budget < 0) {
+        qsort(candidates, (size_t)real, sizeof *candidates, compare_candidates);
+    }
+    for (Py_ssize_t j = 0; j < real; j++) {
+        keys[j] = candidates[j].key;
+        sorted_ids[j] = candidates[j].id;
+        sorted_distances[j] = candidates[j].distance;
+    }
+    keys[real] = END_KEY;
+}
+
+/* 0 on success, -1 when memory ran out (nothing written is then used). */
+static int run_merge(const MergeJob *job) {
+    Py_ssize_t stride = 1; /* per node: its longest row and the END_KEY after it */
+    for (Py_ssize_t node = 0; node < job->nodes; node++) {
+        if (job->node_widths[node] + 1 > stride) {
+            stride = job->node_widths[node] + 1;
+        }
+    }
+    uint64_t capacity = 2;
+    int shift = 63;
+    while (capacity < (uint64_t)job->width * 4) { /* at most a quarter full: few probes */
+        capacity <<= 1;
+        shift--;
+    }
+    size_t slots = (size_t)job->nodes * (size_t)stride;
+    Cursor *cursors = calloc((size_t)job->nodes, sizeof *cursors);
+    uint32_t *heads = calloc((size_t)job->nodes, sizeof *heads); /* each cursor's current key */
+    uint32_t *keys = malloc(slots * sizeof *keys);
+    Candidate *candidates = malloc((size_t)stride * sizeof *candidates);
+    int64_t *sorted_ids = malloc(slots * sizeof *sorted_ids);
+    float *sorted_distances = malloc(slots * sizeof *sorted_distances);
+    SeenIds seen = {calloc(capacity, sizeof(int64_t)), calloc(capacity, sizeof(uint32_t)), capacity - 1, shift};
+    int status = -1;
+    if (!cursors || !heads || !keys || !candidates || !sorted_ids || !sorted_distances || !seen.ids || !seen.stamps) {
+        goto done;
+    }
+    const float padding_distance = job->descending ? -FLT_MAX_VALUE : FLT_MAX_VALUE;
+    const uint32_t sign_flip = job->descending ? 0x80000000u : 0;
+    for (Py_ssize_t row = 0; row < job->nq; row++) {
+        for (Py_ssize_t node = 0; node < job->nodes; node++) {
+            Py_ssize_t count = job->node_widths[node];
+            const int64_t *ids = job->ids[node] + row * count;
+            const float *distances = job->distances[node] + row * count;
+            Cursor *cursor = &cursors[node];
+            uint32_t *node_keys = keys + node * stride;
+            cursor->keys = node_keys;
+            cursor->position = 0;
+            RowOrder order = keys_in_rank_order(ids, distances, count, sign_flip, node_keys);
+            if (order == IN_ORDER) {
+                cursor->ids = ids;
+                cursor->distances = distances;
+            } else {
+                int64_t *node_ids = sorted_ids + node * stride;
+                float *node_distances = sorted_distances + node * stride;
+                if (order == TIES_OUT_OF_ORDER) {
+                    order_ties(ids, distances, count, node_keys, candidates, node_ids, node_distances);
+                } else {
+                    sort_row(ids, distances, count, sign_flip, candidates, node_keys, node_ids, node_distances);
+                }
+                cursor->ids = node_ids;
+                cursor->distances = node_distances;
+            }
+        }
+        int64_t *row_ids = job->out_ids + row * job->width;
+        float *row_distances = job->out_distances + row * job->width;
+        uint32_t stamp = (uint32_t)(row % 0x7FFFFFFF) + 1; /* 0 is never a live stamp */
+        if (stamp == 1 && row > 0) {                      /* the stamps start over (every 2**31 - 1 rows) */
+            memset(seen.stamps, 0, capacity * sizeof(uint32_t));
+        }
+        for (Py_ssize_t node = 0; node < job->nodes; node++) {
+            heads[node] = cursors[node].keys[0];
+        }
+        Py_ssize_t kept = 0;
+        while (kept < job->width) {
+            /* The node whose head ranks first: branch-free on keys (which node wins is random, a
+             * branch would be mispredicted about every other time); equal keys rank by id. */
+            Py_ssize_t best = 0;
+            uint32_t best_key = heads[0], tied = 0;
+            for (Py_ssize_t node = 1; node < job->nodes; node++) {
+                uint32_t key = heads[node];
+                tied |= (key == best_key) & (key != END_KEY);
+                int better = key < best_key;
+                best = better ? node : best;
+                best_key = better ? key : best_key;
+            }
+            if (best_key == END_KEY) {
+                break;
+            }
+            if (tied) {
+                for (Py_ssize_t node = 0; node < job->nodes; node++) {
+                    const Cursor *other = &cursors[node], *leader = &cursors[best];
+                    if (heads[node] == best_key && other->ids[other->position] < leader->ids[leader->position]) {
+                        best = node;
+                    }
+                }
+            }
+            Cursor *cursor = &cursors[best];
+            int64_t id = cursor->ids[cursor->position];
+            float distance = cursor->distances[cursor->position];
+            cursor->position++;
+            heads[best] = cursor->keys[cursor->position];
+            if (keep_once(&seen, id, stamp)) {
+                row_ids[kept] = id;
+                row_distances[kept] = distance;
+                kept++;
+            }
+        }
+        for (; kept < job->width; kept++) {
+            row_ids[kept] = PADDING_ID;
+            row_distances[kept] = padding_distance;
+        }
+    }
+    status = 0;
+done:
+    free(cursors);
+    free(heads);
+    free(keys);
+    free(candidates);
+    free(sorted_ids);
+    free(sorted_distances);
+    free(seen.ids);
+    free(seen.stamps);
+    return status;
+}
+
+static int get_buffer(PyObject *source, Py_buffer *view, int writable, Py_ssize_t item_size, const char *what) {
+    if (PyObject_GetBuffer(source, view, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) {
+        return -1;
+    }
+    if (view->len % item_size != 0 || ((uintptr_t)view->buf) % (uintptr_t)item_size != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes are not aligned %zd-byte items", what, view->len, item_size);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *merge_rows(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *ids_tuple, *distances_tuple, *out_ids_object, *out_distances_object;
+    Py_ssize_t nq, width;
+    int descending;
+    if (!PyArg_ParseTuple(args, "O!O!nnpOO:merge_rows", &PyTuple_Type, &ids_tuple, &PyTuple_Type, &distances_tuple,
+                          &nq, &width, &descending, &out_ids_object, &out_distances_object)) {
+        return NULL;
+    }
+    Py_ssize_t nodes = PyTuple_GET_SIZE(ids_tuple);
+    if (nodes < 1 || PyTuple_GET_SIZE(distances_tuple) != nodes || nq < 1 || width < 1 || width > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "merge_rows: needs 1+ nodes (ids and distances alike), nq >= 1, "
+                                          "1 <= width <= 2**24");
+        return NULL;
+    }
+    Py_buffer *views = PyMem_Calloc((size_t)nodes * 2 + 2, sizeof(Py_buffer));
+    const int64_t **ids = PyMem_Calloc((size_t)nodes, sizeof *ids);
+    const float **distances = PyMem_Calloc((size_t)nodes, sizeof *distances);
+    Py_ssize_t *node_widths = PyMem_Calloc((size_t)nodes, sizeof *node_widths);
+    Py_ssize_t held = 0;
+    PyObject *result = NULL;
+    if (views == NULL || ids == NULL || distances == NULL || node_widths == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t node = 0; node < nodes; node++) {
+        Py_buffer *id_view = &views[held];
+        if (get_buffer(PyTuple_GET_ITEM(ids_tuple, node), id_view, 0, 8, "ids") < 0) {
+            goto done;
+        }
+        held++;
+        Py_buffer *distance_view = &views[held];
+        if (get_buffer(PyTuple_GET_ITEM(distances_tuple, node), distance_view, 0, 4, "distances") < 0) {
+            goto done;
+        }
+        held++;
+        Py_ssize_t values = id_view->len / 8;
+        if (values == 0 || values % nq != 0 || distance_view->len / 4 != values) {
+            PyErr_Format(PyExc_ValueError, "merge_rows: node %zd has %zd ids and %zd distances, not %zd equal rows",
+                         node, values, distance_view->len / 4, nq);
+            goto done;
+        }
+        ids[node] = id_view->buf;
+        distances[node] = distance_view->buf;
+        node_widths[node] = values / nq;
+    }
+    Py_buffer *out_ids = &views[held];
+    if (get_buffer(out_ids_object, out_ids, 1, 8, "out_ids") < 0) {
+        goto done;
+    }
+    held++;
+    Py_buffer *out_distances = &views[held];
+    if (get_buffer(out_distances_object, out_distances, 1, 4, "out_distances") < 0) {
+        goto done;
+    }
+    held++;
+    if (out_ids->len / 8 != nq * width || out_distances->len / 4 != nq * width) {
+        PyErr_SetString(PyExc_ValueError, "merge_rows: the outputs must hold nq x width values each");
+        goto done;
+    }
+    MergeJob job = {nodes, nq, width, descending, ids, distances, node_widths, out_ids->buf, out_distances->buf};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_merge(&job);
+    Py_END_ALLOW_THREADS
+    if (status < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t index = 0; index < held; index++) {
+        PyBuffer_Release(&views[index]);
+    }
+    PyMem_Free(views);
+    PyMem_Free(ids);
+    PyMem_Free(distances);
+    PyMem_Free(node_widths);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"merge_rows", merge_rows, METH_VARARGS,
+     "merge_rows(ids, distances, nq, width, descending, out_ids, out_distances): k-way merge of the nodes' rows "
+     "into out_ids/out_distances (see mishards/core/merge.py)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_topk",
+    .m_doc = "The top-k merge's compiled kernel.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__topk(void) { return PyModule_Create(&module); }
