@@ -3,9 +3,12 @@
  * Python entry point (mishards/core/merge.py calls it, after checking shapes and dtypes):
  *
  *     merge_rows(ids, distances, nq, width, descending, out_ids, out_distances) -> None
+ *     merge_rows(ids, distances, nq, width, descending) -> (list of ids, list of distances)
  *
- * ids, distances: tuples with one C-contiguous buffer per node, int64 and float32, nq x k_i values
- * (k_i >= 1), row-major. out_ids, out_distances: writable buffers of nq x width int64 and float32.
+ * ids, distances: tuples with one entry per node, nq x k_i values (k_i >= 0), row-major: C-contiguous
+ * int64 and float32 buffers, or lists of Python ints and floats (small replies decode to lists).
+ * out_ids, out_distances: writable buffers of nq x width int64 and float32; when both are left out
+ * (or None), the answer comes back as two flat lists instead, (ids, distances).
  *
  * The rules are the ones merge.py documents: rank by (key, id) where the key orders distances
  * best first (ascending, or descending for inner product; -0.0 ties 0.0; NaN after every number),
@@ -217,7 +220,7 @@ static void sort_row(const int64_t *ids, const float *distances, Py_ssize_t coun
 
 /* 0 on success, -1 when memory ran out (nothing written is then used). */
 static int run_merge(const MergeJob *job) {
-    Py_ssize_t stride = 1; /* per node: its longest row and the END_KEY after it */
+    Py_ssize_t stride = 1; /* per node: its longest row and the END_KEY after it (a node may have none) */
     for (Py_ssize_t node = 0; node < job->nodes; node++) {
         if (job->node_widths[node] + 1 > stride) {
             stride = job->node_widths[node] + 1;
@@ -342,67 +345,134 @@ static int get_buffer(PyObject *source, Py_buffer *view, int writable, Py_ssize_
     return 0;
 }
 
+/* One node's ids (int64) or distances (float32): a list of Python numbers (what the reply decoder
+ * gives for small replies), copied into `*owned`; or any C-contiguous buffer, held in `view`. */
+static int read_values(PyObject *source, Py_ssize_t item_size, const char *what, Py_buffer *view, void **owned,
+                       const void **data, Py_ssize_t *values) {
+    if (!PyList_CheckExact(source)) {
+        if (get_buffer(source, view, 0, item_size, what) < 0) {
+            return -1;
+        }
+        *data = view->buf;
+        *values = view->len / item_size;
+        return 0;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(source);
+    *owned = PyMem_Malloc((size_t)(count ? count : 1) * (size_t)item_size);
+    if (*owned == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < count; j++) {
+        PyObject *item = PyList_GET_ITEM(source, j);
+        if (item_size == 8) {
+            long long id = PyLong_AsLongLong(item);
+            if (id == -1 && PyErr_Occurred()) {
+                return -1;
+            }
+            ((int64_t *)*owned)[j] = id;
+        } else {
+            double distance = PyFloat_AsDouble(item);
+            if (distance == -1.0 && PyErr_Occurred()) {
+                return -1;
+            }
+            ((float *)*owned)[j] = (float)distance;
+        }
+    }
+    *data = *owned;
+    *values = count;
+    return 0;
+}
+
+/* (ids list, distances list) of `count` merged values. */
+static PyObject *as_lists(const int64_t *ids, const float *distances, Py_ssize_t count) {
+    PyObject *id_list = PyList_New(count), *distance_list = PyList_New(count);
+    if (id_list == NULL || distance_list == NULL) {
+        goto failed;
+    }
+    for (Py_ssize_t j = 0; j < count; j++) {
+        PyObject *id = PyLong_FromLongLong(ids[j]), *distance = PyFloat_FromDouble(distances[j]);
+        if (id == NULL || distance == NULL) {
+            Py_XDECREF(id);
+            Py_XDECREF(distance);
+            goto failed;
+        }
+        PyList_SET_ITEM(id_list, j, id);
+        PyList_SET_ITEM(distance_list, j, distance);
+    }
+    return Py_BuildValue("(NN)", id_list, distance_list);
+failed:
+    Py_XDECREF(id_list);
+    Py_XDECREF(distance_list);
+    return NULL;
+}
+
 static PyObject *merge_rows(PyObject *module, PyObject *args) {
     (void)module;
-    PyObject *ids_tuple, *distances_tuple, *out_ids_object, *out_distances_object;
+    PyObject *ids_tuple, *distances_tuple;
     Py_ssize_t nq, width;
     int descending;
-    if (!PyArg_ParseTuple(args, "O!O!nnpOO:merge_rows", &PyTuple_Type, &ids_tuple, &PyTuple_Type, &distances_tuple,
+    PyObject *out_ids_object = Py_None, *out_distances_object = Py_None;
+    if (!PyArg_ParseTuple(args, "O!O!nnp|OO:merge_rows", &PyTuple_Type, &ids_tuple, &PyTuple_Type, &distances_tuple,
                           &nq, &width, &descending, &out_ids_object, &out_distances_object)) {
         return NULL;
     }
+    int to_lists = out_ids_object == Py_None && out_distances_object == Py_None;
     Py_ssize_t nodes = PyTuple_GET_SIZE(ids_tuple);
     if (nodes < 1 || PyTuple_GET_SIZE(distances_tuple) != nodes || nq < 1 || width < 1 || width > (1 << 24)) {
         PyErr_SetString(PyExc_ValueError, "merge_rows: needs 1+ nodes (ids and distances alike), nq >= 1, "
                                           "1 <= width <= 2**24");
         return NULL;
     }
+    /* views and owned copies: 2 per node (ids, distances), then the two outputs; all released at the
+     * end (a zeroed view releases nothing) */
     Py_buffer *views = PyMem_Calloc((size_t)nodes * 2 + 2, sizeof(Py_buffer));
+    void **owned = PyMem_Calloc((size_t)nodes * 2, sizeof(void *));
     const int64_t **ids = PyMem_Calloc((size_t)nodes, sizeof *ids);
     const float **distances = PyMem_Calloc((size_t)nodes, sizeof *distances);
     Py_ssize_t *node_widths = PyMem_Calloc((size_t)nodes, sizeof *node_widths);
-    Py_ssize_t held = 0;
     PyObject *result = NULL;
-    if (views == NULL || ids == NULL || distances == NULL || node_widths == NULL) {
+    int64_t *merged_ids = NULL;
+    float *merged_distances = NULL;
+    if (views == NULL || owned == NULL || ids == NULL || distances == NULL || node_widths == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     for (Py_ssize_t node = 0; node < nodes; node++) {
-        Py_buffer *id_view = &views[held];
-        if (get_buffer(PyTuple_GET_ITEM(ids_tuple, node), id_view, 0, 8, "ids") < 0) {
+        Py_ssize_t id_count, distance_count;
+        if (read_values(PyTuple_GET_ITEM(ids_tuple, node), 8, "ids", &views[2 * node], &owned[2 * node],
+                        (const void **)&ids[node], &id_count) < 0 ||
+            read_values(PyTuple_GET_ITEM(distances_tuple, node), 4, "distances", &views[2 * node + 1],
+                        &owned[2 * node + 1], (const void **)&distances[node], &distance_count) < 0) {
             goto done;
         }
-        held++;
-        Py_buffer *distance_view = &views[held];
-        if (get_buffer(PyTuple_GET_ITEM(distances_tuple, node), distance_view, 0, 4, "distances") < 0) {
-            goto done;
-        }
-        held++;
-        Py_ssize_t values = id_view->len / 8;
-        if (values == 0 || values % nq != 0 || distance_view->len / 4 != values) {
+        if (id_count % nq != 0 || distance_count != id_count) { /* (a node without hits has 0 of each) */
             PyErr_Format(PyExc_ValueError, "merge_rows: node %zd has %zd ids and %zd distances, not %zd equal rows",
-                         node, values, distance_view->len / 4, nq);
+                         node, id_count, distance_count, nq);
             goto done;
         }
-        ids[node] = id_view->buf;
-        distances[node] = distance_view->buf;
-        node_widths[node] = values / nq;
+        node_widths[node] = id_count / nq;
     }
-    Py_buffer *out_ids = &views[held];
-    if (get_buffer(out_ids_object, out_ids, 1, 8, "out_ids") < 0) {
-        goto done;
+    Py_buffer *out_ids = &views[2 * nodes], *out_distances = &views[2 * nodes + 1];
+    if (to_lists) { /* the answer as two new lists: merged into scratch first */
+        merged_ids = PyMem_Malloc((size_t)(nq * width) * sizeof *merged_ids);
+        merged_distances = PyMem_Malloc((size_t)(nq * width) * sizeof *merged_distances);
+        if (merged_ids == NULL || merged_distances == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    } else {
+        if (get_buffer(out_ids_object, out_ids, 1, 8, "out_ids") < 0 ||
+            get_buffer(out_distances_object, out_distances, 1, 4, "out_distances") < 0) {
+            goto done;
+        }
+        if (out_ids->len / 8 != nq * width || out_distances->len / 4 != nq * width) {
+            PyErr_SetString(PyExc_ValueError, "merge_rows: the outputs must hold nq x width values each");
+            goto done;
+        }
     }
-    held++;
-    Py_buffer *out_distances = &views[held];
-    if (get_buffer(out_distances_object, out_distances, 1, 4, "out_distances") < 0) {
-        goto done;
-    }
-    held++;
-    if (out_ids->len / 8 != nq * width || out_distances->len / 4 != nq * width) {
-        PyErr_SetString(PyExc_ValueError, "merge_rows: the outputs must hold nq x width values each");
-        goto done;
-    }
-    MergeJob job = {nodes, nq, width, descending, ids, distances, node_widths, out_ids->buf, out_distances->buf};
+    MergeJob job = {nodes,          nq, width, descending, ids, distances, node_widths,
+                    to_lists ? merged_ids : out_ids->buf, to_lists ? merged_distances : out_distances->buf};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_merge(&job);
@@ -411,12 +481,22 @@ static PyObject *merge_rows(PyObject *module, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    result = Py_NewRef(Py_None);
+    result = to_lists ? as_lists(merged_ids, merged_distances, nq * width) : Py_NewRef(Py_None);
 done:
-    for (Py_ssize_t index = 0; index < held; index++) {
-        PyBuffer_Release(&views[index]);
+    PyMem_Free(merged_ids);
+    PyMem_Free(merged_distances);
+    if (views != NULL) {
+        for (Py_ssize_t index = 0; index < nodes * 2 + 2; index++) {
+            PyBuffer_Release(&views[index]);
+        }
+    }
+    if (owned != NULL) {
+        for (Py_ssize_t index = 0; index < nodes * 2; index++) {
+            PyMem_Free(owned[index]);
+        }
     }
     PyMem_Free(views);
+    PyMem_Free(owned);
     PyMem_Free(ids);
     PyMem_Free(distances);
     PyMem_Free(node_widths);
@@ -425,8 +505,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"merge_rows", merge_rows, METH_VARARGS,
-     "merge_rows(ids, distances, nq, width, descending, out_ids, out_distances): k-way merge of the nodes' rows "
-     "into out_ids/out_distances (see mishards/core/merge.py)."},
+     "merge_rows(ids, distances, nq, width, descending[, out_ids, out_distances]): k-way merge of the nodes' "
+     "rows into out_ids/out_distances, or into two new lists when they are left out (see mishards/core/merge.py)."},
     {NULL, NULL, 0, NULL},
 };
 

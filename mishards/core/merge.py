@@ -136,6 +136,8 @@ def merge_topk(
     """
     if topk < 1:
         raise IllegalTopK(f"topk must be at least 1, got {topk}")
+    if _topk is not None and not match_filter and node_results and all(type(ids) is list for ids, _ in node_results):
+        return _merge_lists_compiled(node_results, nq, topk, descending)
     if nq == 1 and not match_filter:
         merged = _merge_one_row_of_lists(node_results, topk, descending)
         if merged is not None:
@@ -169,6 +171,24 @@ def merge_topk(
 
 Block = tuple[np.ndarray, np.ndarray]
 """A node result as (nq, k) int64 ids and float32 distances."""
+
+
+def _merge_lists_compiled(
+    node_results: Sequence[NodeResult], nq: int, topk: int, descending: bool
+) -> tuple[list[int], list[float]]:
+    """Flat row-major lists through the compiled kernel, which reads and checks them itself
+    (converting them to arrays in Python first would cost more than the merge), back as flat
+    lists. At these sizes every Python step counts: one zip, no per-node calls."""
+    ids, distances = zip(*node_results, strict=True)
+    width = min(topk, sum(map(len, ids)) // nq) if nq >= 1 else 0
+    if width == 0:
+        for node_ids, node_distances in node_results:
+            _checked_lists(node_ids, node_distances, nq)  # malformed input raises
+        return [], []
+    try:
+        return _topk.merge_rows(ids, distances, nq, width, descending)
+    except (ValueError, TypeError) as error:
+        raise UnexpectedError(f"malformed node result: {error}") from None
 
 
 def _merge_compiled(blocks: list[Block], nq: int, width: int, descending: bool) -> Block:

@@ -136,7 +136,8 @@ def as_lists(node_results):
 @settings(max_examples=150, deadline=None)
 @given(case=merge_inputs())
 def test_list_replies_merge_like_the_oracle(small_lists, case):
-    """Lists in, flat lists out (nq x K values), equal to the oracle; or arrays past the limit."""
+    """Lists in, flat lists out (nq x K values), equal to the oracle; or arrays past the limit
+    (the numpy path's: the compiled kernel reads lists of any length and answers lists)."""
     node_results, nq, topk, descending = case
     limit = 10**9 if small_lists else -1
     with (
@@ -145,7 +146,7 @@ def test_list_replies_merge_like_the_oracle(small_lists, case):
     ):
         ids, dists = merge_topk(as_lists(node_results), nq, topk, descending)
     expected_ids, expected_dists = oracle(node_results, nq, topk, descending)
-    if not node_results or not small_lists:
+    if not node_results or (not small_lists and merge._topk is None):
         assert_same((ids, dists), (expected_ids, expected_dists))
         return
     assert type(ids) is list and type(dists) is list
@@ -511,6 +512,23 @@ def test_rows_out_of_order_merge_like_rows_in_order(descending):
     assert ids.tolist() == [[8, 12, 2, 4, 5, 7, 9, 14, 6, 3]]  # 8 at its best copy; ties by id
 
 
+@pytest.mark.parametrize("descending", [False, True])
+def test_long_rows_in_no_order_equal_the_oracle(descending):
+    """Rows far from sorted (too many moves for an insertion sort: the kernel sorts them whole),
+    with repeats and padding, and rows sorted the wrong way round."""
+    rng = np.random.default_rng(9)
+    nq, width = 4, 300
+    node_results = []
+    for node in range(3):
+        ids = rng.integers(0, 2000, (nq, width))
+        ids[:, rng.integers(0, width, 20)] = -1
+        dists = rng.standard_normal((nq, width)).astype(np.float32)
+        if node == 2:  # best last
+            dists = np.sort(dists, axis=1)[:, ::-1] if not descending else np.sort(dists, axis=1)
+        node_results.append((ids, np.ascontiguousarray(dists)))
+    assert_same(merge_topk(node_results, nq, 250, descending), oracle(node_results, nq, 250, descending))
+
+
 def test_widest_rows_with_many_repeats_equal_the_oracle():
     """topk 2048 over three nodes drawing from a few thousand ids: long rows, many repeats."""
     rng = np.random.default_rng(5)
@@ -548,6 +566,20 @@ def test_the_compiled_kernel_refuses_buffers_that_do_not_fit(kernel):
     for arguments in refused:
         with pytest.raises((ValueError, TypeError, BufferError)):
             _topk.merge_rows(*arguments)
+    # lists of Python numbers, answered as lists when no outputs are given
+    assert _topk.merge_rows(([5, 3],), ([0.5, 0.25],), 1, 2, False) == ([3, 5], [0.25, 0.5])
+    for ids_list, distances_list in (([5, "3"], [0.5, 0.25]), ([5, 3], [0.5, None]), ([5, 2**64], [0.5, 0.25])):
+        with pytest.raises((TypeError, OverflowError)):
+            _topk.merge_rows((ids_list,), (distances_list,), 1, 2, False)
+    with pytest.raises(ValueError):
+        _topk.merge_rows(([5, 3, 1],), ([0.5, 0.25],), 1, 2, False)
+
+
+def test_malformed_list_replies_are_an_unexpected_error():
+    """A node's flat lists that are not nq equal rows."""
+    for node_ids, node_distances in (([1, 2, 3], [0.1, 0.2, 0.3]), ([1, 2], [0.1])):
+        with pytest.raises(UnexpectedError, match="malformed node result"):
+            merge_topk([(node_ids, node_distances), ([7, 8], [0.5, 0.6])], 2, 5, False)
 
 
 def test_distances_viewed_at_an_odd_offset_merge_like_aligned_ones():
