@@ -1,4 +1,5 @@
-/* The top-k merge's compiled kernel: a k-way merge of the nodes' rows, one output row at a time.
+/* The search path's compiled kernels: the top-k merge, a k-way merge of the nodes' rows, and the
+ * varint decoder that reads the ids of the nodes' replies.
  *
  * Python entry point (mishards/core/merge.py calls it, after checking shapes and dtypes):
  *
@@ -558,17 +559,64 @@ done:
     return result;
 }
 
+/* decode_varints(data, start, stop, out) -> count: the packed varints of data[start:stop] (a
+ * repeated int64 field's payload) into `out`, a writable int64 buffer of at least stop - start
+ * values (a varint takes one byte or more). A varint cut off by `stop` or longer than 10 bytes
+ * raises ValueError. Bits past the 64th are dropped, as protobuf's parsers do. */
+static PyObject *decode_varints(PyObject *module, PyObject *args) {
+    (void)module;
+    Py_buffer data, out;
+    Py_ssize_t start, stop;
+    if (!PyArg_ParseTuple(args, "y*nnw*:decode_varints", &data, &start, &stop, &out)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (start < 0 || stop < start || stop > data.len) {
+        PyErr_Format(PyExc_ValueError, "decode_varints: [%zd, %zd) is not inside %zd bytes", start, stop, data.len);
+        goto done;
+    }
+    if (out.len / 8 < stop - start || ((uintptr_t)out.buf) % 8 != 0) {
+        PyErr_SetString(PyExc_ValueError, "decode_varints: out must be an aligned int64 buffer of stop - start values");
+        goto done;
+    }
+    const uint8_t *byte = (const uint8_t *)data.buf + start, *end = (const uint8_t *)data.buf + stop;
+    int64_t *values = out.buf;
+    Py_ssize_t count = 0;
+    while (byte < end) {
+        uint64_t value = 0;
+        for (int shift = 0;; shift += 7) {
+            if (byte == end || shift > 63) {
+                PyErr_SetString(PyExc_ValueError, "decode_varints: a varint is cut off or longer than 10 bytes");
+                goto done;
+            }
+            value |= (uint64_t)(*byte & 0x7F) << shift;
+            if (!(*byte++ & 0x80)) {
+                break;
+            }
+        }
+        values[count++] = (int64_t)value;
+    }
+    result = PyLong_FromSsize_t(count);
+done:
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"merge_rows", merge_rows, METH_VARARGS,
      "merge_rows(ids, distances, nq, width, descending[, out_ids, out_distances]): k-way merge of the nodes' "
      "rows into out_ids/out_distances, or into two new lists when they are left out (see mishards/core/merge.py)."},
+    {"decode_varints", decode_varints, METH_VARARGS,
+     "decode_varints(data, start, stop, out) -> count: the packed varints of data[start:stop] into the int64 "
+     "buffer out."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_topk",
-    .m_doc = "The top-k merge's compiled kernel.",
+    .m_doc = "The search path's compiled kernels: top-k merge, varint decoding.",
     .m_size = -1,
     .m_methods = methods,
 };

@@ -69,12 +69,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mishards.core.compiled import kernels as _topk
 from utils.errors import IllegalTopK, UnexpectedError
-
-try:
-    from mishards.core import _topk
-except ImportError:  # built without a C compiler: the numpy path merges
-    _topk = None  # type: ignore[assignment]
 
 COMPILED_KERNEL = _topk is not None
 _KERNEL_LAYOUT: list[Literal["C", "A"]] = ["C", "A"]  # C-contiguous and aligned, as _topk.c reads its buffers

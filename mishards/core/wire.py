@@ -24,6 +24,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from milvus_grpc import milvus_pb2, status_pb2
+from mishards.core.compiled import kernels as _kernels
 from utils.errors import UnexpectedError
 
 # Tag bytes: (field number << 3) | wire type, 2 = length-delimited, 0 = varint.
@@ -235,7 +236,7 @@ class _TopKFields(NamedTuple):
 
     status: slice | None
     row_num: int
-    ids: slice | None  # the whole field, tag and length included (the decoder only asks whether there is one)
+    ids: slice | None  # the packed payload only
     distances: slice | None  # the packed payload only
 
 
@@ -280,7 +281,7 @@ def _topk_fields(data: bytes) -> _TopKFields | None:
         if tag == 0x0A:
             status = slice(start, end)
         elif tag == 0x1A:
-            ids = slice(position, end)
+            ids = slice(start, end)
         else:
             distances = slice(start, end)
         position = end
@@ -302,9 +303,9 @@ def decode_topk_result(data: bytes) -> TopKReply:
     distances differ in length, or do not fill ``row_num`` equal rows, raises UnexpectedError.
 
     Canonical messages are read in place: the distances are the packed float32 payload itself (a
-    read-only view, no copy) and only the ids are taken from upb, which decodes varints faster
-    than numpy can (a numpy decoder reading one word per varint measured no faster). Anything
-    else is parsed by protobuf whole.
+    read-only view, no copy) and the ids are decoded by the compiled varint decoder (without it,
+    taken from upb, which decodes varints faster than numpy can: a numpy decoder reading one word
+    per varint measured no faster). Anything else is parsed by protobuf whole.
     """
     fields = _topk_fields(data)
     if fields is None:
@@ -320,13 +321,18 @@ def decode_topk_result(data: bytes) -> TopKReply:
         if code != status_pb2.SUCCESS:
             return _error_reply(code, reason, fields.row_num)
         row_num = fields.row_num
-        # upb decodes the ids; from the whole message, not a copy of the ids field: ~20% cheaper
-        # at 10k ids (measured), though it also reads the distances it does not keep
-        ids = (
-            np.array(_parse(milvus_pb2.TopKQueryResult, data).ids, dtype=np.int64)
-            if fields.ids
-            else np.empty(0, np.int64)
-        )
+        if fields.ids is None:
+            ids = np.empty(0, np.int64)
+        elif _kernels is not None:  # the compiled decoder: ~10x cheaper than upb plus np.array
+            ids = np.empty(fields.ids.stop - fields.ids.start, np.int64)
+            try:
+                ids = ids[: _kernels.decode_varints(data, fields.ids.start, fields.ids.stop, ids)]
+            except ValueError as exc:
+                raise UnexpectedError(f"malformed search result: {exc}") from None
+        else:
+            # upb decodes the ids; from the whole message, not a copy of the ids field: ~20%
+            # cheaper at 10k ids (measured), though it also reads the distances it does not keep
+            ids = np.array(_parse(milvus_pb2.TopKQueryResult, data).ids, dtype=np.int64)
         distances = _packed_floats(data, fields.distances)
     width = _row_width(row_num, len(ids), len(distances))
     if row_num == 0:

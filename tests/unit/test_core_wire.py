@@ -13,6 +13,20 @@ from milvus_grpc import milvus_pb2, status_pb2
 from mishards.core import wire
 from utils.errors import UnexpectedError
 
+
+@pytest.fixture(autouse=True, params=["compiled", "upb"])
+def varint_decoder(request):
+    """Every test runs with the compiled varint decoder (skipped where it was not built) and with
+    upb, which decodes the ids without it."""
+    if request.param == "compiled":
+        if wire._kernels is None:
+            pytest.skip("the compiled kernels (mishards/core/_topk.c) were not built")
+        yield request.param
+        return
+    with mock.patch.object(wire, "_kernels", None):
+        yield request.param
+
+
 INT64 = st.integers(-(2**63), 2**63 - 1)
 int64_values = st.one_of(st.just(-1), st.integers(0, 2**63 - 1), INT64, st.integers(0, 300))
 
@@ -317,3 +331,31 @@ def test_flat_lists_encode_like_the_arrays(arrays, with_status):
     assert from_lists == expected
     with pytest.raises(ValueError):
         wire.encode_topk_result([1, 2, 3], [0.1, 0.2, 0.3], None, 2)
+
+
+@pytest.mark.parametrize(
+    "varint",
+    [
+        b"\x00",
+        b"\x7f",
+        b"\x80\x01",
+        b"\xff" * 9 + b"\x01",
+        b"\xff" * 9 + b"\x7f",
+        b"\xff" * 9 + b"\x02",
+        b"\x80" * 9 + b"\x00",
+    ],
+    ids=["0", "127", "128", "-1", "-1 with bits past 64", "2**63 - 1 from bits past 64", "0 in 10 bytes"],
+)
+def test_ids_at_the_edges_of_the_varint_decode_as_protobuf_reads_them(varint):
+    payload = varint * 3
+    distances = np.zeros(3, np.float32).tobytes()
+    data = b"\x10\x01\x1a" + wire.varint(len(payload)) + payload + b"\x22\x0c" + distances
+    expected = list(milvus_pb2.TopKQueryResult.FromString(data).ids)
+    assert wire.decode_topk_result(data).ids.ravel().tolist() == expected
+
+
+def test_a_varint_longer_than_ten_bytes_is_a_clear_error():
+    payload = b"\x80" * 10 + b"\x01"
+    data = b"\x10\x01\x1a" + wire.varint(len(payload)) + payload + b"\x22\x04" + bytes(4)
+    with pytest.raises(UnexpectedError, match="malformed search result"):
+        wire.decode_topk_result(data)
