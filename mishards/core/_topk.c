@@ -1,7 +1,7 @@
 /* The search path's compiled kernels: the top-k merge, a k-way merge of the nodes' rows, and the
  * varint decoder that reads the ids of the nodes' replies.
  *
- * Python entry point (mishards/core/merge.py calls it, after checking shapes and dtypes):
+ * The merge (mishards/core/merge.py calls it; it checks every size it is given itself):
  *
  *     merge_rows(ids, distances, nq, width, descending, out_ids, out_distances) -> None
  *     merge_rows(ids, distances, nq, width, descending) -> (list of ids, list of distances)
@@ -17,11 +17,13 @@
  * with id -1 and the worst distance.
  *
  * Why it is fast: nodes send their rows best first, so the merge walks each node's row from the
- * front and never sorts. A row that is not in (key, id) order (ties in another id order, or a node
- * that does not sort) is copied and sorted first, so the answer never depends on the nodes' order.
- * The work per output row is O(sum k_i) to check the order plus O(width x nodes) to merge;
- * sorting, only for rows out of order, is O(k_i log k_i). No allocation depends on anything but
- * the sizes the caller checked, and the GIL is released while it runs.
+ * front and never sorts. A row that is not in (key, id) order is copied and fixed first (ties in
+ * another id order: run by run; anything else: sorted), so the answer never depends on the nodes'
+ * order. The work per output row is O(sum k_i) to check the order plus O(width x nodes) to merge;
+ * fixing a row out of order is O(k_i log k_i) at most. Two output rows are merged at once (see
+ * run_merge). Allocations are sized by the inputs alone, and the GIL is released while it runs.
+ *
+ * The varint decoder (mishards/core/wire.py): decode_varints, below.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -183,10 +185,9 @@ static inline int candidate_before(const Candidate *a, const Candidate *b) {
     return a->key < b->key || (a->key == b->key && a->id < b->id);
 }
 
-/* A row out of order: its real entries sorted by (key, id) into the node's scratch. Insertion sort
- * first: rows sorted by distance whose ties come in another id order (binary metrics' integer
- * distances) need only a few short moves. Past a budget of moves (a row not sorted at all, or
- * long runs of one distance) qsort finishes the job, so a row costs O(count log count) at worst. */
+/* A row out of key order: its real entries sorted by (key, id) into the node's scratch. Insertion
+ * sort first: a row nearly in order needs only a few short moves. Past a budget of moves (a row
+ * in no order at all) qsort finishes the job, so a row costs O(count log count) at worst. */
 static void sort_row(const int64_t *ids, const float *distances, Py_ssize_t count, uint32_t sign_flip,
                      Candidate *candidates, uint32_t *keys, int64_t *sorted_ids, float *sorted_distances) {
     Py_ssize_t real = 0;
@@ -233,7 +234,7 @@ typedef struct {
     uint32_t stamp;
 } Lane;
 
-/* Points the lane's cursors at `row` of every node (rows out of order sorted into its scratch). */
+/* Points the lane's cursors at `row` of every node (rows out of order fixed in its scratch). */
 static void start_row(const MergeJob *job, Lane *lane, Py_ssize_t row, Py_ssize_t stride, Candidate *candidates,
                       uint32_t sign_flip) {
     for (Py_ssize_t node = 0; node < job->nodes; node++) {
@@ -318,14 +319,18 @@ static inline int merge_step(Lane *lane, Py_ssize_t nodes, Py_ssize_t width) {
  * most of the time; two independent rows fill those gaps (measured ~1.4x). */
 static int run_merge(const MergeJob *job) {
     Py_ssize_t stride = 1; /* per node: its longest row and the END_KEY after it (a node may have none) */
+    Py_ssize_t candidates_per_row = 0;
     for (Py_ssize_t node = 0; node < job->nodes; node++) {
         if (job->node_widths[node] + 1 > stride) {
             stride = job->node_widths[node] + 1;
         }
+        candidates_per_row += job->node_widths[node];
     }
+    /* a row keeps at most width ids, and no more than it has candidates */
+    uint64_t most_kept = (uint64_t)(job->width < candidates_per_row ? job->width : candidates_per_row);
     uint64_t capacity = 2;
     int shift = 63;
-    while (capacity < (uint64_t)job->width * 4) { /* at most a quarter full: few probes */
+    while (capacity < most_kept * 4) { /* at most a quarter full: few probes */
         capacity <<= 1;
         shift--;
     }
