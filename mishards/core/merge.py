@@ -29,9 +29,10 @@ How it is fast: nodes send each row best first, so the merge is a k-way merge th
 node's row from the front: nq x width x nodes small steps, no sort. It is compiled (_topk.c, built
 by `pip install` where a C compiler is found; COMPILED_KERNEL says whether it was): the same loop in
 numpy calls or Python costs far more per step than the step itself. The kernel first checks
-that each row is in (key, id) order, with padding only at its end, and sorts any row that is not
-(ties sent in another id order, a node that does not sort), so the answer never depends on the
-nodes' order; a hash set of the row's kept ids drops repeats.
+that each row is in (key, id) order, with padding only at its end, and fixes any row that is not
+(ties sent in another id order: run by run; a node that does not sort: the whole row), so the
+answer never depends on the nodes' order; a hash set of the row's kept ids drops repeats. It
+reads node replies given as Python lists itself and answers lists for them.
 
 Without the kernel, the numpy path below merges arrays; the two are held to one oracle by the
 same property tests. Distances become uint32 keys whose unsigned order is the rank order (padding and
@@ -52,10 +53,10 @@ keeps nearly all of a float's resolution where the row's head lies, so a 32-bit 
 almost no row to fix up; rows with a tie, a repeated id or padding in the head are merged
 exactly, from their prefixes still.
 
-Small merges run in pure Python, numpy's fixed per-call costs exceed the whole merge there; node
-replies decoded to Python lists (wire.decode_topk_hits) are merged as lists and come back as
-lists, without any conversion. faiss.merge_knn_results is faster still but neither drops
-repeated ids nor breaks ties by id.
+Without the kernel, small merges run in pure Python, numpy's fixed per-call costs exceed the
+whole merge there; node replies decoded to Python lists (wire.decode_topk_hits) are merged as
+lists and come back as lists, without any conversion. faiss.merge_knn_results neither drops
+repeated ids nor breaks ties by id, so the proxy cannot use it.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ from mishards.core.compiled import kernels as _topk
 from utils.errors import IllegalTopK, UnexpectedError
 
 COMPILED_KERNEL = _topk is not None
-_KERNEL_LAYOUT: list[Literal["C", "A"]] = ["C", "A"]  # C-contiguous and aligned, as _topk.c reads its buffers
 """Whether the compiled k-way merge (_topk.c) is installed; the numpy path merges otherwise."""
+
+_KERNEL_LAYOUT: list[Literal["C", "A"]] = ["C", "A"]  # C-contiguous and aligned, as _topk.c reads its buffers
 
 PADDING_ID = -1
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -189,7 +191,7 @@ def _merge_lists_compiled(
 
 def _merge_compiled(blocks: list[Block], nq: int, width: int, descending: bool) -> Block:
     """The compiled k-way merge: walks each node's row from the front (rows out of (distance,
-    id) order are sorted first), so its cost is about nq x width x nodes steps, not a sort."""
+    id) order are fixed first), so its cost is about nq x width x nodes steps, not a sort."""
     merged_ids = np.empty((nq, width), np.int64)
     merged_distances = np.empty((nq, width), np.float32)
     # (distances decoded from a reply are viewed in place there, at any byte offset: copied if unaligned)

@@ -323,7 +323,7 @@ def decode_topk_result(data: bytes) -> TopKReply:
         row_num = fields.row_num
         if fields.ids is None:
             ids = np.empty(0, np.int64)
-        elif _kernels is not None:  # the compiled decoder: ~10x cheaper than upb plus np.array
+        elif _kernels is not None:  # the compiled decoder: ~3x cheaper than upb plus np.array (10k ids)
             ids = np.empty(fields.ids.stop - fields.ids.start, np.int64)
             try:
                 ids = ids[: _kernels.decode_varints(data, fields.ids.start, fields.ids.stop, ids)]
