@@ -1,7 +1,7 @@
 """The one compiled part: the top-k merge's kernel (mishards/core/_topk.c).
 
 Optional: without a C compiler the install still succeeds and the merge runs its numpy path
-(mishards.core.merge.COMPILED_KERNEL tells which one runs). Everything else is in pyproject.toml.
+(mishards.core.compiled.COMPILED_KERNELS tells which one runs). Everything else is in pyproject.toml.
 """
 
 from setuptools import Extension, setup

@@ -34,7 +34,8 @@ from collections.abc import Callable
 import numpy as np
 
 from milvus_grpc import milvus_pb2, status_pb2
-from mishards.core.merge import COMPILED_KERNEL, merge_topk
+from mishards.core.compiled import COMPILED_KERNELS
+from mishards.core.merge import merge_topk
 from mishards.core.wire import decode_topk_hits, decode_topk_result, encode_topk_result
 from utils.errors import UnexpectedError
 
@@ -185,7 +186,7 @@ def bench_case(rng: np.random.Generator, nq: int, topk: int, nodes: int, ties: b
 
 
 def print_tables(rng: np.random.Generator) -> dict:
-    kernel = "the compiled kernels (_topk.c)" if COMPILED_KERNEL else "the numpy paths (_topk.c not built)"
+    kernel = "the compiled kernels (_topk.c)" if COMPILED_KERNELS else "the numpy paths (_topk.c not built)"
     print(f"merge_topk and the reply decoder run {kernel}")
     print("Merge alone, and node reply bytes to client reply bytes (median CPU time per call, microseconds)")
     print(
@@ -238,7 +239,7 @@ def print_codecs(rng: np.random.Generator) -> None:
     print(f"  encode: protobuf message + .extend(lists) + serialize {extend_cost * 1e6:8.1f} us")
     print(f"          encode_topk_result (packed floats, vectorised varints) {encode_cost * 1e6:8.1f} us")
     print(f"  decode: protobuf parse + list() of both fields {parse_cost * 1e6:8.1f} us")
-    id_decoder = "the compiled decoder" if COMPILED_KERNEL else "upb"
+    id_decoder = "the compiled decoder" if COMPILED_KERNELS else "upb"
     print(f"          decode_topk_result (floats viewed in place, ids by {id_decoder}) {decode_cost * 1e6:8.1f} us")
 
     small_ids = rng.permutation(nq * k).reshape(nq, k) * 4  # ids below 2**16, as in the tables above

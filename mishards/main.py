@@ -26,8 +26,8 @@ try:
 
     from discovery import discovery_factory
     from discovery.plugins.static import DiscoveryConfigError
+    from mishards.core.compiled import COMPILED_KERNELS
     from mishards.core.hedging import TailPolicy, TailTolerance
-    from mishards.core.merge import COMPILED_KERNEL
     from mishards.meta import MetaReader, SchemaCache, create_engine
     from mishards.nodes import HandshakeError, HealthPolicy, Membership, NodeClient
     from mishards.observability.health import MetaMonitor
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(settings, worker.tag if worker else "")
     log.info("configuration read from %s", ", ".join(settings.sources))
-    if not COMPILED_KERNEL:
+    if not COMPILED_KERNELS:
         log.warning(
             "the compiled search kernels (mishards/core/_topk.c) are not installed: merging and reply "
             "decoding take the slower numpy paths (reinstall with a C compiler and Python's headers)"

@@ -10,3 +10,6 @@ try:
     from mishards.core import _topk as kernels
 except ImportError:  # built without a C compiler
     kernels = None  # type: ignore[assignment]
+
+COMPILED_KERNELS = kernels is not None
+"""Whether the kernels were built; a proxy without them warns at start."""

@@ -27,7 +27,7 @@ Rules (each fixes a defect of the original merge, docs/semantics.md, "Merging"):
 
 How it is fast: nodes send each row best first, so the merge is a k-way merge that walks every
 node's row from the front: nq x width x nodes small steps, no sort. It is compiled (_topk.c, built
-by `pip install` where a C compiler is found; COMPILED_KERNEL says whether it was): the same loop in
+by `pip install` where a C compiler is found; compiled.COMPILED_KERNELS says whether it was): the same loop in
 numpy calls or Python costs far more per step than the step itself. The kernel first checks
 that each row is in (key, id) order, with padding only at its end, and fixes any row that is not
 (ties sent in another id order: run by run; a node that does not sort: the whole row), so the
@@ -70,11 +70,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mishards.core.compiled import kernels as _topk
+from mishards.core.compiled import kernels as _kernels
 from utils.errors import IllegalTopK, UnexpectedError
-
-COMPILED_KERNEL = _topk is not None
-"""Whether the compiled k-way merge (_topk.c) is installed; the numpy path merges otherwise."""
 
 _KERNEL_LAYOUT: list[Literal["C", "A"]] = ["C", "A"]  # C-contiguous and aligned, as _topk.c reads its buffers
 
@@ -134,7 +131,7 @@ def merge_topk(
     """
     if topk < 1:
         raise IllegalTopK(f"topk must be at least 1, got {topk}")
-    if _topk is not None and not match_filter and node_results and all(type(ids) is list for ids, _ in node_results):
+    if _kernels is not None and not match_filter and node_results and all(type(ids) is list for ids, _ in node_results):
         return _merge_lists_compiled(node_results, nq, topk, descending)
     if nq == 1 and not match_filter:
         merged = _merge_one_row_of_lists(node_results, topk, descending)
@@ -152,7 +149,7 @@ def merge_topk(
         return np.empty((0, 0), np.int64), np.empty((0, 0), np.float32)
     if match_filter:
         return _merge_in_reply_order(blocks, width, descending)
-    if _topk is not None:
+    if _kernels is not None:
         return _merge_compiled(blocks, nq, width, descending)
     if nq * candidates_per_row <= SMALL_MERGE_CANDIDATES:
         as_lists = [(ids.ravel().tolist(), distances.ravel().tolist(), ids.shape[1]) for ids, distances in blocks]
@@ -184,7 +181,7 @@ def _merge_lists_compiled(
             _checked_lists(node_ids, node_distances, nq)  # malformed input raises
         return [], []
     try:
-        return _topk.merge_rows(ids, distances, nq, width, descending)
+        return _kernels.merge_rows(ids, distances, nq, width, descending)
     except (ValueError, TypeError) as error:
         raise UnexpectedError(f"malformed node result: {error}") from None
 
@@ -195,7 +192,7 @@ def _merge_compiled(blocks: list[Block], nq: int, width: int, descending: bool) 
     merged_ids = np.empty((nq, width), np.int64)
     merged_distances = np.empty((nq, width), np.float32)
     # (distances decoded from a reply are viewed in place there, at any byte offset: copied if unaligned)
-    _topk.merge_rows(
+    _kernels.merge_rows(
         tuple(np.require(ids, np.int64, _KERNEL_LAYOUT) for ids, _ in blocks),
         tuple(np.require(distances, np.float32, _KERNEL_LAYOUT) for _, distances in blocks),
         nq,
